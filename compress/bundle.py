@@ -1,0 +1,173 @@
+"""ModelBundle: what flows between stages — model, tokenizer, task, pruning masks and lineage.
+
+`save()` writes a Hugging Face folder (config + safetensors + tokenizer) plus `compress_bundle.json`
+(task, lineage, format); `load()` is its exact inverse. Stages whose models are not plain
+`from_pretrained` folders (e.g. factorised or CPU-quantized layers) register a *format* with a
+save and a load function, so the bundle stays the one place that knows how models reach disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from compress.errors import ModelError
+from compress.io import atomic_dir, write_json_atomic
+
+BUNDLE_FILE = "compress_bundle.json"
+MASKS_FILE = "masks.safetensors"
+BUNDLE_SCHEMA = 1
+
+
+@dataclass
+class ModelFormat:
+    """How a model kind reaches disk. `save(bundle, folder)`; `load(folder, meta, bundle_kwargs) -> model`."""
+
+    name: str
+    save: Callable[[ModelBundle, Path], None]
+    load: Callable[[Path, dict[str, Any]], Any]
+
+
+_FORMATS: dict[str, ModelFormat] = {}
+
+
+def register_format(fmt: ModelFormat) -> None:
+    _FORMATS[fmt.name] = fmt
+
+
+@dataclass
+class ModelBundle:
+    model: Any
+    tokenizer: Any
+    task: str
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+    # Pruning masks (parameter name -> bool tensor, True = keep). Later training stages re-apply them.
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    format: str = "hf"
+    source: str | None = None
+    # Free-form facts a stage wants in the report (e.g. trained parameter counts, loss curve).
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, stage_type: str, settings: dict[str, Any], **facts: Any) -> None:
+        """Append a lineage entry: which stage ran, with which settings, and what it found."""
+        self.lineage.append({"stage": stage_type, "settings": settings, **facts})
+
+    def replace(self, **changes: Any) -> ModelBundle:
+        """A shallow copy with some fields changed (lineage and info are copied, not shared)."""
+        new = copy.copy(self)
+        new.lineage = copy.deepcopy(self.lineage)
+        new.info = copy.deepcopy(self.info)
+        new.masks = dict(self.masks)
+        for key, value in changes.items():
+            setattr(new, key, value)
+        return new
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str | Path) -> Path:
+        """Write the bundle to `path` atomically (temporary sibling folder, then rename)."""
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            fmt = _FORMATS.get(self.format)
+            if fmt is None:
+                raise ModelError(f"no saver for model format {self.format!r}")
+            fmt.save(self, tmp)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            if self.masks:
+                save_file({k: v.to(torch.uint8).contiguous().cpu() for k, v in self.masks.items()},
+                          str(tmp / MASKS_FILE))
+            write_json_atomic(tmp / BUNDLE_FILE, {
+                "schema": BUNDLE_SCHEMA,
+                "task": self.task,
+                "format": self.format,
+                "source": self.source,
+                "lineage": self.lineage,
+                "info": self.info,
+            })
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> ModelBundle:
+        """Load a folder written by `save()` (or any Hugging Face model folder)."""
+        path = Path(path)
+        meta_path = path / BUNDLE_FILE
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        fmt_name = meta.get("format", "hf")
+        fmt = _FORMATS.get(fmt_name)
+        if fmt is None:
+            raise ModelError(f"{path}: model format {fmt_name!r} is unknown to this version of compress")
+        task = meta.get("task") or detect_task(path)
+        meta = {**meta, "task": task}
+        model = fmt.load(path, meta)
+        model.to(device)
+        masks = {}
+        if (path / MASKS_FILE).exists():
+            masks = {k: v.bool() for k, v in load_file(str(path / MASKS_FILE)).items()}
+        return cls(
+            model=model,
+            tokenizer=load_tokenizer(path),
+            task=task,
+            lineage=meta.get("lineage", []),
+            masks=masks,
+            format=fmt_name,
+            source=meta.get("source", str(path)),
+            info=meta.get("info", {}),
+        )
+
+
+# ---------------------------------------------------------------------- HF format
+
+
+def auto_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification}[task]
+
+
+def detect_task(path_or_config: Any) -> str:
+    """Task from a config's `architectures`; raises ModelError when the config does not say."""
+    from transformers import AutoConfig
+
+    config = path_or_config
+    if not hasattr(config, "architectures"):
+        config = AutoConfig.from_pretrained(path_or_config)
+    archs = config.architectures or []
+    for arch in archs:
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal-lm"
+        if arch.endswith("ForSequenceClassification"):
+            return "sequence-classification"
+    raise ModelError(
+        f"model.task: cannot tell the task from architectures {archs}; "
+        f"set model.task to 'sequence-classification' or 'causal-lm'"
+    )
+
+
+def load_tokenizer(path: str | Path, **kwargs: Any):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # Causal LMs often ship without a pad token; padding with EOS is the usual, harmless choice
+        # because padded positions are masked out of attention and loss.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _hf_save(bundle: ModelBundle, folder: Path) -> None:
+    bundle.model.save_pretrained(folder)
+
+
+def _hf_load(folder: Path, meta: dict[str, Any]):
+    return auto_class(meta["task"]).from_pretrained(str(folder))
+
+
+register_format(ModelFormat("hf", _hf_save, _hf_load))

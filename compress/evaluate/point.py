@@ -1,0 +1,48 @@
+"""One eval point: size, speed and accuracy of a bundle, as the recipe's `eval` section asks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.bundle import ModelBundle
+from compress.evaluate.accuracy import evaluate_accuracy
+from compress.evaluate.size import measure_size
+from compress.evaluate.speed import measure_speed
+from compress.recipe import EvalSpec
+from compress.report.schema import EvalPoint
+
+
+def evaluate_bundle(
+    bundle: ModelBundle,
+    name: str,
+    spec: EvalSpec,
+    *,
+    data: Any = None,
+    device: str = "cpu",
+    seed: int = 0,
+    saved_dir: Path | None = None,
+    reference: torch.Tensor | None = None,
+) -> tuple[EvalPoint, torch.Tensor | None]:
+    """Measure `bundle`; returns the eval point and its predictions (for later agreement checks)."""
+    save_fn = None if saved_dir else (lambda tmp: bundle.model.save_pretrained(tmp))
+    point = EvalPoint(name=name, size=measure_size(bundle.model, saved_dir=saved_dir, save_fn=save_fn))
+    preds = None
+    if spec.accuracy and data is not None:
+        point.accuracy, preds = evaluate_accuracy(
+            bundle.model, data.tokenized("eval", bundle.tokenizer), bundle.tokenizer, bundle.task,
+            batch_size=spec.eval_batch_size, device=device, num_labels=data.num_labels, reference=reference,
+        )
+    if spec.speed:
+        point.speed = measure_speed(
+            bundle.model, bundle.tokenizer, batch_size=spec.batch_size, seq_len=spec.seq_len,
+            warmup=spec.warmup, repeats=spec.repeats, threads=spec.threads, device=device, seed=seed,
+        )
+    if point.size.sparsity > 0.01:
+        point.notes.append(
+            "Unstructured zeros are stored and multiplied like any weight by dense kernels: "
+            "they shrink nothing and speed nothing up unless a sparse format or kernel is used."
+        )
+    return point, preds

@@ -1,0 +1,65 @@
+"""Size: parameters, non-zeros, bytes in memory and on disk, average bits per weight."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.io import folder_bytes
+from compress.report.schema import SizeMetrics
+
+
+def _logical_numel(tensor: torch.Tensor) -> int:
+    # Quantized layers may store packed weights; they expose the logical shape as `quant_shape`
+    # (bitsandbytes Params4bit) so a 4-bit weight still counts as one parameter.
+    shape = getattr(tensor, "quant_shape", None) or getattr(getattr(tensor, "quant_state", None), "shape", None)
+    if shape is not None:
+        return int(torch.Size(shape).numel())
+    return tensor.numel()
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(parameters, non-zero parameters), counting each logical weight once."""
+    total = nonzero = 0
+    seen: set[int] = set()
+    for param in model.parameters():
+        if id(param) in seen:  # tied weights (e.g. embeddings and lm_head) count once
+            continue
+        seen.add(id(param))
+        n = _logical_numel(param)
+        total += n
+        nonzero += n if n != param.numel() else int(torch.count_nonzero(param.detach()))
+    return total, nonzero
+
+
+def memory_bytes(model: Any) -> int:
+    seen: set[int] = set()
+    size = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            size += tensor.numel() * tensor.element_size()
+    return size
+
+
+def measure_size(model: Any, saved_dir: str | Path | None = None, save_fn: Any = None) -> SizeMetrics:
+    """Measure a model. Disk bytes come from `saved_dir`, or from saving with `save_fn(tmpdir)`."""
+    params, nonzero = count_parameters(model)
+    disk = None
+    if saved_dir is not None:
+        disk = folder_bytes(saved_dir)
+    elif save_fn is not None:
+        with tempfile.TemporaryDirectory(prefix="compress-size-") as tmp:
+            save_fn(Path(tmp))
+            disk = folder_bytes(tmp)
+    return SizeMetrics(
+        parameters=params,
+        nonzero_parameters=nonzero,
+        sparsity=round(1 - nonzero / params, 6) if params else 0.0,
+        memory_bytes=memory_bytes(model),
+        disk_bytes=disk,
+        bits_per_weight=round(8 * disk / params, 4) if disk and params else None,
+    )

@@ -1,0 +1,63 @@
+"""Load the recipe's base model: task detection, tokenizer, classifier labels, trust_remote_code off."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from compress.bundle import ModelBundle, auto_class, detect_task, load_tokenizer
+from compress.errors import ModelError
+from compress.paths import looks_like_local_path, resolve_path
+from compress.recipe import ModelSpec
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_location(spec: ModelSpec) -> str:
+    return str(resolve_path(spec.path)) if looks_like_local_path(spec.path) else spec.path
+
+
+def _load_config(spec: ModelSpec) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_location(spec), revision=spec.revision,
+                                          trust_remote_code=spec.trust_remote_code)
+    except Exception as exc:  # OSError offline, ValueError for unknown model types
+        hint = ("it must hold a config.json" if looks_like_local_path(spec.path)
+                else "the Hub could not be reached or has no such model; use a local folder when offline")
+        raise ModelError(f"model.path: cannot load a config from {spec.path!r}: {hint} ({exc})") from None
+
+
+def resolve_task(spec: ModelSpec) -> str:
+    """The recipe's task, or the one read from the model config (cheap: no weights are loaded)."""
+    if spec.task != "auto":
+        _load_config(spec)  # still fail early on an unreadable model folder
+        return spec.task
+    return detect_task(_load_config(spec))
+
+
+def load_base_model(spec: ModelSpec, task: str, data: Any, device: str, seed: int) -> ModelBundle:
+    """Load weights and tokenizer. A classifier gets its labels from the data."""
+    location = model_location(spec)
+    kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code,
+                              "dtype": _DTYPES[spec.dtype]}
+    if task == "sequence-classification":
+        names = getattr(data, "label_names", None)
+        num_labels = spec.num_labels or (len(names) if names else None)
+        if num_labels:
+            kwargs["num_labels"] = num_labels
+        if names and len(names) == num_labels:
+            kwargs["id2label"] = dict(enumerate(names))
+            kwargs["label2id"] = {n: i for i, n in enumerate(names)}
+    torch.manual_seed(seed)  # a new classifier head is initialised reproducibly
+    try:
+        model = auto_class(task).from_pretrained(location, **kwargs)
+        tokenizer = load_tokenizer(location, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"model.path: could not load {spec.path!r} as {task}: {exc}") from None
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(device).eval()
+    return ModelBundle(model=model, tokenizer=tokenizer, task=task, source=spec.path)

@@ -1,0 +1,372 @@
+"""Recipes: YAML (safe-loaded) -> pydantic models, with overrides, ${ENV} refs and all errors at once.
+
+The same models are the Python API: `Recipe(model=ModelSpec(path=...), stages=[Finetune(...)])`
+equals the recipe parsed from the YAML that says the same thing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from compress.errors import RecipeError
+from compress.paths import looks_like_local_path, resolve_path
+from compress.registry import StageConfig, stage_entries
+
+TASKS = ("causal-lm", "sequence-classification")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    path: str = Field(description="Hub id (org/name), local folder, or pkg:PACKAGE/sub/folder.")
+    task: Literal["auto", "causal-lm", "sequence-classification"] = Field(
+        "auto", description="Model task; `auto` reads it from the config's architectures."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype on load.")
+    trust_remote_code: bool = Field(False, description="Run model code from the Hub repo. Off by default.")
+    num_labels: int | None = Field(None, ge=2, description="Classifier labels; default: from the data.")
+
+    @field_validator("path")
+    @classmethod
+    def _local_path_exists(cls, value: str) -> str:
+        if looks_like_local_path(value):
+            try:
+                path = resolve_path(value)
+            except FileNotFoundError as exc:
+                raise ValueError(str(exc)) from None
+            if not path.exists():
+                raise ValueError(
+                    f"folder {value!r} does not exist; give a local model folder (with config.json) "
+                    f"or a Hub id like 'org/name'"
+                )
+        return value
+
+
+class DataSpec(_Strict):
+    source: str = Field(description="Local csv/json/jsonl/parquet/txt file or folder, pkg:PACKAGE/file, or Hub id.")
+    format: Literal["auto", "csv", "json", "parquet", "text", "hub"] = Field(
+        "auto", description="File format; `auto` uses the file extension (jsonl counts as json)."
+    )
+    encoding: str = Field("utf-8", description="Text encoding of csv/json/text files, e.g. latin-1.")
+    text_column: str = Field("text", description="Column holding the input text.")
+    text_pair_column: str | None = Field(None, description="Optional second text column (sentence pairs).")
+    label_column: str | None = Field("label", description="Label column (classification).")
+    prompt_column: str | None = Field(None, description="Causal LM: prompt column; loss only on the completion.")
+    completion_column: str | None = Field(None, description="Causal LM: completion column (with prompt_column).")
+    train_split: str = Field("train", description="Split used for training and calibration.")
+    eval_split: str | None = Field(None, description="Held-out split; if unset, `eval_size` is cut from train.")
+    eval_size: float = Field(0.1, gt=0, description="Held-out share (<1) or count (>=1) cut from train.")
+    max_train_samples: int | None = Field(None, gt=0, description="Cap on training examples.")
+    max_eval_samples: int | None = Field(None, gt=0, description="Cap on held-out examples.")
+    max_length: int = Field(128, gt=0, le=32768, description="Tokens per example (truncation / LM block size).")
+    calibration_samples: int = Field(128, gt=0, description="Examples drawn from train for calibration.")
+
+
+class EvalSpec(_Strict):
+    baseline: bool = Field(True, description="Evaluate the model before any stage.")
+    after_each_stage: bool = Field(True, description="Evaluate after every stage (a stage may opt out).")
+    accuracy: bool = Field(True, description="Measure accuracy/perplexity on the held-out split.")
+    speed: bool = Field(True, description="Measure latency, throughput and peak memory.")
+    batch_size: int = Field(32, gt=0, description="Batch N for the speed test (batch 1 is always measured).")
+    seq_len: int = Field(128, gt=0, description="Sequence length of the speed test inputs.")
+    warmup: int = Field(2, ge=0, description="Untimed warm-up runs before timing.")
+    repeats: int = Field(5, gt=0, description="Timed runs; the median is reported.")
+    threads: int | None = Field(None, gt=0, description="torch threads for the speed test; default: torch's.")
+    eval_batch_size: int = Field(64, gt=0, description="Batch size for the accuracy pass.")
+
+
+class Recipe(_Strict):
+    name: str = Field(description="Run name; the default output folder is runs/<name>.")
+    description: str | None = None
+    seed: int = Field(0, ge=0, description="Seed for data splits, initialisation and training.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` uses a GPU when present.")
+    output_dir: str | None = Field(None, description="Run folder; default runs/<name>.")
+    model: ModelSpec
+    data: DataSpec
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    stages: list[StageConfig] = Field(default_factory=list, description="Ordered stages.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise ValueError("use letters, digits, '.', '_' or '-' (it names the output folder)")
+        return value
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data (what run.json and the report store)."""
+        return self.model_dump(mode="json")
+
+
+def rebuild_stage_union() -> None:
+    """Make `Recipe.stages` a discriminated union on `type` over every registered stage."""
+    configs = tuple(entry.config_cls for entry in stage_entries())
+    item: Any = configs[0] if len(configs) == 1 else Annotated[Union[configs], Field(discriminator="type")]  # noqa: UP007
+    Recipe.model_fields["stages"].annotation = list[item]
+    Recipe.model_rebuild(force=True)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _NoPythonTagsLoader(yaml.SafeLoader):
+    """SafeLoader already refuses python tags; this subclass only exists to name the loader we use."""
+
+
+def parse_yaml(text: str, source: str = "<recipe>") -> dict[str, Any]:
+    try:
+        data = yaml.load(text, Loader=_NoPythonTagsLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.constructor.ConstructorError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise RecipeError(
+            f"{where}{exc.problem}; recipes are plain YAML (mappings, lists, strings, numbers) "
+            f"and tags such as !!python/... are refused",
+            source,
+        ) from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"not valid YAML: {exc}", source) from None
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else type(data).__name__
+        raise RecipeError(
+            f"the recipe must be a YAML mapping with keys like name, model, data, stages; got {kind}", source
+        )
+    return data
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(data: Any, path: str = "") -> tuple[Any, list[str]]:
+    """Replace ${VAR} and ${VAR:-default} in strings. Returns the new data and the problems found."""
+    problems: list[str] = []
+
+    def walk(node: Any, where: str) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, f"{where}.{k}" if where else str(k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, f"{where}[{i}]") for i, v in enumerate(node)]
+        if isinstance(node, str):
+            def sub(match: re.Match[str]) -> str:
+                value = os.environ.get(match.group(1), match.group(2))
+                if value is None:
+                    problems.append(f"{where}: environment variable {match.group(1)} is not set "
+                                    f"(set it, or write ${{{match.group(1)}:-default}})")
+                    return match.group(0)
+                return value
+            return _ENV_REF.sub(sub, node)
+        return node
+
+    return walk(data, path), problems
+
+
+_KEY_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """Apply `a.b.c=value` (or `stages[1].lr=...`, `stages.1.lr=...`) overrides; values are YAML scalars."""
+    if not overrides:
+        return data
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+    problems: list[str] = []
+    for key, value in items:
+        if isinstance(value, str) and not isinstance(overrides, dict):
+            value = _parse_scalar(value)
+        parts = [m.group(1) if m.group(1) is not None else int(m.group(2)) for m in _KEY_PART.finditer(key)]
+        parts = [int(p) if isinstance(p, str) and p.isdigit() else p for p in parts]
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = parts[i + 1]
+            if isinstance(part, int):
+                if not isinstance(node, list) or part >= len(node):
+                    size = len(node) if isinstance(node, list) else 0
+                    problems.append(f"override {key}: index {part} is out of range ({size} items)")
+                    break
+                node = node[part]
+            else:
+                if not isinstance(node, dict):
+                    problems.append(f"override {key}: {part!r} is not inside a mapping")
+                    break
+                node = node.setdefault(part, [] if isinstance(nxt, int) else {})
+        else:
+            last = parts[-1]
+            if isinstance(last, int):
+                if not isinstance(node, list) or last >= len(node):
+                    problems.append(f"override {key}: index {last} is out of range")
+                    continue
+            elif not isinstance(node, dict):
+                problems.append(f"override {key}: {last!r} is not inside a mapping")
+                continue
+            node[last] = value
+    if problems:
+        raise RecipeError(problems)
+    return data
+
+
+def _split_override(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"override {text!r} must look like key.path=value, e.g. stages[0].lr=1e-4")
+    return key.strip(), value
+
+
+def _parse_scalar(value: str) -> Any:
+    try:
+        return yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        return value
+
+
+def load_recipe(
+    source: str | Path | dict[str, Any] | Recipe,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> Recipe:
+    """Load and validate a recipe from a YAML path, a dict, or a Recipe. Raises RecipeError with every problem."""
+    import copy
+
+    if isinstance(source, Recipe):
+        if not overrides:
+            return source
+        source = source.to_dict()
+    label = None
+    if isinstance(source, (str, Path)):
+        label = str(source)
+        path = Path(source)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {label!r} does not exist")
+        data = parse_yaml(path.read_text(encoding="utf-8"), label)
+    else:
+        data = copy.deepcopy(source)
+    try:
+        data = apply_overrides(data, overrides)
+    except RecipeError as exc:
+        raise RecipeError(exc.problems, label) from None
+    data, env_problems = expand_env(data)
+    problems = list(env_problems)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems += format_validation_errors(exc, data)
+        recipe = None
+    if problems:
+        raise RecipeError(problems, label)
+    assert recipe is not None
+    return recipe
+
+
+# --------------------------------------------------------------------------- error messages
+
+
+def format_validation_errors(exc: ValidationError, data: Any = None) -> list[str]:
+    """One line per pydantic error: `stages[2].sparsity: must be < 1`, with hints for unknown keys."""
+    tags = {entry.type for entry in stage_entries()}
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = list(err["loc"])
+        # Drop the discriminator tag pydantic puts after a list index: stages.2.prune.sparsity.
+        clean: list[Any] = []
+        for i, part in enumerate(loc):
+            if isinstance(part, str) and part in tags and i > 0 and isinstance(loc[i - 1], int):
+                continue
+            clean.append(part)
+        where = _format_loc(clean)
+        lines.append(f"{where}: {_message(err, clean, data)}" if where else _message(err, clean, data))
+    return lines
+
+
+def _format_loc(loc: list[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _message(err: dict[str, Any], loc: list[Any], data: Any) -> str:
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "extra_forbidden":
+        valid = _valid_keys(loc[:-1], data)
+        guess = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean {guess[0]!r}?" if guess else ""
+        return f"unknown key{hint} (valid keys: {', '.join(valid)})"
+    if kind == "missing":
+        return "is required"
+    if kind in ("less_than", "less_than_equal", "greater_than", "greater_than_equal"):
+        op, bound = {"less_than": ("<", "lt"), "less_than_equal": ("<=", "le"),
+                     "greater_than": (">", "gt"), "greater_than_equal": (">=", "ge")}[kind]
+        return f"must be {op} {ctx[bound]} (got {value!r})"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')} (got {value!r})"
+    if kind == "union_tag_invalid":
+        types = sorted(e.type for e in stage_entries())
+        guess = difflib.get_close_matches(str(ctx.get("tag")), types, n=1)
+        hint = f"; did you mean {guess[0]!r}?" if guess else ""
+        return f"unknown stage type {ctx.get('tag')!r}{hint} (available: {', '.join(types)})"
+    if kind == "union_tag_not_found":
+        return f"each stage needs a `type` (one of: {', '.join(sorted(e.type for e in stage_entries()))})"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    msg = err["msg"][0].lower() + err["msg"][1:]
+    return f"{msg} (got {value!r})" if value is not None and not isinstance(value, dict) else msg
+
+
+def _valid_keys(loc: list[Any], data: Any) -> list[str]:
+    """Field names of the model that sits at `loc` (used to suggest the closest valid key)."""
+    model: Any = Recipe
+    node = data
+    for part in loc:
+        if isinstance(node, (dict, list)):
+            try:
+                node = node[part]
+            except (KeyError, IndexError, TypeError):
+                node = None
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = _model_in(field.annotation, node)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        if model is StageConfig or (isinstance(node, dict) and "type" in node and model is not Recipe):
+            model = _stage_model(node) or model
+        return list(model.model_fields)
+    return []
+
+
+def _model_in(annotation: Any, node: Any) -> Any:
+    origin = get_origin(annotation)
+    if origin in (list, Union) or str(origin) in ("typing.Annotated", "types.UnionType") or origin is not None:
+        for arg in get_args(annotation):
+            found = _model_in(arg, node)
+            if found is not None:
+                return found
+        return None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if issubclass(annotation, StageConfig):
+            return _stage_model(node) or annotation
+        return annotation
+    return None
+
+
+def _stage_model(node: Any) -> type[BaseModel] | None:
+    if isinstance(node, dict):
+        for entry in stage_entries():
+            if entry.type == node.get("type"):
+                return entry.config_cls
+    return None
+
+
+# Register the built-in stages (explicit imports inside compress.stages).
+import compress.stages  # noqa: E402,F401

@@ -1,0 +1,120 @@
+"""Render a Report to report.json and report.md. Formatting only: nothing is measured here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from compress.io import write_json_atomic, write_text_atomic
+from compress.report.schema import EvalPoint, Report
+
+# (label, getter, format, lower_is_better)
+_COLUMNS: list[tuple[str, Any, str, bool | None]] = [
+    ("params", lambda p: p.size and p.size.parameters, "count", True),
+    ("sparsity", lambda p: p.size and p.size.sparsity, "pct", None),
+    ("disk", lambda p: p.size and p.size.disk_bytes, "bytes", True),
+    ("bits/w", lambda p: p.size and p.size.bits_per_weight, "float", True),
+    ("lat b1 ms", lambda p: p.speed and p.speed.latency_b1_ms, "float", True),
+    ("lat bN ms", lambda p: p.speed and p.speed.latency_bn_ms, "float", True),
+    ("seq/s", lambda p: p.speed and p.speed.throughput_per_s, "float", False),
+    ("accuracy", lambda p: p.accuracy and p.accuracy.accuracy, "pct", False),
+    ("macro-F1", lambda p: p.accuracy and p.accuracy.macro_f1, "pct", False),
+    ("perplexity", lambda p: p.accuracy and p.accuracy.perplexity, "float", True),
+    ("agreement", lambda p: p.accuracy and p.accuracy.agreement, "pct", False),
+]
+
+
+def _fmt(value: Any, kind: str) -> str:
+    if value is None:
+        return "–"
+    if kind == "count":
+        return f"{value / 1e6:.2f}M" if value >= 1e5 else str(value)
+    if kind == "bytes":
+        return f"{value / 2**20:.1f} MiB" if value >= 2**17 else f"{value / 1024:.1f} KiB"
+    if kind == "pct":
+        return f"{100 * value:.2f}%"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _ratio(value: Any, base: Any) -> str:
+    if value is None or base in (None, 0) or not isinstance(value, (int, float)):
+        return ""
+    return f" ({value / base:.2f}×)"
+
+
+def _delta_points(value: Any, base: Any) -> str:
+    if value is None or base is None:
+        return ""
+    return f" ({100 * (value - base):+.2f} pt)"
+
+
+def comparison_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: every eval point with absolute values and, against the baseline, ratios."""
+    base = report.baseline
+    used = [c for c in _COLUMNS if any(c[1](p) is not None for p in report.points)]
+    header = ["eval point"] + [c[0] for c in used]
+    rows = []
+    for point in report.points:
+        row = [point.name]
+        for _label, get, kind, _lower in used:
+            value = get(point)
+            cell = _fmt(value, kind)
+            if base is not None and point is not base:
+                ref = get(base)
+                cell += _delta_points(value, ref) if kind == "pct" else _ratio(value, ref)
+            row.append(cell)
+        rows.append(row)
+    return header, rows
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _speed_note(point: EvalPoint | None) -> str:
+    if point is None or point.speed is None:
+        return ""
+    s = point.speed
+    return (f"Speed: {s.device}, {s.threads} threads, sequence length {s.seq_len}, batch N = {s.batch_size}; "
+            f"median of {s.repeats} runs after {s.warmup} warm-up runs. Peak memory is {s.peak_memory_kind}.")
+
+
+def render_markdown(report: Report) -> str:
+    env = report.environment
+    out = [f"# compress report: {report.name}", ""]
+    out.append(f"Status: **{report.status}**" + (f" — {report.error}" if report.error else ""))
+    out.append("")
+    out.append(f"Created {report.created}; seed {report.seed}; python {env.python}, torch "
+               f"{env.versions.get('torch')}, transformers {env.versions.get('transformers')}; "
+               f"{env.cpu or 'unknown CPU'} ({env.cpu_count} cores)" + (f", GPU {env.gpu}" if env.gpu else "") + ".")
+    out.append("")
+    if report.points:
+        header, rows = comparison_rows(report)
+        out += ["## Eval points", "", "Ratios (×) and point differences (pt) are against the baseline.", "",
+                _table(header, rows), ""]
+        note = _speed_note(report.final)
+        if note:
+            out += [note, ""]
+    stages = [p for p in report.points if p.stage_type]
+    if stages:
+        out += ["## Stages", ""]
+        for p in stages:
+            info = {k: v for k, v in p.stage_info.items() if not isinstance(v, (list, dict))}
+            facts = ", ".join(f"{k}={v}" for k, v in info.items())
+            out.append(f"- **{p.name}** ({p.stage_seconds} s): {facts}")
+            for note in p.notes:
+                out.append(f"  - note: {note}")
+        out.append("")
+    stages_cfg = report.recipe.get("stages", [])
+    out += ["## Recipe", "", f"Model `{report.recipe.get('model', {}).get('path')}`, data "
+            f"`{report.recipe.get('data', {}).get('source')}`, {len(stages_cfg)} stage(s): "
+            + (", ".join(s.get("type", "?") for s in stages_cfg) or "none") + ".", ""]
+    return "\n".join(out)
+
+
+def write_report(report: Report, folder: str | Path) -> None:
+    folder = Path(folder)
+    write_json_atomic(folder / "report.json", report.model_dump(mode="json"))
+    write_text_atomic(folder / "report.md", render_markdown(report))

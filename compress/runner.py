@@ -1,0 +1,311 @@
+"""The runner: checks everything cheap first, then baseline -> stages -> eval points -> report.
+
+Each stage's output goes to `<output>/NN-<type>/` (written atomically); `stage.json` inside marks
+it complete and carries a fingerprint of everything that produced it, which is what `resume`
+compares. `run.json` (the manifest) and `report.json` are rewritten after every step, so a
+crash leaves an accurate record of how far the run got.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from compress.bundle import ModelBundle
+from compress.context import RunContext
+from compress.data import DataBundle, load_data
+from compress.environment import collect_environment
+from compress.errors import CompressError, RecipeError, RunFolderError
+from compress.evaluate.point import evaluate_bundle
+from compress.io import write_json_atomic
+from compress.loading import load_base_model, resolve_task
+from compress.recipe import Recipe, load_recipe
+from compress.registry import get_stage
+from compress.report.render import write_report
+from compress.report.schema import EvalPoint, Report
+
+log = logging.getLogger("compress")
+
+RUN_FILE = "run.json"
+STAGE_FILE = "stage.json"
+BASELINE_DIR = "00-baseline"
+PREDICTIONS_FILE = "predictions.safetensors"
+
+
+def stage_dir_name(index: int, stage_type: str) -> str:
+    return f"{index + 1:02d}-{stage_type}"
+
+
+def stage_fingerprints(recipe: Recipe) -> list[str]:
+    """Fingerprint of stage i = hash(model, data, seed, stages[0..i] minus report-only fields)."""
+    base = {"model": recipe.model.model_dump(mode="json"), "data": recipe.data.model_dump(mode="json"),
+            "seed": recipe.seed}
+    prints, chain = [], []
+    for stage in recipe.stages:
+        chain.append(stage.model_dump(mode="json", exclude={"evaluate", "name"}))
+        blob = json.dumps({**base, "stages": chain}, sort_keys=True)
+        prints.append(hashlib.sha256(blob.encode()).hexdigest()[:16])
+    return prints
+
+
+def resolve_device(recipe: Recipe) -> str:
+    if recipe.device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("device: 'cuda' was asked for but no CUDA GPU is visible; use device: auto or cpu")
+    if recipe.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return recipe.device
+
+
+def check_output_folder(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder that belongs to another run, or a finished one, unless told otherwise."""
+    if not out.exists() or not any(out.iterdir()):
+        return
+    manifest = out / RUN_FILE
+    if not manifest.exists():
+        raise RunFolderError(
+            f"output folder {str(out)!r} is not empty and holds no compress run; "
+            f"choose another output_dir (nothing there was touched)"
+        )
+    previous = json.loads(manifest.read_text())
+    if overwrite:
+        return
+    if previous.get("name") != recipe.name:
+        raise RunFolderError(
+            f"output folder {str(out)!r} belongs to run {previous.get('name')!r}; "
+            f"pass --overwrite to replace it, or set output_dir"
+        )
+    if not resume:
+        raise RunFolderError(
+            f"output folder {str(out)!r} already holds a run of {recipe.name!r}; "
+            f"pass --resume to continue it or --overwrite to start again"
+        )
+
+
+class Runner:
+    def __init__(self, recipe: Recipe, *, output_dir: Path | None = None, resume: bool = False,
+                 overwrite: bool = False, show_progress: bool = True):
+        self.recipe = recipe
+        self.out = Path(output_dir) if output_dir else recipe.resolved_output_dir()
+        self.resume = resume
+        self.overwrite = overwrite
+        self.show_progress = show_progress
+        self.fingerprints = stage_fingerprints(recipe)
+        self.manifest: dict[str, Any] = {}
+        self.report: Report | None = None
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _write_manifest(self, **changes: Any) -> None:
+        self.manifest.update(changes)
+        write_json_atomic(self.out / RUN_FILE, self.manifest)
+
+    def _write_report(self) -> None:
+        assert self.report is not None
+        write_report(self.report, self.out)
+
+    def _add_point(self, point: EvalPoint) -> None:
+        assert self.report is not None
+        self.report.points = [p for p in self.report.points if p.name != point.name] + [point]
+        self._write_report()
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> Report:
+        recipe = self.recipe
+        check_output_folder(self.out, recipe, self.resume, self.overwrite)
+        device = resolve_device(recipe)
+        task = resolve_task(recipe.model)
+        data = load_data(recipe.data, task, recipe.seed)  # cheap checks before the model loads
+        if self.overwrite and (self.out / RUN_FILE).exists():
+            shutil.rmtree(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_resume_points()
+
+        env = collect_environment()
+        previous = self._previous_manifest()
+        self.manifest = {
+            "schema": 1,
+            "name": recipe.name,
+            "status": "running",
+            "started": previous.get("started") or _now(),
+            "seed": recipe.seed,
+            "device": device,
+            "recipe": recipe.to_dict(),
+            "environment": env.model_dump(),
+            "stages": previous.get("stages", []),
+        }
+        self.report = self._previous_report() or Report(
+            name=recipe.name, created=_now(), seed=recipe.seed, recipe=recipe.to_dict(), environment=env)
+        self.report.status, self.report.error = "running", None
+        self._write_manifest()
+        try:
+            self._run_all(task, data, device)
+        except BaseException as exc:
+            message = str(exc) if isinstance(exc, CompressError) else f"{type(exc).__name__}: {exc}"
+            self.report.status, self.report.error = "failed", message
+            self._write_report()
+            self._write_manifest(status="failed", error=message, finished=_now())
+            raise
+        self.report.status = "complete"
+        self._write_report()
+        self._write_manifest(status="complete", finished=_now())
+        return self.report
+
+    def _run_all(self, task: str, data: DataBundle, device: str) -> None:
+        recipe = self.recipe
+        _seed_everything(recipe.seed)
+        bundle = None
+        reference = None
+
+        baseline_dir = self.out / BASELINE_DIR
+        if recipe.eval.baseline:
+            if self.resume and (baseline_dir / "eval.json").exists():
+                self._add_point(EvalPoint.model_validate_json((baseline_dir / "eval.json").read_text()))
+                reference = _load_predictions(baseline_dir)
+            else:
+                bundle = load_base_model(recipe.model, task, data, device, recipe.seed)
+                log.info("evaluating baseline")
+                point, reference = evaluate_bundle(bundle, "baseline", recipe.eval, data=data, device=device,
+                                                   seed=recipe.seed)
+                _save_eval(baseline_dir, point, reference)
+                self._add_point(point)
+
+        last_dir: Path | None = None
+        for index, stage in enumerate(recipe.stages):
+            entry = get_stage(stage.stage_type())
+            folder = self.out / stage_dir_name(index, entry.type)
+            if self.resume and self._stage_done(folder, index):
+                log.info("stage %d (%s): unchanged since the last run, skipped", index + 1, entry.type)
+                point_file = folder / "eval.json"
+                if point_file.exists():
+                    self._add_point(EvalPoint.model_validate_json(point_file.read_text()))
+                last_dir, bundle = folder, None
+                continue
+            if bundle is None:
+                bundle = (ModelBundle.load(last_dir, device=device) if last_dir
+                          else load_base_model(recipe.model, task, data, device, recipe.seed))
+            ctx = RunContext(output_dir=self.out, seed=recipe.seed + index + 1, device=device, recipe=recipe,
+                             data=data, work_dir=self.out / f".work-{folder.name}", resume=self.resume,
+                             show_progress=self.show_progress, logger=log)
+            log.info("stage %d/%d: %s", index + 1, len(recipe.stages), stage.label())
+            _seed_everything(ctx.seed)
+            started = time.perf_counter()
+            bundle.info.pop("last_stage", None)
+            bundle = entry.run(bundle, stage, ctx)
+            seconds = round(time.perf_counter() - started, 3)
+            bundle.save(folder)
+            shutil.rmtree(ctx.work_dir, ignore_errors=True)
+            record = {"index": index, "type": entry.type, "dir": folder.name, "seconds": seconds,
+                      "fingerprint": self.fingerprints[index], "finished": _now()}
+            write_json_atomic(folder / STAGE_FILE, record)
+            self.manifest["stages"] = [s for s in self.manifest["stages"] if s["index"] != index] + [record]
+            self._write_manifest()
+            last_dir = folder
+            if stage.evaluate and recipe.eval.after_each_stage:
+                log.info("evaluating after %s", stage.label())
+                point, _ = evaluate_bundle(bundle, folder.name, recipe.eval, data=data, device=device,
+                                           seed=recipe.seed, saved_dir=folder, reference=reference)
+                point.stage_type = entry.type
+                point.stage_seconds = seconds
+                point.stage_info = bundle.info.get("last_stage", {})
+                write_json_atomic(folder / "eval.json", point.model_dump(mode="json"))
+                self._add_point(point)
+
+    # ------------------------------------------------------------------ resume
+
+    def _previous_manifest(self) -> dict[str, Any]:
+        path = self.out / RUN_FILE
+        return json.loads(path.read_text()) if self.resume and path.exists() else {}
+
+    def _previous_report(self) -> Report | None:
+        path = self.out / "report.json"
+        if self.resume and path.exists():
+            return Report.model_validate_json(path.read_text())
+        return None
+
+    def _stage_done(self, folder: Path, index: int) -> bool:
+        record_path = folder / STAGE_FILE
+        return record_path.exists() and json.loads(record_path.read_text()).get(
+            "fingerprint") == self.fingerprints[index]
+
+    def _check_resume_points(self) -> None:
+        """With --resume, refuse when a completed stage's config or inputs changed since it ran."""
+        if not self.resume:
+            return
+        for index, stage in enumerate(self.recipe.stages):
+            folder = self.out / stage_dir_name(index, stage.stage_type())
+            record_path = folder / STAGE_FILE
+            if not record_path.exists():
+                break
+            if json.loads(record_path.read_text()).get("fingerprint") != self.fingerprints[index]:
+                old = json.loads((self.out / RUN_FILE).read_text()).get("recipe", {})
+                changed = _describe_change(old, self.recipe.to_dict(), index)
+                raise RunFolderError(
+                    f"cannot resume: stage {index + 1} ({stage.stage_type()}) or its inputs changed since "
+                    f"{folder.name} was written ({changed}); pass --overwrite to start again, "
+                    f"or restore the recipe"
+                )
+
+
+def _describe_change(old: dict[str, Any], new: dict[str, Any], index: int) -> str:
+    diffs = []
+    for key in ("model", "data", "seed"):
+        if old.get(key) != new.get(key):
+            diffs.append(key)
+    old_stages, new_stages = old.get("stages", []), new.get("stages", [])
+    for i in range(index + 1):
+        a = old_stages[i] if i < len(old_stages) else {}
+        b = new_stages[i] if i < len(new_stages) else {}
+        for field in sorted(set(a) | set(b)):
+            if field not in ("evaluate", "name") and a.get(field) != b.get(field):
+                diffs.append(f"stages[{i}].{field}: {a.get(field)!r} -> {b.get(field)!r}")
+    return "; ".join(diffs) or "fingerprint differs"
+
+
+def _save_eval(folder: Path, point: EvalPoint, preds: torch.Tensor | None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if preds is not None:
+        tmp = folder / f".{PREDICTIONS_FILE}.tmp"
+        save_file({"preds": preds.contiguous()}, str(tmp))
+        tmp.replace(folder / PREDICTIONS_FILE)
+    write_json_atomic(folder / "eval.json", point.model_dump(mode="json"))
+
+
+def _load_predictions(folder: Path) -> torch.Tensor | None:
+    path = folder / PREDICTIONS_FILE
+    return load_file(str(path))["preds"] if path.exists() else None
+
+
+def _seed_everything(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def run(
+    recipe: str | Path | dict[str, Any] | Recipe,
+    overrides: list[str] | dict[str, Any] | None = None,
+    *,
+    output_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> Report:
+    """Run a recipe (path, dict or Recipe) and return its Report. Raises CompressError subclasses."""
+    resolved = load_recipe(recipe, overrides)
+    runner = Runner(resolved, output_dir=Path(output_dir) if output_dir else None, resume=resume,
+                    overwrite=overwrite, show_progress=show_progress)
+    return runner.run()
