@@ -36,6 +36,8 @@ class StageConfig(BaseModel):
 
 
 StageFn = Callable[["ModelBundle", StageConfig, "RunContext"], "ModelBundle"]
+# A check sees the loaded bundle before any stage runs and returns problems ("field: what and fix").
+CheckFn = Callable[["ModelBundle", StageConfig, "RunContext"], list[str]]
 
 
 @dataclass(frozen=True)
@@ -44,20 +46,27 @@ class StageEntry:
     config_cls: type[StageConfig]
     run: StageFn
     summary: str
+    check: CheckFn | None = None
 
 
 _STAGES: dict[str, StageEntry] = {}
 
 
-def register_stage(config_cls: type[StageConfig], run: StageFn, summary: str | None = None) -> StageEntry:
-    """Register a stage. Its `type` comes from the config's `type` Literal; duplicates are refused."""
+def register_stage(config_cls: type[StageConfig], run: StageFn, summary: str | None = None,
+                   check: CheckFn | None = None) -> StageEntry:
+    """Register a stage. Its `type` comes from the config's `type` Literal; duplicates are refused.
+
+    `check(bundle, config, ctx) -> problems` runs for every stage right after the model loads and
+    before the baseline is measured, so model-dependent mistakes (a layer that does not exist, a
+    rank too large) are reported together before any work.
+    """
     if "type" not in config_cls.model_fields:
         raise TypeError(f"{config_cls.__name__} needs a field `type: Literal['name']`")
     stage_type = config_cls.stage_type()
     if stage_type in _STAGES and _STAGES[stage_type].config_cls is not config_cls:
         raise ValueError(f"stage type {stage_type!r} is already registered by {_STAGES[stage_type].config_cls}")
     doc = (summary or config_cls.__doc__ or "").strip().splitlines()
-    entry = StageEntry(stage_type, config_cls, run, doc[0] if doc else "")
+    entry = StageEntry(stage_type, config_cls, run, doc[0] if doc else "", check)
     _STAGES[stage_type] = entry
     # The recipe's discriminated union is built from this registry; rebuild it for late registrations.
     from compress import recipe

@@ -125,6 +125,12 @@ class Runner:
         device = resolve_device(recipe)
         task = resolve_task(recipe.model)
         data = load_data(recipe.data, task, recipe.seed)  # cheap checks before the model loads
+        bundle = None
+        if not self.resume or not all(self._stage_done(self.out / stage_dir_name(i, s.stage_type()), i)
+                                      for i, s in enumerate(recipe.stages)):
+            _seed_everything(recipe.seed)
+            bundle = load_base_model(recipe.model, task, data, device, recipe.seed)
+            self._check_stages(bundle, data, device)  # model-dependent mistakes, before anything is written
         if self.overwrite and (self.out / RUN_FILE).exists():
             shutil.rmtree(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +154,7 @@ class Runner:
         self.report.status, self.report.error = "running", None
         self._write_manifest()
         try:
-            self._run_all(task, data, device)
+            self._run_all(task, data, device, bundle)
         except BaseException as exc:
             message = str(exc) if isinstance(exc, CompressError) else f"{type(exc).__name__}: {exc}"
             self.report.status, self.report.error = "failed", message
@@ -160,10 +166,8 @@ class Runner:
         self._write_manifest(status="complete", finished=_now())
         return self.report
 
-    def _run_all(self, task: str, data: DataBundle, device: str) -> None:
+    def _run_all(self, task: str, data: DataBundle, device: str, bundle: ModelBundle | None) -> None:
         recipe = self.recipe
-        _seed_everything(recipe.seed)
-        bundle = None
         reference = None
 
         baseline_dir = self.out / BASELINE_DIR
@@ -172,7 +176,7 @@ class Runner:
                 self._add_point(EvalPoint.model_validate_json((baseline_dir / "eval.json").read_text()))
                 reference = _load_predictions(baseline_dir)
             else:
-                bundle = load_base_model(recipe.model, task, data, device, recipe.seed)
+                bundle = bundle or load_base_model(recipe.model, task, data, device, recipe.seed)
                 log.info("evaluating baseline")
                 point, reference = evaluate_bundle(bundle, "baseline", recipe.eval, data=data, device=device,
                                                    seed=recipe.seed)
@@ -181,6 +185,7 @@ class Runner:
 
         last_dir: Path | None = None
         for index, stage in enumerate(recipe.stages):
+            # (A skipped stage drops the in-memory bundle; the next run loads the last output.)
             entry = get_stage(stage.stage_type())
             folder = self.out / stage_dir_name(index, entry.type)
             if self.resume and self._stage_done(folder, index):
@@ -193,9 +198,7 @@ class Runner:
             if bundle is None:
                 bundle = (ModelBundle.load(last_dir, device=device) if last_dir
                           else load_base_model(recipe.model, task, data, device, recipe.seed))
-            ctx = RunContext(output_dir=self.out, seed=recipe.seed + index + 1, device=device, recipe=recipe,
-                             data=data, work_dir=self.out / f".work-{folder.name}", resume=self.resume,
-                             show_progress=self.show_progress, logger=log)
+            ctx = self._context(index, data, device)
             log.info("stage %d/%d: %s", index + 1, len(recipe.stages), stage.label())
             _seed_everything(ctx.seed)
             started = time.perf_counter()
@@ -219,6 +222,23 @@ class Runner:
                 point.stage_info = bundle.info.get("last_stage", {})
                 write_json_atomic(folder / "eval.json", point.model_dump(mode="json"))
                 self._add_point(point)
+
+    def _context(self, index: int, data: DataBundle, device: str) -> RunContext:
+        folder = self.out / stage_dir_name(index, self.recipe.stages[index].stage_type())
+        return RunContext(output_dir=self.out, seed=self.recipe.seed + index + 1, device=device,
+                          recipe=self.recipe, data=data, work_dir=self.out / f".work-{folder.name}",
+                          resume=self.resume, show_progress=self.show_progress, logger=log)
+
+    def _check_stages(self, bundle: ModelBundle, data: DataBundle, device: str) -> None:
+        """Run every stage's model-dependent check before any work; report all problems at once."""
+        problems = []
+        for index, stage in enumerate(self.recipe.stages):
+            entry = get_stage(stage.stage_type())
+            if entry.check is not None:
+                problems += [f"stages[{index}].{p}" for p in entry.check(bundle, stage,
+                                                                         self._context(index, data, device))]
+        if problems:
+            raise RecipeError(problems)
 
     # ------------------------------------------------------------------ resume
 
