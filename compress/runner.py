@@ -114,7 +114,11 @@ class Runner:
 
     def _add_point(self, point: EvalPoint) -> None:
         assert self.report is not None
-        self.report.points = [p for p in self.report.points if p.name != point.name] + [point]
+        names = [p.name for p in self.report.points]
+        if point.name in names:  # re-measured on resume: keep its place in the sequence
+            self.report.points[names.index(point.name)] = point
+        else:
+            self.report.points.append(point)
         self._write_report()
 
     # ------------------------------------------------------------------ run

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -29,7 +30,7 @@ def _count_calls(monkeypatch, stage_type="finetune", fail=False):
 def test_run_writes_report_manifest_and_stage_folders(cls_recipe):
     cls_recipe["stages"] = [FAST, {**FAST, "name": "second"}]
     report = run(cls_recipe)
-    out = cls_recipe["output_dir"]
+    out = Path(cls_recipe["output_dir"])
 
     assert [p.name for p in report.points] == ["baseline", "01-finetune", "02-finetune"]
     assert report.status == "complete" and report.schema_version == "1.0"
@@ -76,7 +77,7 @@ def test_resume_skips_finished_stages_and_reproduces_metrics(cls_recipe, monkeyp
 
 def test_resume_after_a_failed_stage_runs_only_what_is_left(cls_recipe, monkeypatch):
     cls_recipe["stages"] = [FAST, {**FAST, "lr": 1e-3}]
-    out = cls_recipe["output_dir"]
+    out = Path(cls_recipe["output_dir"])
     entry = registry.get_stage("finetune")
 
     def fail_second(bundle, config, ctx):
@@ -113,11 +114,11 @@ def test_output_folder_of_another_run_is_refused_unless_overwrite(cls_recipe):
         run({**cls_recipe, "name": "other"})
     report = run({**cls_recipe, "name": "other"}, overwrite=True)
     assert report.name == "other"
-    assert json.loads((cls_recipe["output_dir"] / "run.json").read_text())["name"] == "other"
+    assert json.loads((Path(cls_recipe["output_dir"]) / "run.json").read_text())["name"] == "other"
 
 
 def test_non_run_folder_is_never_overwritten(cls_recipe):
-    out = cls_recipe["output_dir"]
+    out = Path(cls_recipe["output_dir"])
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(RunFolderError, match="holds no compress run"):
@@ -130,7 +131,7 @@ def test_missing_column_lists_columns_and_writes_nothing(cls_recipe):
     with pytest.raises(DataError, match=r"data.label_column: column 'sentiment' is not in split 'train' "
                                         r"\(columns: text, label\)"):
         run(cls_recipe)
-    assert not cls_recipe["output_dir"].exists()
+    assert not Path(cls_recipe["output_dir"]).exists()
 
 
 def test_empty_split_is_refused(cls_recipe, tmp_path):
@@ -139,7 +140,7 @@ def test_empty_split_is_refused(cls_recipe, tmp_path):
     cls_recipe["data"]["source"] = str(empty)
     with pytest.raises(DataError, match="is empty"):
         run(cls_recipe)
-    assert not cls_recipe["output_dir"].exists()
+    assert not Path(cls_recipe["output_dir"]).exists()
 
 
 def test_undecodable_text_suggests_encoding(cls_recipe, tmp_path):
@@ -166,7 +167,7 @@ def test_stage_check_problems_come_before_any_work(cls_recipe, monkeypatch):
     assert info.value.problems == ["stages[1].rank: 64 is too large for this model; use <= 4",
                                    "stages[2].rank: 32 is too large for this model; use <= 4"]
     assert seen == [64, 64, 64] and calls == []
-    assert not cls_recipe["output_dir"].exists()
+    assert not Path(cls_recipe["output_dir"]).exists()
 
 
 def test_evaluation_can_be_limited(cls_recipe):
