@@ -43,6 +43,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         header, rows = comparison_rows(report)
         for row in rows:
             print("  " + "  ".join(f"{h}={v}" for h, v in zip(header, row, strict=True)))
+    failed = [g for g in report.goals if not g.passed]
+    for g in report.goals:
+        actual = f"{g.actual:.4g}" if g.actual is not None else (g.detail or "not measured")
+        print(f"  goal {g.metric} {g.rule} {g.target:g}: {actual} -> {'PASS' if g.passed else 'FAIL'}")
+    if failed and args.strict:
+        print(f"error: {len(failed)} goal(s) failed (--strict)", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -88,6 +95,44 @@ def cmd_stages(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from compress.report.compare import compare_rows, compare_runs, load_report
+
+    folder = compare_runs(args.runs, args.output)
+    header, rows = compare_rows([load_report(d) for d in args.runs])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    print(f"written: {folder}/compare.md, {folder}/compare.png")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from compress.hub import PublishError, PublishSpec, push
+
+    manifest = Path(args.run_dir) / "run.json"
+    if not manifest.exists():
+        raise PublishError(f"{args.run_dir}: not a compress run folder (no run.json)")
+    spec = PublishSpec.model_validate(json.loads(manifest.read_text())["recipe"].get("publish") or {})
+    repo_id = args.repo_id or spec.repo_id
+    if not repo_id:
+        raise PublishError("push: give --repo-id ORG/NAME (or set publish.repo_id in the recipe)")
+    private = spec.private if args.private is None else args.private
+    result = push(args.run_dir, repo_id, private=private, spec=spec, dry_run=args.dry_run, output=args.output)
+    verb = "would upload" if result["dry_run"] else "uploaded"
+    print(f"{verb} {len(result['files'])} files to {repo_id} ({'private' if private else 'public'}); "
+          f"folder: {result['folder']}")
+    for name in result["files"]:
+        print(f"  {name}")
+    if not result["dry_run"]:
+        print(f"commit {result['commit']}: {result['url']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compress", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -100,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue a run, skipping unchanged finished stages")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--quiet", action="store_true", help="only warnings and the result")
+    p.add_argument("--strict", action="store_true", help="exit 3 when a recipe goal is missed")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=cmd_run)
 
@@ -107,6 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override before checking")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("compare", help="one table and one Pareto plot across run folders")
+    p.add_argument("runs", nargs="+", help="run folders (with report.json)")
+    p.add_argument("--output", default="compare", help="folder for compare.md/.json/.png (default: ./compare)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("push", help="publish a finished run (model, recipe, report, card) to the Hub")
+    p.add_argument("run_dir")
+    p.add_argument("--repo-id", help="ORG/NAME (default: the recipe's publish.repo_id)")
+    vis = p.add_mutually_exclusive_group()
+    vis.add_argument("--private", dest="private", action="store_true", default=None, help="private repo (default)")
+    vis.add_argument("--public", dest="private", action="store_false", help="public repo")
+    p.add_argument("--dry-run", action="store_true", help="only write the folder that would be uploaded")
+    p.add_argument("--output", help="where to write that folder (default: RUN_DIR/publish)")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("stages", help="list stage types with their fields, defaults and help")
     p.set_defaults(func=cmd_stages)

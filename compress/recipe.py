@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compress.errors import RecipeError
+from compress.goals import Goal
+from compress.hub import PublishSpec
 from compress.paths import looks_like_local_path, resolve_path
 from compress.registry import StageConfig, stage_entries
 
@@ -95,6 +97,23 @@ class Recipe(_Strict):
     data: DataSpec
     eval: EvalSpec = Field(default_factory=EvalSpec)
     stages: list[StageConfig] = Field(default_factory=list, description="Ordered stages.")
+    publish: PublishSpec | None = Field(None, description="Defaults for `compress push` (repo_id, private, ...).")
+    goals: dict[str, Goal] = Field(
+        default_factory=dict, description="Targets for the final model against the baseline, e.g. "
+        "{accuracy: {max_drop: 0.01}, latency_b32: {min_speedup: 2.0}}.")
+
+    @model_validator(mode="after")
+    def _known_goal_metrics(self) -> Recipe:
+        from compress.goals import metric_getter, metric_names
+
+        for name in self.goals:
+            if metric_getter(name, self.eval.batch_size) is None:
+                valid = metric_names(self.eval.batch_size)
+                guess = difflib.get_close_matches(name, valid, n=1)
+                hint = f"; did you mean {guess[0]!r}?" if guess else ""
+                raise ValueError(f"goals.{name}: unknown metric{hint} (metrics: {', '.join(valid)}; "
+                                 f"latency_bN needs N = eval.batch_size)")
+        return self
 
     @field_validator("name")
     @classmethod

@@ -166,6 +166,10 @@ class Runner:
             self._write_manifest(status="failed", error=message, finished=_now())
             raise
         self.report.status = "complete"
+        if recipe.goals:
+            from compress.goals import evaluate_goals
+
+            self.report.goals = evaluate_goals(self.report, recipe.goals, recipe.eval.batch_size)
         self._write_report()
         self._write_manifest(status="complete", finished=_now())
         return self.report
@@ -332,4 +336,11 @@ def run(
     resolved = load_recipe(recipe, overrides)
     runner = Runner(resolved, output_dir=Path(output_dir) if output_dir else None, resume=resume,
                     overwrite=overwrite, show_progress=show_progress)
-    return runner.run()
+    report = runner.run()
+    if resolved.publish and resolved.publish.push_after_run:
+        from compress.hub import PublishError, push
+
+        if not resolved.publish.repo_id:
+            raise PublishError("publish.push_after_run needs publish.repo_id")
+        push(runner.out, resolved.publish.repo_id, private=resolved.publish.private, spec=resolved.publish)
+    return report

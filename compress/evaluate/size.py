@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from compress.io import folder_bytes
-from compress.report.schema import SizeMetrics
+from compress.report.schema import LayerSize, SizeMetrics
 
 
 def _logical_numel(tensor: torch.Tensor) -> int:
@@ -45,6 +45,35 @@ def memory_bytes(model: Any) -> int:
     return size
 
 
+def _stored_bytes(module: torch.nn.Module) -> int:
+    # The module's own state (weight plus any scales, zero points or quantization maps it
+    # serialises), so the figure is what the layer really costs, whatever the scheme.
+    total = 0
+    for value in module.state_dict().values():
+        if isinstance(value, torch.Tensor) and not value.is_meta:
+            total += value.numel() * value.element_size()
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        total -= bias.numel() * bias.element_size()
+    return total
+
+
+def layer_sizes(model: Any) -> list[LayerSize]:
+    """Sparsity and bits per weight of every weight matrix: linear-like layers and embeddings."""
+    layers = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or list(module.children()):
+            continue
+        logical = _logical_numel(weight)
+        if weight.dim() < 2 and logical == weight.numel():
+            continue  # norms and biases are not weight matrices
+        nonzero = logical if logical != weight.numel() else int(torch.count_nonzero(weight.detach()))
+        layers.append(LayerSize(name=name, parameters=logical, nonzero=nonzero,
+                                bits_per_weight=round(8 * _stored_bytes(module) / logical, 4)))
+    return layers
+
+
 def measure_size(model: Any, saved_dir: str | Path | None = None, save_fn: Any = None) -> SizeMetrics:
     """Measure a model. Disk bytes come from `saved_dir`, or from saving with `save_fn(tmpdir)`."""
     params, nonzero = count_parameters(model)
@@ -62,4 +91,5 @@ def measure_size(model: Any, saved_dir: str | Path | None = None, save_fn: Any =
         memory_bytes=memory_bytes(model),
         disk_bytes=disk,
         bits_per_weight=round(8 * disk / params, 4) if disk and params else None,
+        layers=layer_sizes(model),
     )

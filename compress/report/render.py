@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compress.io import write_json_atomic, write_text_atomic
-from compress.report.schema import EvalPoint, Report
+from compress.io import atomic_dir, write_json_atomic, write_text_atomic
+from compress.report.schema import EvalPoint, GoalResult, Report
+
+PLOTS_DIR = "plots"
+PLOT_TITLES = {"pareto": "Size against accuracy", "latency": "Latency", "layers": "Per-layer sparsity and bit-width",
+               "loss": "Training loss"}
 
 # (label, getter, format, lower_is_better)
 _COLUMNS: list[tuple[str, Any, str, bool | None]] = [
@@ -81,7 +85,18 @@ def _speed_note(point: EvalPoint | None) -> str:
             f"median of {s.repeats} runs after {s.warmup} warm-up runs. Peak memory is {s.peak_memory_kind}.")
 
 
-def render_markdown(report: Report) -> str:
+def goal_rows(goals: list[GoalResult]) -> tuple[list[str], list[list[str]]]:
+    header = ["goal", "rule", "target", "actual", "baseline → final", "result"]
+    rows = []
+    for g in goals:
+        actual = f"{g.actual:.4g}" if g.actual is not None else (g.detail or "–")
+        values = (f"{g.baseline:.4g} → {g.final:.4g}" if g.baseline is not None and g.final is not None
+                  else (f"{g.final:.4g}" if g.final is not None else "–"))
+        rows.append([g.metric, g.rule, f"{g.target:g}", actual, values, "PASS" if g.passed else "FAIL"])
+    return header, rows
+
+
+def render_markdown(report: Report, plots: dict[str, str] | None = None) -> str:
     env = report.environment
     out = [f"# compress report: {report.name}", ""]
     out.append(f"Status: **{report.status}**" + (f" — {report.error}" if report.error else ""))
@@ -97,6 +112,14 @@ def render_markdown(report: Report) -> str:
         note = _speed_note(report.final)
         if note:
             out += [note, ""]
+    if report.goals:
+        passed = sum(g.passed for g in report.goals)
+        out += ["## Goals", "", f"{passed} of {len(report.goals)} passed (final model against the baseline).", "",
+                _table(*goal_rows(report.goals)), ""]
+    if plots:
+        out += ["## Plots", ""]
+        out += [f"![{PLOT_TITLES.get(name, name)}]({rel})" for name, rel in plots.items()]
+        out.append("")
     stages = [p for p in report.points if p.stage_type]
     if stages:
         out += ["## Stages", ""]
@@ -114,7 +137,17 @@ def render_markdown(report: Report) -> str:
     return "\n".join(out)
 
 
-def write_report(report: Report, folder: str | Path) -> None:
+def write_report(report: Report, folder: str | Path, plots: bool = True) -> None:
+    """report.json, report.md, report.html and plots/*.png, each written atomically."""
+    from compress.report.html import render_html
+    from compress.report.plots import draw_all
+
     folder = Path(folder)
     write_json_atomic(folder / "report.json", report.model_dump(mode="json"))
-    write_text_atomic(folder / "report.md", render_markdown(report))
+    made: dict[str, Path] = {}
+    if plots:
+        with atomic_dir(folder / PLOTS_DIR) as tmp:
+            made = {name: folder / PLOTS_DIR / path.name for name, path in draw_all(report, tmp).items()}
+    rel = {name: f"{PLOTS_DIR}/{path.name}" for name, path in made.items()}
+    write_text_atomic(folder / "report.md", render_markdown(report, rel))
+    write_text_atomic(folder / "report.html", render_html(report, made))

@@ -14,6 +14,13 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class LayerSize(_Model):
+    name: str
+    parameters: int = Field(description="Logical weights of the layer.")
+    nonzero: int
+    bits_per_weight: float = Field(description="Stored bytes of the layer (weights, scales, zero points) * 8 / parameters.")
+
+
 class SizeMetrics(_Model):
     parameters: int = Field(description="Logical weights (a 4-bit weight counts as one).")
     nonzero_parameters: int
@@ -21,6 +28,7 @@ class SizeMetrics(_Model):
     memory_bytes: int = Field(description="Bytes of parameters and buffers in memory.")
     disk_bytes: int | None = Field(None, description="Bytes of the saved weight files (safetensors).")
     bits_per_weight: float | None = Field(None, description="8 * disk_bytes / parameters (scales included).")
+    layers: list[LayerSize] = Field(default_factory=list, description="Per weight matrix (linear and embedding).")
 
 
 class SpeedMetrics(_Model):
@@ -57,6 +65,17 @@ class EvalPoint(_Model):
     notes: list[str] = Field(default_factory=list)
 
 
+class GoalResult(_Model):
+    metric: str
+    rule: str = Field(description="max_drop, min_speedup, ... (see compress.goals.Goal)")
+    target: float
+    actual: float | None = Field(None, description="The value the rule compares (a drop, ratio, or the metric).")
+    baseline: float | None = None
+    final: float | None = None
+    passed: bool
+    detail: str | None = None
+
+
 class Environment(_Model):
     python: str
     platform: str
@@ -76,6 +95,11 @@ class Report(_Model):
     recipe: dict[str, Any]
     environment: Environment
     points: list[EvalPoint] = Field(default_factory=list)
+    goals: list[GoalResult] = Field(default_factory=list)
+
+    @property
+    def goals_passed(self) -> bool:
+        return all(g.passed for g in self.goals)
 
     def point(self, name: str) -> EvalPoint | None:
         return next((p for p in self.points if p.name == name), None)

@@ -1,0 +1,201 @@
+"""Publish a finished run to the Hugging Face Hub: model, tokenizer, recipe, report, plots, model card.
+
+The folder to upload is built first (that is all `--dry-run` does), then pushed in one commit with
+huggingface_hub. The token comes from HF_TOKEN or the stored login (`huggingface_hub.get_token`),
+is handed to the client only, and is never printed or written; the folder is checked for it
+before anything leaves the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from compress.errors import CompressError
+from compress.io import atomic_dir
+from compress.report.render import PLOTS_DIR, comparison_rows
+from compress.report.schema import Report
+
+log = logging.getLogger("compress")
+
+SKIP_FILES = {"stage.json", "eval.json", "predictions.safetensors"}
+
+
+class PublishSpec(BaseModel):
+    """The recipe's `publish:` section: defaults for `compress push`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    repo_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", description="ORG/NAME on the Hub.")
+    private: bool = Field(True, description="Create the repo private (the default).")
+    base_model: str | None = Field(None, description="Hub id for the card's base_model (default: model.path "
+                                                     "when it is a Hub id).")
+    license: str | None = Field(None, description="License id for the card, e.g. apache-2.0.")
+    tags: list[str] = Field(default_factory=list, description="Extra tags for the card.")
+    push_after_run: bool = Field(False, description="Push automatically when `compress run` finishes.")
+
+
+class PublishError(CompressError):
+    exit_code = 2
+
+
+def final_stage_dir(run_dir: Path) -> Path:
+    manifest = json.loads((run_dir / "run.json").read_text())
+    stages = sorted(manifest.get("stages", []), key=lambda s: s["index"])
+    if not stages:
+        raise PublishError(f"{run_dir}: the run has no stage output to publish (it ran no stage)")
+    folder = run_dir / stages[-1]["dir"]
+    if not (folder / "config.json").exists():
+        raise PublishError(f"{folder}: the final stage's model folder is missing or incomplete")
+    return folder
+
+
+def _hub_id(path: str) -> str | None:
+    from compress.paths import looks_like_local_path
+
+    return None if looks_like_local_path(path) else path
+
+
+def _task_tag(task: str) -> str:
+    return {"sequence-classification": "text-classification", "causal-lm": "text-generation"}.get(task, task)
+
+
+def build_model_card(report: Report, spec: PublishSpec, task: str, repo_id: str | None) -> str:
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    recipe = report.recipe
+    final, base = report.final, report.baseline
+    source = recipe.get("data", {}).get("source", "")
+    dataset = _hub_id(source) or Path(source.removeprefix("pkg:")).name
+    results = []
+    if final and final.accuracy:
+        for metric in ("accuracy", "macro_f1", "perplexity"):
+            value = getattr(final.accuracy, metric)
+            if value is not None:
+                results.append(EvalResult(task_type=_task_tag(task), dataset_type=dataset, dataset_name=dataset,
+                                          metric_type=metric, metric_value=value))
+    stage_types = [s.get("type") for s in recipe.get("stages", [])]
+    data = ModelCardData(
+        base_model=spec.base_model or _hub_id(recipe.get("model", {}).get("path", "")),
+        library_name="transformers",
+        license=spec.license,
+        pipeline_tag=_task_tag(task),
+        tags=["compress", *stage_types, *spec.tags],
+        model_name=(repo_id or report.name).split("/")[-1],
+        eval_results=results or None,
+    )
+    header, rows = comparison_rows(report)
+    table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                      + ["| " + " | ".join(r) + " |" for r in rows])
+    steps = []
+    for i, stage in enumerate(recipe.get("stages", [])):
+        settings = ", ".join(f"{k}={v}" for k, v in stage.items() if k != "type" and v not in (None, [], {}))
+        steps.append(f"{i + 1}. **{stage.get('type')}** — {settings}")
+    load = ("AutoModelForSequenceClassification" if task == "sequence-classification" else "AutoModelForCausalLM")
+    name = repo_id or "ORG/NAME"
+    body = f"""
+# {data.model_name}
+
+Compressed with [compress](https://pypi.org/project/compress/) from `{recipe.get('model', {}).get('path')}`
+by the recipe in `recipe.yaml` (seed {report.seed}).
+
+## What was done
+
+{chr(10).join(steps) or "No stage."}
+
+## Results
+
+Measured by compress on {report.environment.cpu or 'CPU'} ({report.environment.cpu_count} cores),
+against the base model in the same run. Ratios (×) and point differences (pt) are against the baseline.
+
+{table}
+
+Full report: `report.md` / `report.html` (plots in `{PLOTS_DIR}/`), raw figures in `report.json`.
+
+## How to load
+
+```python
+from transformers import AutoTokenizer, {load}
+model = {load}.from_pretrained("{name}")
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+```
+
+## Reproduce
+
+```bash
+pip install compress
+compress run recipe.yaml
+```
+"""
+    if base is None:
+        body += "\nNo baseline was measured in this run.\n"
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content
+
+
+def build_publish_folder(run_dir: str | Path, output: str | Path, spec: PublishSpec,
+                         repo_id: str | None = None) -> Path:
+    """Write exactly what would be uploaded into `output` (atomically) and return it."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").exists() or not (run_dir / "report.json").exists():
+        raise PublishError(f"{run_dir}: not a finished compress run (no run.json/report.json)")
+    report = Report.model_validate_json((run_dir / "report.json").read_text())
+    if report.status != "complete":
+        raise PublishError(f"{run_dir}: the run's status is {report.status!r}; only complete runs are published")
+    model_dir = final_stage_dir(run_dir)
+    bundle_meta = json.loads((model_dir / "compress_bundle.json").read_text())
+    output = Path(output)
+    with atomic_dir(output) as tmp:
+        for item in model_dir.iterdir():
+            if item.is_file() and item.name not in SKIP_FILES:
+                shutil.copy2(item, tmp / item.name)
+        for name in ("report.json", "report.md", "report.html"):
+            if (run_dir / name).exists():
+                shutil.copy2(run_dir / name, tmp / name)
+        if (run_dir / PLOTS_DIR).is_dir():
+            shutil.copytree(run_dir / PLOTS_DIR, tmp / PLOTS_DIR)
+        recipe = {k: v for k, v in report.recipe.items() if k != "output_dir"}
+        (tmp / "recipe.yaml").write_text("# compress run recipe.yaml\n" + yaml.safe_dump(recipe, sort_keys=False))
+        (tmp / "README.md").write_text(build_model_card(report, spec, bundle_meta["task"], repo_id))
+    return output
+
+
+def _assert_no_secret(folder: Path, token: str | None) -> None:
+    if not token:
+        return
+    needle = token.encode()
+    for path in folder.rglob("*"):
+        if path.is_file() and needle in path.read_bytes():
+            raise PublishError(f"{path.name} contains your Hub token; remove it before publishing (nothing was sent)")
+
+
+def push(run_dir: str | Path, repo_id: str, *, private: bool = True, spec: PublishSpec | None = None,
+         dry_run: bool = False, output: str | Path | None = None, endpoint: str | None = None) -> dict[str, Any]:
+    """Build the publish folder, then (unless dry_run) create the repo and upload it in one commit."""
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+
+    run_dir = Path(run_dir)
+    spec = spec or PublishSpec()
+    folder = Path(output) if output else run_dir / "publish"
+    build_publish_folder(run_dir, folder, spec, repo_id)
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    if dry_run:
+        return {"dry_run": True, "folder": str(folder), "files": files, "repo_id": repo_id, "private": private}
+    token = get_token()
+    if not token:
+        raise PublishError("no Hub token: set HF_TOKEN or run `hf auth login` (the token is never stored by compress)")
+    _assert_no_secret(folder, token)
+    api = HfApi(endpoint=endpoint, token=token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    # One commit of plain additions (rather than upload_folder's streamed pipeline) keeps the upload
+    # atomic on the Hub: either every file lands or none does.
+    operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
+    info = api.create_commit(repo_id, operations=operations, commit_message=f"compress: publish {run_dir.name}")
+    log.info("pushed %d files to %s", len(files), url)
+    return {"dry_run": False, "folder": str(folder), "files": files, "repo_id": repo_id, "private": private,
+            "url": str(url), "commit": info.oid}

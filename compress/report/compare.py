@@ -1,0 +1,63 @@
+"""`compress compare RUN_DIR…`: one table and one Pareto plot across finished runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compress.errors import CompressError
+from compress.io import atomic_dir, write_json_atomic, write_text_atomic
+from compress.report.plots import plot_pareto
+from compress.report.render import _fmt, _table
+from compress.report.schema import Report
+
+
+def load_report(run_dir: str | Path) -> Report:
+    path = Path(run_dir) / "report.json"
+    if not path.is_file():
+        raise CompressError(f"{run_dir}: no report.json here; give run folders written by `compress run`")
+    return Report.model_validate_json(path.read_text())
+
+
+def compare_rows(reports: list[Report]) -> tuple[list[str], list[list[str]]]:
+    header = ["run", "eval point", "disk", "× smaller", "lat b1 ms", "lat bN ms", "× faster bN", "accuracy",
+              "perplexity", "status"]
+    rows = []
+    for report in reports:
+        base = report.baseline
+        for point in report.points:
+            size = point.size.disk_bytes if point.size else None
+            base_size = base.size.disk_bytes if base and base.size else None
+            lat = point.speed.latency_bn_ms if point.speed else None
+            base_lat = base.speed.latency_bn_ms if base and base.speed else None
+            rows.append([
+                report.name, point.name, _fmt(size, "bytes"),
+                f"{base_size / size:.2f}" if size and base_size else "–",
+                _fmt(point.speed.latency_b1_ms if point.speed else None, "float"),
+                _fmt(lat, "float"),
+                f"{base_lat / lat:.2f}" if lat and base_lat else "–",
+                _fmt(point.accuracy.accuracy if point.accuracy else None, "pct"),
+                _fmt(point.accuracy.perplexity if point.accuracy else None, "float"),
+                report.status,
+            ])
+    return header, rows
+
+
+def compare_runs(run_dirs: list[str | Path], output: str | Path) -> Path:
+    """Write compare.md, compare.json and compare.png into `output`; returns the folder."""
+    if not run_dirs:
+        raise CompressError("compare: give at least one run folder")
+    reports = [load_report(d) for d in run_dirs]
+    names = [r.name for r in reports]
+    labels = [n if names.count(n) == 1 else f"{n} ({Path(d).name})" for n, d in zip(names, run_dirs, strict=True)]
+    header, rows = compare_rows(reports)
+    output = Path(output)
+    with atomic_dir(output) as tmp:
+        plot = plot_pareto({label: r.points for label, r in zip(labels, reports, strict=True)},
+                           tmp / "compare.png", title="Size against accuracy, all runs")
+        md = ["# compress comparison", "", f"Runs: {', '.join(labels)}. Ratios are against each run's own baseline.",
+              "", _table(header, rows), ""]
+        if plot:
+            md += ["![Size against accuracy](compare.png)", ""]
+        write_text_atomic(tmp / "compare.md", "\n".join(md))
+        write_json_atomic(tmp / "compare.json", {"runs": [str(d) for d in run_dirs], "header": header, "rows": rows})
+    return output
