@@ -74,6 +74,16 @@ class DataSpec(_Strict):
     calibration_samples: int = Field(128, gt=0, description="Examples drawn from train for calibration.")
 
 
+class LmEvalSpec(_Strict):
+    """`eval.lm_eval`: which harness tasks to run at every eval point."""
+
+    tasks: list[str] = Field(min_length=1, description="lm_eval task names (built-in or from include_path).")
+    limit: int | None = Field(None, gt=0, description="Examples per task (None: all).")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (None: the task's default).")
+    include_path: str | None = Field(None, description="Folder of local task YAMLs (offline tasks over local data).")
+    batch_size: int = Field(8, gt=0, description="Batch size for the harness.")
+
+
 class EvalSpec(_Strict):
     baseline: bool = Field(True, description="Evaluate the model before any stage.")
     after_each_stage: bool = Field(True, description="Evaluate after every stage (a stage may opt out).")
@@ -85,6 +95,7 @@ class EvalSpec(_Strict):
     repeats: int = Field(5, gt=0, description="Timed runs; the median is reported.")
     threads: int | None = Field(None, gt=0, description="torch threads for the speed test; default: torch's.")
     eval_batch_size: int = Field(64, gt=0, description="Batch size for the accuracy pass.")
+    lm_eval: LmEvalSpec | None = Field(None, description="lm-evaluation-harness tasks (causal LMs).")
 
 
 class Recipe(_Strict):
@@ -101,6 +112,12 @@ class Recipe(_Strict):
     goals: dict[str, Goal] = Field(
         default_factory=dict, description="Targets for the final model against the baseline, e.g. "
         "{accuracy: {max_drop: 0.01}, latency_b32: {min_speedup: 2.0}}.")
+
+    @model_validator(mode="after")
+    def _lm_eval_needs_causal_lm(self) -> Recipe:
+        if self.eval.lm_eval and self.model.task == "sequence-classification":
+            raise ValueError("eval.lm_eval: harness tasks need a causal LM; remove eval.lm_eval or use task causal-lm")
+        return self
 
     @model_validator(mode="after")
     def _known_goal_metrics(self) -> Recipe:

@@ -35,6 +35,12 @@ def evaluate_bundle(
             bundle.model, data.tokenized("eval", bundle.tokenizer), bundle.tokenizer, bundle.task,
             batch_size=spec.eval_batch_size, device=device, num_labels=data.num_labels, reference=reference,
         )
+    if spec.lm_eval is not None and bundle.task == "causal-lm":
+        from compress.evaluate.accuracy import AccuracyMetrics
+        from compress.evaluate.harness import run_lm_eval
+
+        point.accuracy = point.accuracy or AccuracyMetrics(examples=0)
+        point.accuracy.lm_eval = run_lm_eval(bundle.model, bundle.tokenizer, spec.lm_eval, device)
     if spec.speed:
         point.speed = measure_speed(
             bundle.model, bundle.tokenizer, batch_size=spec.batch_size, seq_len=spec.seq_len,

@@ -112,6 +112,12 @@ def render_markdown(report: Report, plots: dict[str, str] | None = None) -> str:
         note = _speed_note(report.final)
         if note:
             out += [note, ""]
+    harness = [(p.name, p.accuracy.lm_eval) for p in report.points if p.accuracy and p.accuracy.lm_eval]
+    if harness:
+        keys = sorted({f"{task}/{metric}" for _, res in harness for task, ms in res.items() for metric in ms})
+        rows = [[name] + [_fmt(res.get(k.split("/")[0], {}).get(k.split("/")[1]), "float") for k in keys]
+                for name, res in harness]
+        out += ["## lm-evaluation-harness", "", _table(["eval point", *keys], rows), ""]
     if report.goals:
         passed = sum(g.passed for g in report.goals)
         out += ["## Goals", "", f"{passed} of {len(report.goals)} passed (final model against the baseline).", "",

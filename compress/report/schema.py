@@ -52,6 +52,7 @@ class AccuracyMetrics(_Model):
     perplexity: float | None = None
     eval_loss: float | None = None
     agreement: float | None = Field(None, description="Share of predictions equal to the baseline's.")
+    lm_eval: dict[str, dict[str, float]] | None = Field(None, description="lm-evaluation-harness results by task.")
 
 
 class EvalPoint(_Model):
