@@ -1,70 +1,136 @@
-"""Fine-tuning stage: LoRA / DoRA adapters (peft) or full fine-tuning, on the shared training loop."""
+"""Fine-tuning stage: LoRA / DoRA / QLoRA adapters (peft) or full fine-tuning, on the shared loop.
+
+Merge policies: `none` keeps the adapter (saved in PEFT format next to the base), `merge` folds it
+into float weights, `dequantize-merge-requantize` folds it into a bitsandbytes base and checks the
+result is still quantized. A pruned base stays pruned: LoRA is masked and the merge is checked.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 
-from compress.bundle import ModelBundle
+from compress.bundle import ModelBundle, ModelFormat, auto_class, register_format
 from compress.context import RunContext
 from compress.errors import StageError
 from compress.evaluate.accuracy import evaluate_accuracy
 from compress.registry import StageConfig, register_stage
 from compress.training import TrainingFields, train
+from compress.training import adapters as ad
 from compress.training.loop import apply_masks
+
+MergePolicy = Literal["none", "merge", "dequantize-merge-requantize"]
 
 
 class Finetune(StageConfig, TrainingFields):
-    """Fine-tune on the recipe's training data: LoRA/DoRA adapters (merged back) or all weights."""
+    """Fine-tune on the recipe's training data: LoRA/DoRA/QLoRA adapters, or all weights."""
 
     type: Literal["finetune"] = "finetune"
-    method: Literal["lora", "dora", "full"] = Field("lora", description="Adapter method, or full fine-tuning.")
+    method: Literal["lora", "dora", "qlora", "full"] = Field(
+        "lora", description="lora, dora (magnitude-decomposed LoRA), qlora (LoRA on an NF4 4-bit base), or full.")
     rank: int = Field(8, gt=0, description="LoRA rank r.")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (the update is scaled by alpha/r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] | None = Field(
-        None, description="Module names to adapt; default: every linear layer except the output head."
+        None, description="Module names to adapt; default: every linear layer except the output/classifier head."
     )
     modules_to_save: list[str] | None = Field(
-        None, description="Modules trained in full next to the adapters; default: the classifier head."
+        None, description="Modules trained in full next to the adapters; a classifier head is always included."
     )
-    merge: Literal["merge"] = Field("merge", description="Merge adapters into the weights after training.")
+    double_quant: bool = Field(True, description="qlora: also quantize the 4-bit scales (saves ~0.4 bit/weight).")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="qlora: dtype the 4-bit layers compute in (float32 on CPU).")
+    merge: MergePolicy | None = Field(
+        None, description="none (keep the adapter), merge (into float weights), or dequantize-merge-requantize "
+                          "(into a quantized base, kept quantized). Default: the latter for a quantized base, "
+                          "else merge.")
+    save_adapter: bool = Field(False, description="Also write the trained adapter (PEFT format) to "
+                                                  "<output_dir>/adapters/<stage folder>/.")
 
     @model_validator(mode="after")
-    def _early_stopping_needs_eval(self) -> Finetune:
-        if self.early_stopping_patience and not self.eval_every:
-            raise ValueError("early_stopping_patience needs eval_every (how often to evaluate)")
+    def _method_combinations(self) -> Finetune:
+        if self.method == "full" and self.merge not in (None, "merge"):
+            raise ValueError(f"merge: full fine-tuning has no adapter to merge ({self.merge!r}); remove merge")
+        if self.method == "full" and self.save_adapter:
+            raise ValueError("save_adapter: full fine-tuning has no adapter; remove save_adapter")
         return self
 
 
-def _linear_names(model: Any) -> list[str]:
-    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
-                   if isinstance(mod, torch.nn.Linear)})
+# ------------------------------------------------------------------------------- check
 
 
-def _wrap_with_adapters(model: Any, config: Finetune, task: str) -> Any:
+def check_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> list[str]:
+    """Model-dependent mistakes, found before any work."""
+    problems: list[str] = []
+    model = bundle.model
+    quantized = bool(ad.count_bnb(model))
+    if config.method != "full" and config.target_modules:
+        problems += ad.check_targets(model, config.target_modules)
+    if config.modules_to_save:
+        names = [n for n, _ in model.named_modules()]
+        problems += [f"modules_to_save: {m!r} matches no module of this model"
+                     for m in config.modules_to_save if not any(n == m or n.endswith("." + m) for n in names)]
+    if config.method == "qlora":
+        if quantized:
+            problems.append("method: the model is already quantized by an earlier stage; use method: lora "
+                            "(it trains adapters on the quantized base)")
+        elif (why := ad.bnb_4bit_problem(ctx.device)) is not None:
+            problems.append(f"method: qlora needs bitsandbytes 4-bit on {ctx.device}, which fails here ({why}); "
+                            f"install a bitsandbytes build for this device (>=0.46 for CPU) or use method: lora")
+    if config.method == "full" and quantized:
+        problems.append("method: full fine-tuning cannot update quantized weights; use method: lora")
+    if config.method == "dora" and bundle.masks:
+        problems.append("method: DoRA rescales whole weight columns, so it cannot keep the pruned weights at zero; "
+                        "use method: lora (masked LoRA keeps the sparsity)")
+    if config.merge == "dequantize-merge-requantize" and not quantized and config.method != "qlora":
+        problems.append("merge: the base is not quantized, so there is nothing to requantize; use merge: merge")
+    if config.merge == "none" and bundle.format != "hf":
+        problems.append(f"merge: none keeps the adapter next to the base, which needs a plain Hugging Face "
+                        f"base (this one is {bundle.format!r}); use merge: merge or dequantize-merge-requantize")
+    if config.optimizer.startswith("paged") and ctx.device != "cuda":
+        problems.append(f"optimizer: {config.optimizer} pages optimizer state through CUDA memory; on "
+                        f"{ctx.device} use adamw or adamw_8bit")
+    if config.optimizer != "adamw":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            problems.append(f"optimizer: {config.optimizer} needs bitsandbytes; pip install bitsandbytes "
+                            f"or use adamw")
+    for name in ("fsdp", "deepspeed"):
+        if getattr(config, name) is not None and ctx.device != "cuda":
+            problems.append(f"{name}: needs CUDA GPUs (device is {ctx.device}); remove {name} to train with DDP")
+    return problems
+
+
+# ------------------------------------------------------------------------------- run
+
+
+def _targets(model: Any, config: Finetune) -> list[str]:
+    # Full module names, not short ones: a short name like `dense` can also live inside a head.
+    return config.target_modules or sorted(ad.linear_layers(model))
+
+
+def _wrap(model: Any, config: Finetune, task: str, targets: list[str]) -> Any:
     from peft import LoraConfig, TaskType, get_peft_model
 
-    if config.target_modules:
-        available = _linear_names(model)
-        missing = [t for t in config.target_modules if t not in available
-                   and not any(n.endswith(t) for n, _ in model.named_modules())]
-        if missing:
-            raise StageError(f"finetune.target_modules: {missing} not found in the model; "
-                             f"linear layers here: {', '.join(available)}")
-    task_type = TaskType.SEQ_CLS if task == "sequence-classification" else TaskType.CAUSAL_LM
     lora = LoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
-        target_modules=config.target_modules or "all-linear",
-        modules_to_save=config.modules_to_save,
-        use_dora=config.method == "dora",
-        task_type=task_type,
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
+        modules_to_save=config.modules_to_save, use_dora=config.method == "dora",
+        task_type=TaskType.SEQ_CLS if task == "sequence-classification" else TaskType.CAUSAL_LM,
     )
     return get_peft_model(model, lora)
+
+
+def _probe_logits(model: Any, eval_set: Any, tokenizer: Any, device: str) -> torch.Tensor:
+    from compress.data import pad_collate
+
+    rows = [eval_set[i] for i in range(min(8, len(eval_set)))]
+    batch = {k: v.to(device) for k, v in pad_collate(tokenizer)(rows).items() if k != "labels"}
+    with torch.inference_mode():
+        return model(**batch).logits.float().cpu()
 
 
 def run_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> ModelBundle:
@@ -73,15 +139,39 @@ def run_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> Mode
     train_set = data.tokenized("train", tokenizer)
     eval_set = data.tokenized("eval", tokenizer)
     model = bundle.model
+    masks = bundle.masks
     total_params = sum(p.numel() for p in model.parameters())
+    sparsity_before = ad.sparsity(model, masks)
+    work = Path(ctx.work_dir) if ctx.work_dir else None
+    policy: MergePolicy = config.merge or (
+        "dequantize-merge-requantize" if config.method == "qlora" or ad.count_bnb(model) else "merge")
+    if config.method == "full":
+        policy = "merge"
 
+    targets: list[str] = []
     if config.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
-        targets: list[str] = []
     else:
-        model = _wrap_with_adapters(model, config, bundle.task)
-        targets = sorted(getattr(model, "targeted_module_names", []))
+        if config.method == "qlora":
+            if work is None:
+                raise StageError("method: qlora needs a work folder to reload the base in 4-bit; run it "
+                                 "through compress.run")
+            model = ad.load_4bit(model, bundle.task, work / "qlora-base", compute_dtype=config.compute_dtype,
+                                 double_quant=config.double_quant, skip=ad.keep_float(model)
+                                 + list(config.modules_to_save or []))
+        quantized_layers = ad.count_bnb(model)
+        if quantized_layers:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=config.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        targets = _targets(model, config)
+        model = _wrap(model, config, bundle.task, targets)
+        targets = sorted(getattr(model, "targeted_module_names", targets))
+    masked_layers = ad.enable_masked_lora(model, masks) if masks and config.method != "full" else 0
+    quantized_before = ad.count_bnb(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     from compress.data import pad_collate
@@ -91,34 +181,109 @@ def run_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> Mode
                                        num_labels=data.num_labels)
         return {k: v for k, v in metrics.model_dump().items() if isinstance(v, float)}
 
-    metric = "accuracy" if bundle.task == "sequence-classification" else "loss"
     result = train(
         model, train_set, pad_collate(tokenizer), config,
         device=ctx.device, seed=ctx.seed, evaluate=evaluate,
-        eval_metric="eval_loss" if metric == "loss" else metric,
-        masks=bundle.masks if config.method == "full" else None,
+        eval_metric="accuracy" if bundle.task == "sequence-classification" else "eval_loss",
+        masks=masks if config.method == "full" else None,
         show_progress=ctx.show_progress, label=config.label(),
+        checkpoint_dir=work / "checkpoint" if work else None, resume=ctx.resume,
     )
 
-    if config.method != "full":
-        model = model.merge_and_unload()
-        # Adapters were trained on a masked base; the merged delta is dense, so re-apply the masks.
-        apply_masks(model, bundle.masks)
+    facts: dict[str, Any] = {}
+    if config.save_adapter and config.method != "full":
+        folder = Path(ctx.output_dir) / "adapters" / (work.name.removeprefix(".work-") if work else config.label())
+        model.save_pretrained(folder)
+        facts["adapter_dir"] = str(folder)
+    out_format = bundle.format
+    if config.method != "full" and policy != "none":
+        before = _probe_logits(model, eval_set, tokenizer, ctx.device)
+        model = _merge(model, config, policy, masks)
+        facts["merge_max_abs_logit_change"] = round(float((_probe_logits(model, eval_set, tokenizer, ctx.device)
+                                                            - before).abs().max()), 6)
+        if policy == "dequantize-merge-requantize":
+            after = ad.count_bnb(model)
+            if after != quantized_before:
+                raise StageError(f"merge: after dequantize-merge-requantize the model holds {after} quantized "
+                                 f"layers instead of {quantized_before}; the merge lost the quantization")
+            facts["quantized_layers_after_merge"] = sum(after.values())
+        elif quantized_before:
+            out_format = "hf"  # dequantized to float: a plain Hugging Face folder again
+    elif policy == "none":
+        out_format = "peft-adapter"
+    if config.method == "full":
+        apply_masks(model, masks)
     for p in model.parameters():
         p.requires_grad_(False)
+    sparsity_after = ad.sparsity(model, masks)
+    if sparsity_before is not None and sparsity_after is not None and sparsity_after < sparsity_before:
+        raise StageError(f"{config.label()}: the pruned weights are no longer zero after training "
+                         f"({sparsity_before:.2%} of pruned positions were zero, now {sparsity_after:.2%}); "
+                         f"the sparsity was lost. Use method: lora (masked) or full, and report this as a bug")
 
-    out = bundle.replace(model=model)
+    out = bundle.replace(model=model, format=out_format)
     facts = {
         "method": config.method,
+        "merge": policy if config.method != "full" else None,
         "trainable_parameters": trainable,
         "trainable_percent": round(100 * trainable / total_params, 4),
-        "target_modules": targets,
+        "target_modules": sorted({t.rsplit(".", 1)[-1] for t in targets}),
+        "adapted_layers": len(targets),
+        "masked_lora_layers": masked_layers,
+        "quantized_layers": sum(quantized_before.values()),
+        "pruned_zero_share_before": sparsity_before,
+        "pruned_zero_share_after": sparsity_after,
+        **facts,
         **result.summary(),
     }
-    out.record("finetune", config.model_dump(mode="json"), **{k: v for k, v in facts.items()
-                                                             if k not in ("loss_curve", "eval_curve")})
+    if result.eval_curve:
+        facts.update({f"last_eval_{k}": v for k, v in result.eval_curve[-1][1].items()})
+    out.record("finetune", config.model_dump(mode="json"),
+               **{k: v for k, v in facts.items() if k not in ("loss_curve", "eval_curve")})
     out.info["last_stage"] = facts
     return out
 
 
-register_stage(Finetune, run_finetune)
+def _merge(model: Any, config: Finetune, policy: MergePolicy, masks: dict[str, torch.Tensor]) -> Any:
+    requantize = policy == "dequantize-merge-requantize"
+    if config.method == "dora":
+        # DoRA's merge rescales by the column norms; peft's own merge does it (and requantizes bnb layers).
+        merged = model.merge_and_unload()
+        return merged if requantize else ad.dequantize_all(merged)
+    return ad.merge_lora(model, masks, requantize=requantize)
+
+
+# ------------------------------------------------------------------------------- adapter format
+
+
+def _peft_save(bundle: ModelBundle, folder: Path) -> None:
+    """Base weights (peft's wrappers stripped) as a normal HF folder, the adapter in `adapter/`."""
+    model = bundle.model
+    base = model.get_base_model()
+    clean = {}
+    for key, value in base.state_dict().items():
+        if "lora_" in key or ".modules_to_save." in key:
+            continue
+        clean[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = value
+    base.save_pretrained(folder, state_dict=clean)
+    model.save_pretrained(folder / "adapter")
+
+
+def _peft_load(folder: Path, meta: dict[str, Any]) -> Any:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from compress.bundle import MASKS_FILE
+
+    base = auto_class(meta["task"]).from_pretrained(str(folder))
+    model = PeftModel.from_pretrained(base, str(folder / "adapter"))
+    if (folder / MASKS_FILE).exists():
+        ad.enable_masked_lora(model, {k: v.bool() for k, v in load_file(str(folder / MASKS_FILE)).items()})
+    model.eval()
+    return model
+
+
+register_format(ModelFormat("peft-adapter", _peft_save, _peft_load))
+register_stage(Finetune, run_finetune, check=check_finetune)
+
+__all__ = ["Finetune", "check_finetune", "run_finetune"]

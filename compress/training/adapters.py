@@ -1,0 +1,273 @@
+"""LoRA plumbing around peft: target detection, 4-bit bases, masked LoRA, merge policies, sparsity.
+
+peft does the adapters; this module adds what it does not: keeping a pruned base sparse through
+training and merging (masked LoRA), and merging into a bitsandbytes base while keeping it quantized
+(dequantize -> merge -> requantize), each followed by a check that the property really held.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from compress.errors import StageError
+
+# Classifier heads peft's SEQ_CLS task trains in full; never adapter targets.
+HEAD_NAMES = ("classifier", "score", "qa_outputs")
+
+
+def _bnb_classes() -> tuple[type, ...]:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return ()
+    return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+
+
+def is_bnb(module: Any) -> bool:
+    classes = _bnb_classes()
+    return bool(classes) and isinstance(module, classes)
+
+
+def linear_layers(model: Any) -> dict[str, Any]:
+    """Every linear layer (plain or bitsandbytes) by full module name, output head excluded."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out = {}
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if isinstance(module, torch.nn.Linear) and module is not head and not any(
+                p in HEAD_NAMES or p.startswith("lora_") for p in parts):
+            out[name] = module
+    return out
+
+
+def keep_float(model: Any) -> list[str]:
+    """Modules a 4-bit load must leave in float: the heads (trained in full, or tied to embeddings)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = [n for n, m in model.named_modules() if head is not None and m is head]
+    return list(HEAD_NAMES) + [n.rsplit(".", 1)[-1] for n in names]
+
+
+def default_targets(model: Any) -> list[str]:
+    """Short names of every linear layer except the heads: q/k/v/o, MLP, pooler — per architecture,
+    read from the model rather than from a table that goes stale."""
+    return sorted({name.rsplit(".", 1)[-1] for name in linear_layers(model)})
+
+
+def check_targets(model: Any, targets: list[str]) -> list[str]:
+    """Targets matching no module, each with the candidates."""
+    names = [n for n, _ in model.named_modules()]
+    candidates = ", ".join(default_targets(model))
+    return [f"target_modules: {t!r} matches no module of this model; candidates: {candidates}"
+            for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+def bnb_4bit_problem(device: str) -> str | None:
+    """Why bitsandbytes 4-bit cannot run here, or None when it can (tried on a tiny layer)."""
+    try:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4", compute_dtype=torch.float32)
+        layer.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4")
+        layer = layer.to(device) if device != "cpu" else layer
+        if device == "cpu":
+            layer.weight = layer.weight._quantize("cpu")
+        layer(torch.randn(2, 64, device=device))
+    except Exception as exc:  # ImportError, missing native library, unsupported device
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return None
+
+
+def load_4bit(model: Any, task: str, folder: Path, *, compute_dtype: str, double_quant: bool,
+              skip: list[str]) -> Any:
+    """Reload `model` with its linear layers in bitsandbytes NF4 via transformers' own loader, so the
+    result carries a `quantization_config` and saves/reloads as a normal Hugging Face folder."""
+    from transformers import BitsAndBytesConfig
+
+    from compress.bundle import auto_class
+
+    model.save_pretrained(folder)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_use_double_quant=double_quant,
+                                bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+                                llm_int8_skip_modules=skip)
+    device = next(model.parameters()).device
+    return auto_class(task).from_pretrained(str(folder), quantization_config=config,
+                                            device_map={"": str(device) if device.type != "cpu" else "cpu"})
+
+
+def count_bnb(model: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if is_bnb(module):
+            counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
+    return counts
+
+
+# ------------------------------------------------------------------------------- masked LoRA
+
+
+def _lora_layers(peft_model: Any) -> dict[str, Any]:
+    """LoRA layers keyed by the base model's module name (the name pruning masks use)."""
+    from peft.tuners.lora import LoraLayer
+
+    root = peft_model.get_base_model()
+    return {name: m for name, m in root.named_modules() if isinstance(m, LoraLayer)}
+
+
+def enable_masked_lora(peft_model: Any, masks: dict[str, torch.Tensor]) -> int:
+    """Make each adapted layer whose weight is pruned compute `base(x) + x @ (mask * BA)^T * s`, so the
+    learned update is zero wherever the base is pruned and the merge keeps the sparsity exactly.
+    peft has no masked LoRA; the override is an instance-level forward on those layers only."""
+    count = 0
+    for name, layer in _lora_layers(peft_model).items():
+        mask = masks.get(f"{name}.weight")
+        if mask is None:
+            continue
+        layer.register_buffer("compress_mask", mask.to(layer.get_base_layer().weight.device), persistent=False)
+        layer.forward = _masked_forward(layer)
+        count += 1
+    return count
+
+
+def _masked_forward(layer: Any):
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = layer.base_layer(x, *args, **kwargs)
+        if layer.disable_adapters or layer.merged:
+            return result
+        for name in layer.active_adapters:
+            if name not in layer.lora_A:
+                continue
+            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+            delta = (b @ a) * layer.compress_mask.to(a.dtype)
+            x_in = layer.lora_dropout[name](x).to(a.dtype)
+            result = result + (F.linear(x_in, delta) * layer.scaling[name]).to(result.dtype)
+        return result
+
+    return forward
+
+
+def sparsity(model: Any, masks: dict[str, torch.Tensor]) -> float | None:
+    """Share of the pruned positions (mask False) that are exactly zero, over every masked weight;
+    bitsandbytes weights are dequantized first. None when nothing is masked."""
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    if not masks:
+        return None
+    modules = dict(model.named_modules())
+    zeros = pruned = 0
+    for key, mask in masks.items():
+        module = modules.get(key.rsplit(".", 1)[0])
+        if module is None:
+            continue
+        if hasattr(module, "get_base_layer"):
+            module = module.get_base_layer()
+        weight = module.weight
+        if is_bnb(module):
+            weight = dequantize_bnb_weight(weight, getattr(module, "state", None))
+        pruned_here = ~mask.to(weight.device)
+        pruned += int(pruned_here.sum())
+        zeros += int((weight.detach()[pruned_here] == 0).sum())
+    return zeros / pruned if pruned else None
+
+
+# ------------------------------------------------------------------------------- merging
+
+
+def _requantize(base: Any, weight: torch.Tensor) -> None:
+    """Put `weight` back into the bitsandbytes layer `base` with its original quantisation settings."""
+    import bitsandbytes as bnb
+
+    device = base.weight.device
+    if isinstance(base, bnb.nn.Linear4bit):
+        old = base.weight
+        new = bnb.nn.Params4bit(weight.to("cpu"), requires_grad=False, quant_type=old.quant_type,
+                                blocksize=old.blocksize, compress_statistics=old.compress_statistics,
+                                quant_storage=old.quant_storage)
+        base.weight = new._quantize("cpu") if device.type == "cpu" else new.to(device)
+    else:
+        new = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False)
+        base.weight = new.to(device)
+        # The layer caches the int8 matrix and scales of the old weight; make it read the new ones.
+        base.state.CB, base.state.SCB = None, None
+
+
+def merge_lora(peft_model: Any, masks: dict[str, torch.Tensor], requantize: bool) -> Any:
+    """Merge every LoRA adapter into its base layer and unload peft.
+
+    Quantized base layers are dequantized, merged and, with `requantize`, quantized again with the
+    same settings; otherwise they become plain float `nn.Linear` layers. Masked layers add
+    `mask * delta` so pruned weights stay exactly zero.
+    """
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    for name, layer in _lora_layers(peft_model).items():
+        base = layer.get_base_layer()
+        delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+        if isinstance(delta, int):
+            continue
+        mask = masks.get(f"{name}.weight")
+        if mask is not None:
+            delta = delta * mask.to(delta.device, delta.dtype)
+        with torch.no_grad():
+            if is_bnb(base):
+                dtype = getattr(base, "compute_dtype", None) or torch.float32
+                weight = dequantize_bnb_weight(base.weight, getattr(base, "state", None)).float() + delta.float()
+                if requantize:
+                    _requantize(base, weight)
+                else:
+                    plain = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                                            device=weight.device, dtype=dtype)
+                    plain.weight.copy_(weight.to(dtype))
+                    if base.bias is not None:
+                        plain.bias.copy_(base.bias.detach().to(dtype))
+                    layer.base_layer = plain
+            else:
+                base.weight.add_(delta.to(base.weight.dtype))
+    model = peft_model.unload()
+    # `merge` promises a float model: layers that were quantized but not adapted are dequantized too.
+    return model if requantize else dequantize_all(model)
+
+
+def dequantize_all(model: Any) -> Any:
+    """Replace every bitsandbytes layer by a float nn.Linear holding its dequantized weight."""
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if is_bnb(child):
+                dtype = getattr(child, "compute_dtype", None) or torch.float32
+                weight = dequantize_bnb_weight(child.weight, getattr(child, "state", None))
+                plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                        device=weight.device, dtype=dtype)
+                with torch.no_grad():
+                    plain.weight.copy_(weight.to(dtype))
+                    if child.bias is not None:
+                        plain.bias.copy_(child.bias.detach().to(dtype))
+                setattr(parent, child_name, plain)
+    drop_quantization(model)
+    return model
+
+
+def drop_quantization(model: Any) -> None:
+    """Forget that the model was loaded quantized, so it saves and reloads as a float model."""
+    if count_bnb(model):
+        return
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, None)
+            except AttributeError:
+                pass
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+        if getattr(model, attr, False):
+            try:
+                setattr(model, attr, False)
+            except AttributeError:
+                pass

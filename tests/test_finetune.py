@@ -1,0 +1,104 @@
+"""The finetune stage: methods, merge policies, masked LoRA on a pruned base, checks and bad input."""
+
+import pytest
+import torch
+
+from compress import ModelBundle, RecipeError, load_recipe, run
+from compress.context import RunContext
+from compress.data import load_data
+from compress.recipe import DataSpec
+from compress.stages.finetune import Finetune, run_finetune
+from compress.training import adapters
+
+
+def _stage(**kw):
+    return {"type": "finetune", "lr": 1e-2, "max_steps": 6, "batch_size": 16, **kw}
+
+
+def _logits(model, bundle):
+    ids = bundle.tokenizer(["good happy day", "the cats run"], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        return model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
+
+
+def test_lora_reports_targets_trainable_share_and_merges_exactly(cls_recipe, tmp_path):
+    cls_recipe["eval"]["speed"] = False
+    cls_recipe["stages"] = [_stage(rank=4, alpha=8)]
+    report = run(cls_recipe, show_progress=False)
+    info = report.points[-1].stage_info
+    assert info["target_modules"] == ["dense", "key", "query", "value"]
+    assert info["adapted_layers"] == 13  # 2 layers x 6 linears + pooler; the classifier is trained in full
+    assert 0 < info["trainable_percent"] < 20 and info["merge"] == "merge"
+    assert info["merge_max_abs_logit_change"] < 1e-5
+    assert [s for s, _ in info["loss_curve"]] == list(range(1, 7))
+    assert info["samples_per_second"] > 0 and info["peak_rss_bytes"] > 0
+
+
+def test_qlora_merges_back_into_a_still_quantized_base_that_reloads(lm_recipe):
+    lm_recipe["eval"]["speed"] = False
+    lm_recipe["stages"] = [_stage(method="qlora", batch_size=8)]
+    report = run(lm_recipe, show_progress=False)
+    info = report.points[-1].stage_info
+    assert info["merge"] == "dequantize-merge-requantize"
+    assert info["quantized_layers"] == info["quantized_layers_after_merge"] == 14  # lm_head stays float
+    folder = report.points[-1].name
+    bundle = ModelBundle.load(f"{lm_recipe['output_dir']}/{folder}")
+    assert adapters.count_bnb(bundle.model) == {"Linear4bit": 14}
+
+
+def test_merge_none_saves_the_adapter_in_peft_format_and_round_trips(cls_recipe, tmp_path):
+    cls_recipe["eval"] = {"speed": False, "baseline": False}
+    cls_recipe["stages"] = [_stage(merge="none", save_adapter=True)]
+    report = run(cls_recipe, show_progress=False)
+    out = f"{cls_recipe['output_dir']}/01-finetune"
+    assert (tmp_path / "run" / "01-finetune" / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "run" / "adapters" / "01-finetune" / "adapter_model.safetensors").exists()
+    first, second = ModelBundle.load(out), ModelBundle.load(out)
+    assert first.format == "peft-adapter" and report.points[-1].stage_info["merge"] == "none"
+    assert torch.equal(_logits(first.model, first), _logits(second.model, second))
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_masked_lora_keeps_a_pruned_base_exactly_sparse(method, tiny_bert_dir, sentiment_csv, tmp_path):
+    data = load_data(DataSpec(source=str(sentiment_csv), label_column="label", max_length=32, eval_size=0.2),
+                     "sequence-classification")
+    bundle = ModelBundle.load(tiny_bert_dir)
+    masks = {}
+    with torch.no_grad():
+        for name, p in bundle.model.named_parameters():
+            if name.startswith("bert.encoder") and name.endswith("dense.weight"):
+                masks[name] = torch.rand_like(p) > 0.5
+                p.mul_(masks[name])
+    bundle.masks = masks
+    ctx = RunContext(output_dir=tmp_path, seed=0, device="cpu", data=data, work_dir=tmp_path / "work")
+    out = run_finetune(bundle, Finetune(method=method, lr=1e-2, max_steps=4, batch_size=16), ctx)
+    info = out.info["last_stage"]
+    assert info["masked_lora_layers"] == len(masks) == 6
+    assert info["pruned_zero_share_before"] == info["pruned_zero_share_after"] == 1.0
+    assert adapters.sparsity(out.model, masks) == 1.0
+
+
+def test_bad_settings_are_reported_with_the_field_and_fix(cls_recipe, monkeypatch):
+    cls_recipe["stages"] = [_stage(rank=0, lr=0)]
+    with pytest.raises(RecipeError) as err:
+        load_recipe(cls_recipe)
+    assert "stages[0].rank: must be > 0 (got 0)" in err.value.problems
+    assert "stages[0].lr: must be > 0 (got 0)" in err.value.problems
+
+    monkeypatch.setattr(adapters, "bnb_4bit_problem", lambda device: "RuntimeError: no 4-bit kernel")
+    cls_recipe["stages"] = [_stage(target_modules=["query", "qkv_proj"]), _stage(method="qlora"),
+                            _stage(optimizer="paged_adamw_8bit"), _stage(merge="dequantize-merge-requantize")]
+    with pytest.raises(RecipeError) as err:
+        run(cls_recipe, show_progress=False)
+    problems = err.value.problems
+    assert problems[0] == ("stages[0].target_modules: 'qkv_proj' matches no module of this model; "
+                           "candidates: dense, key, query, value")
+    assert problems[1].startswith("stages[1].method: qlora needs bitsandbytes 4-bit on cpu, which fails here "
+                                  "(RuntimeError: no 4-bit kernel)")
+    assert problems[2].startswith("stages[2].optimizer: paged_adamw_8bit pages optimizer state through CUDA")
+    assert problems[3].startswith("stages[3].merge: the base is not quantized")
+
+
+def test_full_finetune_rejects_a_merge_policy():
+    with pytest.raises(ValueError, match="full fine-tuning has no adapter to merge"):
+        Finetune(method="full", merge="none")
