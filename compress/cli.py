@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from typing import Any
 
 from compress.errors import CompressError, RecipeError
@@ -29,11 +31,30 @@ def _setup_logging(quiet: bool) -> None:
     transformers.logging.set_verbosity_error()
 
 
+def _graceful_sigint() -> threading.Event:
+    """First Ctrl-C: stop at the next step boundary and save. Second: abort at once."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping at the next step boundary to save progress (Ctrl-C again to abort now)",
+              file=sys.stderr)
+
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from compress.runner import run
 
-    report = run(args.recipe, args.overrides, output_dir=args.output_dir, resume=args.resume,
-                 overwrite=args.overwrite, show_progress=not args.quiet)
+    stop = _graceful_sigint()
+    try:
+        report = run(args.recipe, args.overrides, output_dir=args.output_dir, resume=args.resume,
+                     overwrite=args.overwrite, show_progress=not args.quiet, stop=stop)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     out = args.output_dir or report.recipe.get("output_dir") or f"runs/{report.name}"
     print(f"done: {out}/report.md")
     base, final = report.baseline, report.final

@@ -45,3 +45,9 @@ class RunFolderError(CompressError):
     """The output folder belongs to another run, or resuming is not possible."""
 
     exit_code = 2
+
+
+class Interrupted(CompressError):
+    """The run was asked to stop (Ctrl-C); work up to the last step boundary is saved."""
+
+    exit_code = 130

@@ -21,13 +21,37 @@ def model_location(spec: ModelSpec) -> str:
 def _load_config(spec: ModelSpec) -> Any:
     from transformers import AutoConfig
 
+    check_weights_format(spec)
     try:
         return AutoConfig.from_pretrained(model_location(spec), revision=spec.revision,
                                           trust_remote_code=spec.trust_remote_code)
     except Exception as exc:  # OSError offline, ValueError for unknown model types
+        if "trust_remote_code" in str(exc) and not spec.trust_remote_code:
+            raise ModelError(
+                f"model.path: {spec.path!r} ships its own model code, which compress does not run by default; "
+                f"set model.trust_remote_code: true only if you have read that code and trust it") from None
         hint = ("it must hold a config.json" if looks_like_local_path(spec.path)
                 else "the Hub could not be reached or has no such model; use a local folder when offline")
         raise ModelError(f"model.path: cannot load a config from {spec.path!r}: {hint} ({exc})") from None
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weights_format(spec: ModelSpec) -> None:
+    """Refuse a local folder whose weights exist only as pickle, unless the recipe opts in."""
+    if spec.allow_pickle or not looks_like_local_path(spec.path):
+        return
+    folder = resolve_path(spec.path)
+    files = [p.name for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise ModelError(
+            f"model.path: {spec.path!r} has only pickle weights ({', '.join(sorted(pickles))}); loading pickle can "
+            f"run arbitrary code. Convert them to safetensors, or set model.allow_pickle: true if you trust them"
+        )
 
 
 def resolve_task(spec: ModelSpec) -> str:
@@ -43,9 +67,16 @@ def load_base_model(spec: ModelSpec, task: str, data: Any, device: str, seed: in
     location = model_location(spec)
     kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code,
                               "dtype": _DTYPES[spec.dtype]}
+    if not spec.allow_pickle:
+        kwargs["use_safetensors"] = True  # transformers then refuses .bin weights instead of unpickling them
     if task == "sequence-classification":
         names = getattr(data, "label_names", None)
         num_labels = spec.num_labels or (len(names) if names else None)
+        if spec.num_labels and names and spec.num_labels < len(names):
+            from compress.errors import DataError
+
+            raise DataError(f"model.num_labels: {spec.num_labels} is fewer than the {len(names)} labels in the data "
+                            f"({', '.join(names)}); raise it or drop model.num_labels")
         if num_labels:
             kwargs["num_labels"] = num_labels
         if names and len(names) == num_labels:

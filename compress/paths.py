@@ -17,6 +17,8 @@ def resolve_path(spec: str) -> Path:
     """Turn a recipe path into a filesystem path. Raises FileNotFoundError for an unknown package."""
     if spec.startswith(PKG_PREFIX):
         package, _, rest = spec[len(PKG_PREFIX):].partition("/")
+        if ".." in Path(rest).parts:
+            raise FileNotFoundError(f"{spec!r} may not use '..': pkg: paths stay inside their package")
         found = importlib.util.find_spec(package)
         if found is None or not found.submodule_search_locations:
             raise FileNotFoundError(

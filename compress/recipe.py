@@ -36,6 +36,8 @@ class ModelSpec(_Strict):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype on load.")
     trust_remote_code: bool = Field(False, description="Run model code from the Hub repo. Off by default.")
+    allow_pickle: bool = Field(False, description="Load pickle weights (.bin/.pt), which can run code. Off by "
+                                                  "default: safetensors only.")
     num_labels: int | None = Field(None, ge=2, description="Classifier labels; default: from the data.")
 
     @field_validator("path")
@@ -139,6 +141,13 @@ class Recipe(_Strict):
             raise ValueError("use letters, digits, '.', '_' or '-' (it names the output folder)")
         return value
 
+    @field_validator("output_dir")
+    @classmethod
+    def _no_parent_escapes(cls, value: str | None) -> str | None:
+        if value is not None and ".." in Path(value).parts:
+            raise ValueError("must not contain '..'; give a folder below the current one or an absolute path")
+        return value
+
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
 
@@ -158,19 +167,51 @@ def rebuild_stage_union() -> None:
 # --------------------------------------------------------------------------- loading
 
 
-class _NoPythonTagsLoader(yaml.SafeLoader):
-    """SafeLoader already refuses python tags; this subclass only exists to name the loader we use."""
+MAX_RECIPE_BYTES = 1 << 20
+MAX_ALIASES = 100
+MAX_DEPTH = 32
+_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """SafeLoader (no python tags) that also bounds nesting and alias use.
+
+    Aliases are shared references, so an alias "bomb" is small in memory but explodes for anyone
+    who walks the structure (as overrides, ${ENV} expansion and validation do).
+    """
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._aliases = 0
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.events.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"more than {MAX_ALIASES} aliases (*name); write the values out", self.peek_event().start_mark)
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"nesting deeper than {MAX_DEPTH} levels", self.peek_event().start_mark)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def parse_yaml(text: str, source: str = "<recipe>") -> dict[str, Any]:
+    if len(text.encode("utf-8", "replace")) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"the recipe is larger than {MAX_RECIPE_BYTES // 1024} KiB; recipes are small files", source)
     try:
-        data = yaml.load(text, Loader=_NoPythonTagsLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_LimitedLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.constructor.ConstructorError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}: " if mark else ""
         raise RecipeError(
-            f"{where}{exc.problem}; recipes are plain YAML (mappings, lists, strings, numbers) "
-            f"and tags such as !!python/... are refused",
+            f"{where}{exc.problem}; recipes are plain YAML (mappings, lists, strings, numbers): "
+            f"tags such as !!python/... are refused, nesting and aliases are bounded",
             source,
         ) from None
     except yaml.YAMLError as exc:
@@ -207,6 +248,18 @@ def expand_env(data: Any, path: str = "") -> tuple[Any, list[str]]:
         return node
 
     return walk(data, path), problems
+
+
+def find_secrets(data: Any, where: str = "") -> list[str]:
+    """Paths of strings that look like Hugging Face tokens (the value itself is never echoed)."""
+    if isinstance(data, dict):
+        return [p for k, v in data.items() for p in find_secrets(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(data, list):
+        return [p for i, v in enumerate(data) for p in find_secrets(v, f"{where}[{i}]")]
+    if isinstance(data, str) and _TOKEN.search(data):
+        return [f"{where}: looks like a Hugging Face token; recipes are saved with every run and published "
+                f"with the model, so pass tokens through the HF_TOKEN environment variable instead"]
+    return []
 
 
 _KEY_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
@@ -290,8 +343,14 @@ def load_recipe(
         data = apply_overrides(data, overrides)
     except RecipeError as exc:
         raise RecipeError(exc.problems, label) from None
+    secrets = find_secrets(data)
+    if secrets:
+        raise RecipeError(secrets, label)
     data, env_problems = expand_env(data)
-    problems = list(env_problems)
+    problems = list(env_problems) + [p.replace("looks like", "expands to what looks like")
+                                     for p in find_secrets(data)]
+    if any("Hugging Face token" in p for p in problems):
+        raise RecipeError(problems, label)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:

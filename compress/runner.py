@@ -8,10 +8,12 @@ crash leaves an accurate record of how far the run got.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import shutil
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +26,7 @@ from compress.bundle import ModelBundle
 from compress.context import RunContext
 from compress.data import DataBundle, load_data
 from compress.environment import collect_environment
-from compress.errors import CompressError, RecipeError, RunFolderError
+from compress.errors import CompressError, Interrupted, RecipeError, RunFolderError
 from compress.evaluate.point import evaluate_bundle
 from compress.io import write_json_atomic
 from compress.loading import load_base_model, resolve_task
@@ -67,6 +69,9 @@ def resolve_device(recipe: Recipe) -> str:
 
 def check_output_folder(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
     """Refuse a folder that belongs to another run, or a finished one, unless told otherwise."""
+    if out.is_symlink():
+        raise RunFolderError(f"output folder {str(out)!r} is a symbolic link (to {str(out.resolve())!r}); "
+                             f"give a real folder so outputs cannot land somewhere unexpected")
     if not out.exists() or not any(out.iterdir()):
         return
     manifest = out / RUN_FILE
@@ -92,8 +97,10 @@ def check_output_folder(out: Path, recipe: Recipe, resume: bool, overwrite: bool
 
 class Runner:
     def __init__(self, recipe: Recipe, *, output_dir: Path | None = None, resume: bool = False,
-                 overwrite: bool = False, show_progress: bool = True):
+                 overwrite: bool = False, show_progress: bool = True, stop: threading.Event | None = None):
         self.recipe = recipe
+        self.stop = stop or threading.Event()
+        self.current_stage: str | None = None
         self.out = Path(output_dir) if output_dir else recipe.resolved_output_dir()
         self.resume = resume
         self.overwrite = overwrite
@@ -126,6 +133,7 @@ class Runner:
     def run(self) -> Report:
         recipe = self.recipe
         check_output_folder(self.out, recipe, self.resume, self.overwrite)
+        self._check_resume_points()
         device = resolve_device(recipe)
         task = resolve_task(recipe.model)
         data = load_data(recipe.data, task, recipe.seed)  # cheap checks before the model loads
@@ -138,7 +146,6 @@ class Runner:
         if self.overwrite and (self.out / RUN_FILE).exists():
             shutil.rmtree(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self._check_resume_points()
 
         env = collect_environment()
         previous = self._previous_manifest()
@@ -160,10 +167,23 @@ class Runner:
         try:
             self._run_all(task, data, device, bundle)
         except BaseException as exc:
-            message = str(exc) if isinstance(exc, CompressError) else f"{type(exc).__name__}: {exc}"
-            self.report.status, self.report.error = "failed", message
-            self._write_report()
-            self._write_manifest(status="failed", error=message, finished=_now())
+            status = "interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
+            wrapped = None
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                wrapped = CompressError(f"disk full while writing into {str(self.out)!r} ({exc}); finished stages "
+                                        f"are intact; free some space and rerun with --resume")
+            shown = wrapped or exc
+            message = str(shown) if isinstance(shown, CompressError) else f"{type(exc).__name__}: {exc}"
+            self.report.status, self.report.error = status, message
+            self.report.failed_stage = self.current_stage
+            try:  # the disk may still be full: recording the failure must not hide it
+                self._write_report()
+                self._write_manifest(status=status, error=message, failed_stage=self.current_stage,
+                                     finished=_now())
+            except OSError as write_error:
+                log.error("could not record the failure in %s: %s", self.out, write_error)
+            if wrapped is not None:
+                raise wrapped from exc
             raise
         self.report.status = "complete"
         if recipe.goals:
@@ -192,11 +212,15 @@ class Runner:
                 self._add_point(point)
 
         last_dir: Path | None = None
+        rerun = False  # once a stage runs again, every later stage must too: its input changed
         for index, stage in enumerate(recipe.stages):
             # (A skipped stage drops the in-memory bundle; the next run loads the last output.)
             entry = get_stage(stage.stage_type())
             folder = self.out / stage_dir_name(index, entry.type)
-            if self.resume and self._stage_done(folder, index):
+            if self.stop.is_set():
+                raise Interrupted(f"interrupted before stage {index + 1} ({entry.type}); finished stages are "
+                                  f"kept — rerun with --resume to continue")
+            if self.resume and not rerun and self._stage_done(folder, index, verify=True):
                 log.info("stage %d (%s): unchanged since the last run, skipped", index + 1, entry.type)
                 point_file = folder / "eval.json"
                 if point_file.exists():
@@ -206,6 +230,8 @@ class Runner:
             if bundle is None:
                 bundle = (ModelBundle.load(last_dir, device=device) if last_dir
                           else load_base_model(recipe.model, task, data, device, recipe.seed))
+            rerun = True
+            self.current_stage = folder.name
             ctx = self._context(index, data, device)
             log.info("stage %d/%d: %s", index + 1, len(recipe.stages), stage.label())
             _seed_everything(ctx.seed)
@@ -216,7 +242,7 @@ class Runner:
             bundle.save(folder)
             shutil.rmtree(ctx.work_dir, ignore_errors=True)
             record = {"index": index, "type": entry.type, "dir": folder.name, "seconds": seconds,
-                      "fingerprint": self.fingerprints[index], "finished": _now()}
+                      "fingerprint": self.fingerprints[index], "finished": _now(), "files": _file_digests(folder)}
             write_json_atomic(folder / STAGE_FILE, record)
             self.manifest["stages"] = [s for s in self.manifest["stages"] if s["index"] != index] + [record]
             self._write_manifest()
@@ -235,7 +261,7 @@ class Runner:
         folder = self.out / stage_dir_name(index, self.recipe.stages[index].stage_type())
         return RunContext(output_dir=self.out, seed=self.recipe.seed + index + 1, device=device,
                           recipe=self.recipe, data=data, work_dir=self.out / f".work-{folder.name}",
-                          resume=self.resume, show_progress=self.show_progress, logger=log)
+                          resume=self.resume, show_progress=self.show_progress, logger=log, stop=self.stop)
 
     def _check_stages(self, bundle: ModelBundle, data: DataBundle, device: str) -> None:
         """Run every stage's model-dependent check before any work; report all problems at once."""
@@ -260,10 +286,22 @@ class Runner:
             return Report.model_validate_json(path.read_text())
         return None
 
-    def _stage_done(self, folder: Path, index: int) -> bool:
+    def _stage_done(self, folder: Path, index: int, verify: bool = False) -> bool:
+        """Finished with the same fingerprint; with `verify`, every output file is intact too."""
         record_path = folder / STAGE_FILE
-        return record_path.exists() and json.loads(record_path.read_text()).get(
-            "fingerprint") == self.fingerprints[index]
+        if not record_path.exists():
+            return False
+        if folder.is_symlink():
+            raise RunFolderError(f"{folder} is a symbolic link; stage folders must be real folders")
+        record = json.loads(record_path.read_text())
+        if record.get("fingerprint") != self.fingerprints[index]:
+            return False
+        if verify:
+            problem = _verify_files(folder, record.get("files", {}))
+            if problem:
+                log.warning("%s: %s; stage %d runs again", folder.name, problem, index + 1)
+                return False
+        return True
 
     def _check_resume_points(self) -> None:
         """With --resume, refuse when a completed stage's config or inputs changed since it ran."""
@@ -299,6 +337,32 @@ def _describe_change(old: dict[str, Any], new: dict[str, Any], index: int) -> st
     return "; ".join(diffs) or "fingerprint differs"
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_digests(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every output file, so a truncated or corrupted one is caught on resume."""
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in (STAGE_FILE, "eval.json")}
+
+
+def _verify_files(folder: Path, expected: dict[str, dict[str, Any]]) -> str | None:
+    for name, meta in expected.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != meta["bytes"]:
+            return f"{name} is truncated or changed ({path.stat().st_size} bytes, expected {meta['bytes']})"
+        if _sha256(path) != meta["sha256"]:
+            return f"{name} is corrupted (checksum mismatch)"
+    return None
+
+
 def _save_eval(folder: Path, point: EvalPoint, preds: torch.Tensor | None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if preds is not None:
@@ -331,11 +395,16 @@ def run(
     resume: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
+    stop: threading.Event | None = None,
 ) -> Report:
-    """Run a recipe (path, dict or Recipe) and return its Report. Raises CompressError subclasses."""
+    """Run a recipe (path, dict or Recipe) and return its Report. Raises CompressError subclasses.
+
+    Setting `stop` (e.g. from a signal handler) ends the run at the next step or stage boundary
+    with `Interrupted`, after saving what is needed to `--resume`.
+    """
     resolved = load_recipe(recipe, overrides)
     runner = Runner(resolved, output_dir=Path(output_dir) if output_dir else None, resume=resume,
-                    overwrite=overwrite, show_progress=show_progress)
+                    overwrite=overwrite, show_progress=show_progress, stop=stop)
     report = runner.run()
     if resolved.publish and resolved.publish.push_after_run:
         from compress.hub import PublishError, push

@@ -99,7 +99,8 @@ def goal_rows(goals: list[GoalResult]) -> tuple[list[str], list[list[str]]]:
 def render_markdown(report: Report, plots: dict[str, str] | None = None) -> str:
     env = report.environment
     out = [f"# compress report: {report.name}", ""]
-    out.append(f"Status: **{report.status}**" + (f" — {report.error}" if report.error else ""))
+    out.append(f"Status: **{report.status}**" + (f" in stage {report.failed_stage}" if report.failed_stage else "")
+               + (f" — {report.error}" if report.error else ""))
     out.append("")
     out.append(f"Created {report.created}; seed {report.seed}; python {env.python}, torch "
                f"{env.versions.get('torch')}, transformers {env.versions.get('transformers')}; "

@@ -90,8 +90,9 @@ class Report(_Model):
     schema_version: str = SCHEMA_VERSION
     name: str
     created: str
-    status: str = Field("running", description="running, complete or failed")
+    status: str = Field("running", description="running, complete, failed or interrupted")
     error: str | None = None
+    failed_stage: str | None = Field(None, description="The stage folder that was running when the run stopped.")
     seed: int
     recipe: dict[str, Any]
     environment: Environment

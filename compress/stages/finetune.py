@@ -187,7 +187,7 @@ def run_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> Mode
         eval_metric="accuracy" if bundle.task == "sequence-classification" else "eval_loss",
         masks=masks if config.method == "full" else None,
         show_progress=ctx.show_progress, label=config.label(),
-        checkpoint_dir=work / "checkpoint" if work else None, resume=ctx.resume,
+        checkpoint_dir=work / "checkpoint" if work else None, resume=ctx.resume, stop=ctx.stop,
     )
 
     facts: dict[str, Any] = {}

@@ -13,6 +13,7 @@ import logging
 import math
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, Field, model_validator
 
-from compress.errors import StageError
+from compress.errors import Interrupted, StageError
 from compress.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 LossFn = Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]
@@ -179,12 +180,15 @@ def train(
     label: str = "train",
     checkpoint_dir: Path | None = None,
     resume: bool = False,
+    stop: threading.Event | None = None,
 ) -> TrainResult:
     """Train `model` in place on `dataset`; returns the curves and throughput figures.
 
     With `checkpoint_dir` and `settings.checkpoint_every`, a checkpoint is written every N steps;
     `resume=True` continues from it (weights, optimizer, scheduler, RNG, data position). A non-finite
     loss stops training with a StageError; the last good state is then saved to `checkpoint_dir`.
+    When `stop` is set (Ctrl-C), training saves a checkpoint at the next step boundary and raises
+    `Interrupted`.
     """
     from accelerate import skip_first_batches
     from accelerate.utils import gather_object, set_seed
@@ -329,6 +333,12 @@ def train(
                 checkpoint(batches_in_epoch)
             if done:
                 break
+            if stop is not None and stop.is_set():
+                progress.close()
+                checkpoint(batches_in_epoch)
+                saved = " (progress saved)" if checkpoint_dir is not None else ""
+                raise Interrupted(f"{label}: interrupted at step {result.steps}{saved}; "
+                                  f"rerun with --resume to continue")
         else:
             epoch += 1
     progress.close()
