@@ -154,6 +154,21 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_autotune(args: argparse.Namespace) -> int:
+    from compress.autotune import autotune, parse_budget, parse_space
+
+    summary = autotune(args.recipe, args.output, space=parse_space(args.space), budget=parse_budget(args.budget),
+                       overrides=args.set, max_candidates=args.max_candidates, show_progress=not args.quiet)
+    print(f"{summary['candidates']} candidates in {summary['seconds']} s "
+          f"({summary['stages_reused']} stage outputs reused); results in {args.output}/autotune.md")
+    winner = summary["winner"]
+    if winner is None:
+        print("no candidate met the budget", file=sys.stderr)
+        return 3
+    print(f"winner {winner['candidate']}: {winner['settings']} -> {args.output}/winner.yaml")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compress", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -189,6 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="only write the folder that would be uploaded")
     p.add_argument("--output", help="where to write that folder (default: RUN_DIR/publish)")
     p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("autotune", help="search stage settings for the smallest model within an accuracy budget")
+    p.add_argument("recipe")
+    p.add_argument("--space", action="append", default=[], metavar="KEY=V1,V2",
+                   help="values to try, e.g. stages[1].sparsity=0.3,0.5 (repeatable)")
+    p.add_argument("--budget", action="append", default=[], metavar="NAME=VALUE",
+                   help="accuracy_drop=0.01 and/or perplexity_ratio=1.1")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the base recipe")
+    p.add_argument("--max-candidates", type=int)
+    p.add_argument("--output", default="autotune", help="folder for results (default: ./autotune)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_autotune)
 
     p = sub.add_parser("stages", help="list stage types with their fields, defaults and help")
     p.set_defaults(func=cmd_stages)

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compress.errors import RecipeError
+from compress.autotune import AutotuneSpec
 from compress.goals import Goal
 from compress.hub import PublishSpec
 from compress.paths import looks_like_local_path, resolve_path
@@ -110,6 +111,7 @@ class Recipe(_Strict):
     data: DataSpec
     eval: EvalSpec = Field(default_factory=EvalSpec)
     stages: list[StageConfig] = Field(default_factory=list, description="Ordered stages.")
+    autotune: AutotuneSpec | None = Field(None, description="Search space and budget for `compress autotune`.")
     publish: PublishSpec | None = Field(None, description="Defaults for `compress push` (repo_id, private, ...).")
     goals: dict[str, Goal] = Field(
         default_factory=dict, description="Targets for the final model against the baseline, e.g. "

@@ -97,8 +97,13 @@ def check_output_folder(out: Path, recipe: Recipe, resume: bool, overwrite: bool
 
 class Runner:
     def __init__(self, recipe: Recipe, *, output_dir: Path | None = None, resume: bool = False,
-                 overwrite: bool = False, show_progress: bool = True, stop: threading.Event | None = None):
+                 overwrite: bool = False, show_progress: bool = True, stop: threading.Event | None = None,
+                 stage_cache: Path | None = None):
         self.recipe = recipe
+        # Shared store of finished stage folders keyed by fingerprint: runs whose stages share a
+        # prefix (autotune candidates) reuse those outputs instead of recomputing them.
+        self.stage_cache = Path(stage_cache) if stage_cache else None
+        self.cache_hits = 0
         self.stop = stop or threading.Event()
         self.current_stage: str | None = None
         self.out = Path(output_dir) if output_dir else recipe.resolved_output_dir()
@@ -200,7 +205,8 @@ class Runner:
 
         baseline_dir = self.out / BASELINE_DIR
         if recipe.eval.baseline:
-            if self.resume and (baseline_dir / "eval.json").exists():
+            self._restore_from_cache(baseline_dir, None)
+            if (self.resume or self.stage_cache) and (baseline_dir / "eval.json").exists():
                 self._add_point(EvalPoint.model_validate_json((baseline_dir / "eval.json").read_text()))
                 reference = _load_predictions(baseline_dir)
             else:
@@ -210,6 +216,7 @@ class Runner:
                                                    seed=recipe.seed)
                 _save_eval(baseline_dir, point, reference)
                 self._add_point(point)
+                self._store_in_cache(baseline_dir, None)
 
         last_dir: Path | None = None
         rerun = False  # once a stage runs again, every later stage must too: its input changed
@@ -220,7 +227,9 @@ class Runner:
             if self.stop.is_set():
                 raise Interrupted(f"interrupted before stage {index + 1} ({entry.type}); finished stages are "
                                   f"kept — rerun with --resume to continue")
-            if self.resume and not rerun and self._stage_done(folder, index, verify=True):
+            if not rerun and self._restore_from_cache(folder, index):
+                log.info("stage %d (%s): reused from the stage cache", index + 1, entry.type)
+            if (self.resume or self.stage_cache) and not rerun and self._stage_done(folder, index, verify=True):
                 log.info("stage %d (%s): unchanged since the last run, skipped", index + 1, entry.type)
                 point_file = folder / "eval.json"
                 if point_file.exists():
@@ -256,6 +265,8 @@ class Runner:
                 point.stage_info = bundle.info.get("last_stage", {})
                 write_json_atomic(folder / "eval.json", point.model_dump(mode="json"))
                 self._add_point(point)
+            self._store_in_cache(folder, index)
+            self.current_stage = None
 
     def _context(self, index: int, data: DataBundle, device: str) -> RunContext:
         folder = self.out / stage_dir_name(index, self.recipe.stages[index].stage_type())
@@ -275,6 +286,36 @@ class Runner:
             raise RecipeError(problems)
 
     # ------------------------------------------------------------------ resume
+
+    def _cache_key(self, index: int | None) -> str:
+        if index is not None:
+            return self.fingerprints[index]
+        blob = json.dumps({"model": self.recipe.model.model_dump(mode="json"), "seed": self.recipe.seed,
+                           "data": self.recipe.data.model_dump(mode="json"),
+                           "eval": self.recipe.eval.model_dump(mode="json")}, sort_keys=True)
+        return "baseline-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def _restore_from_cache(self, folder: Path, index: int | None) -> bool:
+        if self.stage_cache is None or folder.exists():
+            return False
+        cached = self.stage_cache / self._cache_key(index)
+        if not (cached / ("eval.json" if index is None else STAGE_FILE)).exists():
+            return False
+        # Hard links: no copy of the weights, and the cache entry stays intact if this folder is removed.
+        shutil.copytree(cached, folder, copy_function=_link_or_copy)
+        self.cache_hits += index is not None
+        return True
+
+    def _store_in_cache(self, folder: Path, index: int | None) -> None:
+        if self.stage_cache is None:
+            return
+        target = self.stage_cache / self._cache_key(index)
+        if not target.exists():
+            self.stage_cache.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(folder, tmp, copy_function=_link_or_copy)
+            tmp.rename(target)
 
     def _previous_manifest(self) -> dict[str, Any]:
         path = self.out / RUN_FILE
@@ -335,6 +376,15 @@ def _describe_change(old: dict[str, Any], new: dict[str, Any], index: int) -> st
             if field not in ("evaluate", "name") and a.get(field) != b.get(field):
                 diffs.append(f"stages[{i}].{field}: {a.get(field)!r} -> {b.get(field)!r}")
     return "; ".join(diffs) or "fingerprint differs"
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    import os
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _sha256(path: Path) -> str:
