@@ -66,7 +66,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+# Safetensors files in a bundle folder that are not model weights (pruning masks, predictions).
+NOT_WEIGHTS = {"masks.safetensors", "predictions.safetensors"}
+
+
 def folder_bytes(path: str | Path, patterns: tuple[str, ...] = ("*.safetensors",)) -> int:
     """Bytes of the weight files in a folder (what a user downloads to run the model)."""
     path = Path(path)
-    return sum(f.stat().st_size for pattern in patterns for f in path.rglob(pattern) if f.is_file())
+    return sum(f.stat().st_size for pattern in patterns for f in path.rglob(pattern)
+               if f.is_file() and f.name not in NOT_WEIGHTS)

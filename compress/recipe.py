@@ -381,8 +381,14 @@ def format_validation_errors(exc: ValidationError, data: Any = None) -> list[str
             clean.append(part)
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
             clean.append("type")
+        message = _message(err, clean, data)
+        # A whole-model validator names its field at the start ("pattern: ..."): make it part of the path.
+        named = re.match(r"([a-z_][a-z0-9_]*): (.*)", message, re.S) if err["type"] == "value_error" else None
+        if named and clean and named.group(1) in _valid_keys(clean, data):
+            clean.append(named.group(1))
+            message = named.group(2)
         where = _format_loc(clean)
-        lines.append(f"{where}: {_message(err, clean, data)}" if where else _message(err, clean, data))
+        lines.append(f"{where}: {message}" if where else message)
     return lines
 
 

@@ -40,7 +40,7 @@ stages:
     assert len(problems) == 3
     assert problems[0].startswith("stages[0].rnak: unknown key; did you mean 'rank'?")
     assert problems[1] == "stages[1].lr: must be > 0 (got -1)"
-    assert problems[2].startswith("stages[2].method: must be one of 'lora', 'dora' or 'full' (got 'lorra')")
+    assert problems[2].startswith("stages[2].method: must be one of 'lora', 'dora', 'qlora' or 'full' (got 'lorra')")
 
 
 def test_unknown_top_level_key_suggests_closest(tmp_path, tiny_bert_dir, sentiment_csv):

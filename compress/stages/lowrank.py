@@ -1,0 +1,194 @@
+"""Low-rank stage: truncated SVD of chosen linear layers, W (out x in) ~ B (out x r) @ A (r x in),
+each replaced by two smaller linears. Saved as a `lowrank` bundle format that compress reloads."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from compress.bundle import ModelBundle, ModelFormat, auto_class, register_format
+from compress.context import RunContext
+from compress.errors import ModelError, StageError
+from compress.pruning.targets import bad_patterns, select_linears
+from compress.registry import StageConfig, register_stage
+
+LOWRANK_FILE = "lowrank.json"
+
+
+class LowRankLinear(torch.nn.Module):
+    """`second(first(x))`: a rank-r stand-in for a Linear(in, out). Keeps the bias on `second`."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool,
+                 device: Any = None, dtype: Any = None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.first = torch.nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.second = torch.nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+class LowRank(StageConfig):
+    """Factorise linear layers by truncated SVD to a fixed rank or to an energy threshold."""
+
+    type: Literal["lowrank"] = "lowrank"
+    rank: int | None = Field(None, gt=0, description="Rank r kept in every targeted layer.")
+    energy: float | None = Field(None, gt=0, le=1, description="Instead of rank: keep the smallest rank "
+                                 "whose singular values hold this share of the squared Frobenius norm "
+                                 "(e.g. 0.9).")
+    targets: list[str] | None = Field(None, description="Regexes of linear-layer names to factorise; "
+                                      "default: every linear layer not excluded.")
+    exclude: list[str] | None = Field(None, description="Regexes of names left alone; default: lm_head, "
+                                      "classifier / score heads and embeddings.")
+    skip_if_larger: bool = Field(True, description="Leave a layer dense when r * (in + out) >= in * out, "
+                                 "i.e. when the two factors would not be smaller than the original.")
+    latency_tokens: int = Field(2048, gt=0, description="Tokens in the per-layer latency probe.")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> LowRank:
+        if (self.rank is None) == (self.energy is None):
+            raise ValueError("rank: give exactly one of rank (e.g. 32) or energy (e.g. 0.9)")
+        bad = bad_patterns(self.targets) + bad_patterns(self.exclude)
+        if bad:
+            raise ValueError(f"targets: invalid regular expression {', '.join(bad)}")
+        return self
+
+
+def check_lowrank(bundle: ModelBundle, config: LowRank, ctx: RunContext) -> list[str]:
+    linears = select_linears(bundle.model, config.targets, config.exclude)
+    if not linears:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in bundle.model.named_modules()
+                        if isinstance(m, torch.nn.Linear)})
+        return [f"targets: no linear layer matches {config.targets}; linear layers here: {', '.join(names)}"]
+    if config.rank is not None:
+        bad = [(n, min(m.in_features, m.out_features)) for n, m in linears.items()
+               if config.rank > min(m.in_features, m.out_features)]
+        if bad:
+            name, limit = min(bad, key=lambda b: b[1])
+            others = f" and {len(bad) - 1} other layer(s)" if len(bad) > 1 else ""
+            return [f"rank: {config.rank} is larger than min(in, out) = {limit} of {name}{others}; "
+                    f"use rank <= {limit}, an energy threshold, or exclude those layers"]
+    return []
+
+
+def _median_ms(fn, x: torch.Tensor, repeats: int = 15) -> float:
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 3):
+            start = time.perf_counter()
+            fn(x)
+            if i >= 3:  # first calls warm caches and allocator
+                times.append(time.perf_counter() - start)
+    return round(1000 * statistics.median(times), 4)
+
+
+def _replace(model: Any, name: str, module: torch.nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def factorize(linear: torch.nn.Linear, rank: int | None, energy: float | None) -> tuple[LowRankLinear, float]:
+    """The SVD factors of `linear` at `rank` (or at the energy threshold) and the energy kept."""
+    weight = linear.weight.detach().float()
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    share = (s * s).cumsum(0) / (s * s).sum()
+    r = rank if rank is not None else int((share < energy - 1e-7).sum()) + 1
+    r = min(r, len(s))
+    root = s[:r].sqrt()  # split sqrt(S) across both factors so neither carries all the scale
+    lr = LowRankLinear(linear.in_features, linear.out_features, r, linear.bias is not None,
+                       device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        lr.first.weight.copy_(root[:, None] * vh[:r])
+        lr.second.weight.copy_(u[:, :r] * root[None, :])
+        if linear.bias is not None:
+            lr.second.bias.copy_(linear.bias.detach())
+    return lr, float(share[r - 1])
+
+
+def run_lowrank(bundle: ModelBundle, config: LowRank, ctx: RunContext) -> ModelBundle:
+    problems = check_lowrank(bundle, config, ctx)
+    if problems:
+        raise StageError("lowrank." + "; lowrank.".join(problems))
+    model = bundle.model
+    rows, skipped = [], []
+    for name, linear in select_linears(model, config.targets, config.exclude).items():
+        new, kept = factorize(linear, config.rank, config.energy)
+        before = linear.weight.numel()
+        after = new.first.weight.numel() + new.second.weight.numel()
+        if config.skip_if_larger and after >= before:
+            skipped.append(name)
+            continue
+        probe = torch.randn(config.latency_tokens, linear.in_features, device=linear.weight.device,
+                            dtype=linear.weight.dtype)
+        rows.append({"layer": name, "shape": [linear.out_features, linear.in_features], "rank": new.rank,
+                     "energy_kept": round(kept, 5), "params_before": before, "params_after": after,
+                     "latency_before_ms": _median_ms(linear, probe),
+                     "latency_after_ms": _median_ms(new, probe)})
+        _replace(model, name, new)
+    if not rows:
+        raise StageError("lowrank.rank: no layer gets smaller at this rank/energy (r * (in + out) >= "
+                         "in * out everywhere); lower rank or energy, or set skip_if_larger: false")
+    # A factorised weight is dense: masks on the replaced weights no longer describe anything.
+    masks = {k: v for k, v in bundle.masks.items() if k.rsplit(".", 1)[0] not in {r["layer"] for r in rows}}
+    out = bundle.replace(model=model, format="lowrank", masks=masks)
+    p0, p1 = sum(r["params_before"] for r in rows), sum(r["params_after"] for r in rows)
+    t0, t1 = sum(r["latency_before_ms"] for r in rows), sum(r["latency_after_ms"] for r in rows)
+    facts = {"layers_factorized": len(rows), "layers_skipped": len(skipped),
+             "factorized_params_before": p0, "factorized_params_after": p1,
+             "factorized_params_ratio": round(p1 / p0, 4),
+             "layer_latency_ms_before": round(t0, 4), "layer_latency_ms_after": round(t1, 4),
+             "latency_probe": (f"{config.latency_tokens} tokens per layer, median of 15, "
+                               f"{torch.get_num_threads()} threads"),
+             "mean_energy_kept": round(sum(r["energy_kept"] for r in rows) / len(rows), 5),
+             "masks_dropped": len(bundle.masks) - len(masks)}
+    out.record("lowrank", config.model_dump(mode="json"), **facts,
+               ranks={r["layer"]: r["rank"] for r in rows}, skipped=skipped)
+    out.info["last_stage"] = {**facts, "layers": rows, "skipped": skipped}
+    return out
+
+
+# ---------------------------------------------------------------------------- format
+
+
+def _save(bundle: ModelBundle, folder: Path) -> None:
+    bundle.model.save_pretrained(folder)
+    layers = {name: {"in": m.in_features, "out": m.out_features, "rank": m.rank,
+                     "bias": m.second.bias is not None}
+              for name, m in bundle.model.named_modules() if isinstance(m, LowRankLinear)}
+    (folder / LOWRANK_FILE).write_text(json.dumps({"schema": 1, "layers": layers}, indent=1))
+
+
+def _load(folder: Path, meta: dict[str, Any]) -> Any:
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    spec = json.loads((folder / LOWRANK_FILE).read_text())
+    config = AutoConfig.from_pretrained(str(folder))
+    model = auto_class(meta["task"]).from_config(config)
+    for name, layer in spec["layers"].items():
+        _replace(model, name, LowRankLinear(layer["in"], layer["out"], layer["rank"], layer["bias"],
+                                            dtype=model.dtype))
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        if file.name != "masks.safetensors":
+            state.update(load_file(str(file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ModelError(f"{folder}: low-rank checkpoint does not match its model "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    model.eval()
+    return model
+
+
+register_format(ModelFormat("lowrank", _save, _load))
+register_stage(LowRank, run_lowrank, check=check_lowrank)

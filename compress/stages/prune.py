@@ -1,0 +1,322 @@
+"""Pruning stage: unstructured or N:M masks (magnitude, Wanda), or structured removal of attention
+heads, FFN channels or layers that shrinks shapes and rewrites the config to match."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from compress.bundle import ModelBundle
+from compress.context import RunContext
+from compress.errors import StageError
+from compress.pruning import importance as imp
+from compress.pruning import structured as st
+from compress.pruning.calibration import calibration_batches, input_norms
+from compress.pruning.masks import magnitude_score, nm_mask, unstructured_mask, wanda_score
+from compress.pruning.targets import bad_patterns, pattern_value, select_linears
+from compress.registry import StageConfig, register_stage
+
+STRUCTURED = ("heads", "ffn", "layers")
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+NOTE_DENSE = ("Unstructured zeros are stored and multiplied like any other weight by dense CPU kernels: "
+              "this gives no speed-up and no smaller file; it only helps with a sparse format or kernel.")
+NOTE_NM = ("N:M zeros give no speed-up with dense CPU kernels; 2:4 can be accelerated only by sparse "
+           "tensor cores (NVIDIA Ampere or newer, torch semi-structured sparsity), which this stage does "
+           "not enable.")
+
+
+class Prune(StageConfig):
+    """Prune weights: unstructured / N:M masks (magnitude, Wanda) or heads / FFN channels / layers."""
+
+    type: Literal["prune"] = "prune"
+    structure: Literal["unstructured", "n:m", "heads", "ffn", "layers"] = Field(
+        "unstructured", description="What is removed: single weights (masked to zero), N:M groups (masked), "
+        "or whole attention-head groups, FFN channels or layers (shapes shrink).")
+    method: Literal["magnitude", "wanda"] = Field(
+        "magnitude", description="Weight score for unstructured and n:m: |W|, or Wanda's |W| * ||X|| "
+        "(needs calibration data).")
+    sparsity: float | None = Field(
+        None, ge=0, lt=1, description="Share removed: of each layer's weights (unstructured), or of the "
+        "heads, FFN channels or layers (structured). Not used by n:m, whose pattern fixes it.")
+    layer_sparsity: dict[str, float] = Field(
+        default_factory=dict, description="Per-layer sparsity for unstructured pruning: "
+        "{name regex: sparsity}; the first matching pattern wins, others get `sparsity`.")
+    pattern: str = Field("2:4", description="N:M pattern for structure n:m: keep N of every M consecutive "
+                         "input weights (2:4, 4:8).")
+    count: int | None = Field(None, gt=0, description="Structured only, instead of sparsity: heads or FFN "
+                              "channels to remove per layer, or layers to remove.")
+    importance: Literal["weight", "activation", "taylor"] | None = Field(
+        None, description="Structured only: how units are ranked. weight = weight norms; activation = "
+        "activation norms (layers: block influence); taylor = |weight * gradient|. Default: weight for "
+        "heads/ffn, activation for layers.")
+    targets: list[str] | None = Field(None, description="Regexes of linear-layer names to prune "
+                                      "(unstructured, n:m); default: every linear layer not excluded.")
+    exclude: list[str] | None = Field(None, description="Regexes of layer names never pruned; default: "
+                                      "lm_head, classifier / score heads and embeddings.")
+    calibration_samples: int | None = Field(None, gt=0, description="Calibration examples for wanda, "
+                                            "activation and taylor; default: data.calibration_samples.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Prune:
+        s = self.structure
+        set_fields = self.model_fields_set
+        if s == "unstructured" and self.sparsity is None:
+            raise ValueError("sparsity: unstructured pruning needs a target sparsity in [0, 1), e.g. 0.5")
+        if s == "n:m":
+            m = _NM.match(self.pattern)
+            if not m or not 0 < int(m[1]) < int(m[2]):
+                raise ValueError(f"pattern: {self.pattern!r} is not N:M with 0 < N < M; "
+                                 f"use e.g. '2:4' or '4:8'")
+            if self.sparsity is not None:
+                raise ValueError("sparsity: n:m pruning's sparsity is fixed by its pattern (2:4 is 50%); "
+                                 "remove sparsity")
+        if s in STRUCTURED:
+            if (self.sparsity is None) == (self.count is None):
+                raise ValueError(f"sparsity: {s} pruning needs exactly one of sparsity (a share) or count "
+                                 f"(a number per layer)")
+            if "method" in set_fields and self.method == "wanda":
+                raise ValueError(f"method: wanda scores single weights; for {s} set importance: activation")
+            if self.layer_sparsity:
+                raise ValueError(f"layer_sparsity: {s} pruning is uniform across layers (the config holds "
+                                 f"one size for all layers); remove layer_sparsity")
+            if s == "layers" and self.importance == "weight":
+                raise ValueError("importance: weight norms do not compare across layers; "
+                                 "use activation (block influence) or taylor")
+        else:
+            for name in ("count", "importance"):
+                if name in set_fields and getattr(self, name) is not None:
+                    raise ValueError(f"{name}: only used by structured pruning (heads, ffn, layers)")
+        for name, value in self.layer_sparsity.items():
+            if not 0 <= value < 1:
+                raise ValueError(f"layer_sparsity: {value} for {name!r} is outside [0, 1)")
+        bad = (bad_patterns(self.targets) + bad_patterns(self.exclude)
+               + bad_patterns(list(self.layer_sparsity)))
+        if bad:
+            raise ValueError(f"targets: invalid regular expression {', '.join(bad)}")
+        return self
+
+    def nm(self) -> tuple[int, int]:
+        m = _NM.match(self.pattern)
+        return int(m[1]), int(m[2])
+
+    def ranking(self) -> str:
+        return self.importance or ("activation" if self.structure == "layers" else "weight")
+
+    def needs_data(self) -> bool:
+        if self.structure in STRUCTURED:
+            return self.ranking() in ("activation", "taylor")
+        return self.method == "wanda"
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def _removal_count(config: Prune, total: int) -> int:
+    return config.count if config.count is not None else round(config.sparsity * total)
+
+
+def _structured_problems(bundle: ModelBundle, config: Prune) -> list[str]:
+    arch = st.detect(bundle.model)
+    if arch is None:
+        return [f"structure: {config.structure} pruning supports BERT-like encoders and Llama-like decoders; "
+                f"{type(bundle.model).__name__} is neither; use structure: unstructured or n:m"]
+    odd = sorted({type(m).__name__ for b in arch.blocks for m in (b.q, b.k, b.v, b.o, b.ffn_out, *b.ffn_in)
+                  if type(m) is not torch.nn.Linear})
+    if odd:
+        return [f"structure: {config.structure} pruning needs plain linear layers, but this model holds "
+                f"{', '.join(odd)}; put the prune stage before quantize or lowrank stages"]
+    field = "count" if config.count is not None else "sparsity"
+    unit, total = {"heads": ("attention heads", arch.num_heads), "ffn": ("FFN channels", arch.intermediate),
+                   "layers": ("layers", arch.num_layers)}[config.structure]
+    remove = _removal_count(config, total)
+    where = "" if config.structure == "layers" else " per layer"
+    if remove < 1:
+        return [f"{field}: {config.sparsity} of {total} {unit} removes none; "
+                f"raise it to at least {1 / total:.3g}"]
+    if remove >= total:
+        return [f"{field}: removing {remove} of {total} {unit}{where} leaves none; remove fewer than {total}"]
+    if config.structure != "heads":
+        return []
+    if arch.family == "bert":
+        return ["structure: BERT configs derive the head size from hidden_size / num_attention_heads, so "
+                "a checkpoint with fewer heads cannot be reloaded by from_pretrained; "
+                "use structure: ffn or layers"]
+    per_group = arch.num_heads // arch.num_kv_heads
+    if remove % per_group:
+        return [f"{field}: removing {remove} of {total} attention heads breaks grouped-query attention "
+                f"({per_group} query heads share each of the {arch.num_kv_heads} key/value heads); remove a "
+                f"multiple of {per_group} heads (sparsity a multiple of {per_group / total:.3g})"]
+    left = total - remove
+    if arch.config.hidden_size % left:
+        return [f"{field}: {left} heads left does not divide hidden_size {arch.config.hidden_size}, which "
+                f"{type(arch.config).__name__} requires to reload; choose a count leaving a divisor"]
+    return []
+
+
+def check_prune(bundle: ModelBundle, config: Prune, ctx: RunContext) -> list[str]:
+    problems = []
+    if config.needs_data() and (ctx is None or ctx.data is None):
+        if config.structure in STRUCTURED:
+            field, value, fix = "importance", config.ranking(), "importance: weight"
+        else:
+            field, value, fix = "method", config.method, "method: magnitude"
+        problems.append(f"{field}: {value} needs calibration data (activations on real inputs) but the "
+                        f"recipe has no data section; add one or use {fix}")
+    if config.structure in STRUCTURED:
+        return problems + _structured_problems(bundle, config)
+    linears = select_linears(bundle.model, config.targets, config.exclude)
+    if not linears:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in bundle.model.named_modules()
+                        if isinstance(m, torch.nn.Linear)})
+        return problems + [f"targets: no linear layer matches {config.targets}; "
+                           f"linear layers here: {', '.join(names)}"]
+    if config.structure == "n:m":
+        _, m = config.nm()
+        bad = [f"{n} (in {lin.in_features})" for n, lin in linears.items() if lin.in_features % m]
+        if bad:
+            problems.append(f"pattern: M={m} does not divide the input dimension of {', '.join(bad[:3])}"
+                            f"{' and others' if len(bad) > 3 else ''}; choose an M that divides it or "
+                            f"exclude those layers")
+    return problems
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def _sparsity(tensors: list[torch.Tensor]) -> float:
+    total = sum(t.numel() for t in tensors)
+    zeros = sum(int((t == 0).sum()) for t in tensors)
+    return round(zeros / total, 6) if total else 0.0
+
+
+def _prune_masks(bundle: ModelBundle, config: Prune, ctx: RunContext) -> ModelBundle:
+    model = bundle.model
+    linears = select_linears(model, config.targets, config.exclude)
+    norms = {}
+    if config.method == "wanda":
+        batches = calibration_batches(bundle, ctx.data, config.calibration_samples, ctx.seed)
+        norms = input_norms(model, linears, batches)
+    masks = dict(bundle.masks)
+    per_layer = {}
+    with torch.no_grad():
+        for name, lin in linears.items():
+            weight = lin.weight
+            score = wanda_score(weight, norms[name]) if config.method == "wanda" else magnitude_score(weight)
+            if config.structure == "n:m":
+                mask = nm_mask(score, *config.nm())
+            else:
+                mask = unstructured_mask(score, pattern_value(name, config.layer_sparsity, config.sparsity),
+                                         per_row=config.method == "wanda")
+            key = f"{name}.weight"
+            if key in masks:
+                mask &= masks[key].to(mask.device)
+            weight.mul_(mask.to(weight.dtype))
+            masks[key] = mask.cpu()
+            per_layer[name] = _sparsity([weight])
+    out = bundle.replace(model=model, masks=masks)
+    target_sparsity = (1 - config.nm()[0] / config.nm()[1]) if config.structure == "n:m" else config.sparsity
+    facts = {
+        "structure": config.structure, "method": config.method,
+        "pattern": config.pattern if config.structure == "n:m" else None,
+        "target_sparsity": target_sparsity, "layers_pruned": len(linears),
+        "measured_sparsity_pruned_layers": _sparsity([lin.weight for lin in linears.values()]),
+        "measured_sparsity_model": _sparsity(list(model.parameters())),
+        "calibration_samples": (min(config.calibration_samples or ctx.data.spec.calibration_samples,
+                                    len(ctx.data.train)) if norms else None),
+        "speed_note": NOTE_NM if config.structure == "n:m" else NOTE_DENSE,
+    }
+    out.record("prune", config.model_dump(mode="json"), **facts)
+    out.info["last_stage"] = {**facts, "per_layer_sparsity": per_layer}
+    return out
+
+
+def _lowest(scores: torch.Tensor, remove: int) -> torch.Tensor:
+    """Indices kept: all but the `remove` lowest scores, in their original order."""
+    keep = torch.topk(scores, len(scores) - remove).indices
+    return keep.sort().values
+
+
+def _carry_masks(model: Any, masks: dict[str, torch.Tensor], layer_prefix: str,
+                 renames: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Masks follow their weights through removal: renamed with their layer, dropped with it, and
+    re-derived from the (already zeroed) weights when the weight's shape shrank."""
+    params = dict(model.named_parameters())
+    out = {}
+    for name, mask in masks.items():
+        if renames and name.startswith(layer_prefix + "."):
+            old = next((o for o in renames if name.startswith(o)), None)
+            if old is None:
+                continue  # its layer was removed
+            name = renames[old] + name[len(old):]
+        param = params.get(name)
+        if param is None:
+            continue
+        out[name] = mask if mask.shape == param.shape else (param.detach() != 0).cpu()
+    return out
+
+
+def _prune_structured(bundle: ModelBundle, config: Prune, ctx: RunContext) -> ModelBundle:
+    model = bundle.model
+    arch = st.detect(model)
+    ranking = config.ranking()
+    batches = (calibration_batches(bundle, ctx.data, config.calibration_samples, ctx.seed)
+               if config.needs_data() else None)
+    params_before = sum(p.numel() for p in model.parameters())
+    prefix = next(n for n, m in model.named_modules() if m is arch.owner) + "." + arch.attr
+    renames: dict[str, str] = {}
+    facts: dict[str, Any] = {"structure": config.structure, "importance": ranking}
+    if config.structure == "ffn":
+        remove = _removal_count(config, arch.intermediate)
+        scores = imp.ffn_scores(model, arch, ranking, batches)
+        facts.update(intermediate_size_before=arch.intermediate,
+                     intermediate_size_after=arch.intermediate - remove)
+        st.remove_ffn_channels(arch, [_lowest(s, remove) for s in scores])
+        facts["uniform_note"] = (f"{type(model.config).__name__} holds one intermediate_size for all "
+                                 f"layers, so {remove} channels were removed in every layer "
+                                 f"(chosen per layer)")
+    elif config.structure == "heads":
+        per_group = arch.num_heads // arch.num_kv_heads
+        remove = _removal_count(config, arch.num_heads) // per_group
+        scores = imp.head_group_scores(model, arch, ranking, batches)
+        facts.update(heads_before=arch.num_heads, heads_after=arch.num_heads - remove * per_group,
+                     kv_heads_before=arch.num_kv_heads, kv_heads_after=arch.num_kv_heads - remove)
+        kept = [_lowest(s, remove) for s in scores]
+        st.remove_head_groups(arch, kept)
+        facts["uniform_note"] = (f"{type(model.config).__name__} holds one head count for all layers, so "
+                                 f"{remove} key/value group(s) of {per_group} query heads were removed in "
+                                 f"every layer")
+        facts["kept_head_groups"] = [k.tolist() for k in kept]
+    else:
+        remove = _removal_count(config, arch.num_layers)
+        scores = imp.layer_scores(model, arch, ranking, batches)
+        drop = sorted(set(range(arch.num_layers)) - set(_lowest(scores, remove).tolist()))
+        renames = st.layer_renames(arch.num_layers, drop, prefix)
+        facts.update(layers_before=arch.num_layers, layers_after=arch.num_layers - remove,
+                     removed_layers=drop, layer_scores=[round(float(s), 6) for s in scores])
+        st.remove_layers(arch, drop)
+    params_after = sum(p.numel() for p in model.parameters())
+    facts.update(parameters_before=params_before, parameters_after=params_after,
+                 parameters_removed_percent=round(100 * (1 - params_after / params_before), 3),
+                 speed_note="Shapes shrank: the model is smaller on disk and runs fewer FLOPs with dense "
+                            "kernels.")
+    out = bundle.replace(model=model, masks=_carry_masks(model, bundle.masks, prefix, renames))
+    out.record("prune", config.model_dump(mode="json"),
+               **{k: v for k, v in facts.items() if k not in ("layer_scores", "kept_head_groups")})
+    out.info["last_stage"] = facts
+    return out
+
+
+def run_prune(bundle: ModelBundle, config: Prune, ctx: RunContext) -> ModelBundle:
+    problems = check_prune(bundle, config, ctx)
+    if problems:
+        raise StageError("prune." + "; prune.".join(problems))
+    if config.structure in STRUCTURED:
+        return _prune_structured(bundle, config, ctx)
+    return _prune_masks(bundle, config, ctx)
+
+
+register_stage(Prune, run_prune, check=check_prune)

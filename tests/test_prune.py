@@ -1,0 +1,138 @@
+"""Unstructured and N:M pruning: masks, Wanda's scoring, masks surviving fine-tuning, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import compress.stages  # noqa: F401  (registers the stages)
+from compress import load_recipe, run
+from compress.bundle import ModelBundle
+from compress.context import RunContext
+from compress.data import load_data
+from compress.errors import RecipeError, StageError
+from compress.pruning.masks import check_nm, nm_mask, unstructured_mask, wanda_score
+from compress.recipe import DataSpec
+from compress.stages.prune import Prune, check_prune, run_prune
+
+
+def _ctx(tmp_path, data=None) -> RunContext:
+    return RunContext(output_dir=tmp_path, seed=0, device="cpu", data=data, show_progress=False)
+
+
+@pytest.fixture
+def lm_data(lm_text):
+    return load_data(DataSpec(source=str(lm_text), max_length=32, eval_size=0.2, calibration_samples=16),
+                     "causal-lm")
+
+
+def test_unstructured_mask_exact_share_and_row_balance():
+    score = torch.rand(8, 16, generator=torch.Generator().manual_seed(0))
+    layer = unstructured_mask(score, 0.25, per_row=False)
+    assert int((~layer).sum()) == 32  # 25% of 128
+    rows = unstructured_mask(score, 0.5, per_row=True)
+    assert ((~rows).sum(1) == 8).all()  # every output row loses exactly half its inputs
+
+
+def test_nm_mask_every_group_of_four_keeps_two_largest():
+    score = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.1, 0.4, 0.3, 0.2]])
+    assert nm_mask(score, 2, 4).tolist() == [[True, False, True, False, False, True, True, False]]
+
+
+def test_wanda_keeps_small_weights_on_loud_inputs():
+    # Column 0 has small weights but 100x larger activations: Wanda keeps it, magnitude drops it.
+    weight = torch.tensor([[0.1, 0.5, 0.6, 0.7]])
+    norms = torch.tensor([100.0, 1.0, 1.0, 1.0])
+    assert unstructured_mask(weight.abs(), 0.25, per_row=True).tolist() == [[False, True, True, True]]
+    wanda = unstructured_mask(wanda_score(weight, norms), 0.25, per_row=True)
+    assert wanda.tolist() == [[True, False, True, True]]
+
+
+def test_two_four_output_is_exact_and_masks_are_kept(tiny_llama_dir, tmp_path, lm_data):
+    bundle = ModelBundle.load(tiny_llama_dir)
+    out = run_prune(bundle, Prune(structure="n:m", pattern="2:4", method="wanda"), _ctx(tmp_path, lm_data))
+    linears = {n: m for n, m in out.model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    assert len(linears) == 14 and set(out.masks) == {f"{n}.weight" for n in linears}
+    for name, lin in linears.items():
+        w = lin.weight.reshape(lin.out_features, -1, 4)
+        assert ((w == 0).sum(-1) >= 2).all(), name  # every group of 4 holds at least 2 zeros
+        assert check_nm(lin.weight, 2, 4)
+        assert torch.equal(out.masks[f"{name}.weight"], lin.weight != 0)
+    assert out.model.lm_head.weight.count_nonzero() == out.model.lm_head.weight.numel()  # skipped by default
+    info = out.info["last_stage"]
+    assert info["measured_sparsity_pruned_layers"] == 0.5 and "sparse tensor cores" in info["speed_note"]
+    assert out.lineage[-1]["stage"] == "prune" and out.lineage[-1]["pattern"] == "2:4"
+
+
+def test_per_layer_sparsity_and_targets(tiny_bert_dir, tmp_path):
+    bundle = ModelBundle.load(tiny_bert_dir)
+    config = Prune(sparsity=0.5, targets=[r"encoder\.layer\.\d+\."], layer_sparsity={r"layer\.1\.": 0.25})
+    out = run_prune(bundle, config, _ctx(tmp_path))
+    per_layer = out.info["last_stage"]["per_layer_sparsity"]
+    assert per_layer["bert.encoder.layer.0.intermediate.dense"] == 0.5
+    assert per_layer["bert.encoder.layer.1.intermediate.dense"] == 0.25
+    assert "bert.pooler.dense" not in per_layer and "classifier" not in per_layer
+
+
+def test_masks_survive_full_finetune_and_report_shows_sparsity(cls_recipe):
+    cls_recipe["stages"] = [{"type": "prune", "sparsity": 0.6},
+                            {"type": "finetune", "method": "full", "lr": 1e-3, "max_steps": 3,
+                             "batch_size": 8}]
+    cls_recipe["eval"]["speed"] = False
+    report = run(cls_recipe, show_progress=False)
+    pruned, tuned = report.points[1], report.points[2]
+    # Training fills the zero-initialised biases but no pruned weight: ~60% of the linears stay zero.
+    assert pruned.size.sparsity > 0.5 and tuned.size.sparsity > 0.49
+    assert any("no speed-up" in n or "speed nothing up" in n for n in tuned.notes)
+    final = ModelBundle.load(cls_recipe["output_dir"] + "/02-finetune")
+    params = dict(final.model.named_parameters())
+    assert len(final.masks) == 13  # 12 encoder linears and the pooler; the classifier is skipped
+    for name, mask in final.masks.items():
+        assert params[name][~mask].abs().max() == 0 and mask.float().mean() == pytest.approx(0.4, abs=0.01)
+        assert params[name][mask].count_nonzero() == mask.sum()  # the kept weights were trained
+    md = open(cls_recipe["output_dir"] + "/report.md").read()
+    assert "sparsity" in md and "no speed-up" in md
+
+
+def test_bad_sparsity_is_a_recipe_error(cls_recipe):
+    cls_recipe["stages"] = [{"type": "prune", "sparsity": 1.0}]
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.sparsity: must be < 1 \(got 1.0\)"):
+        load_recipe(cls_recipe)
+    cls_recipe["stages"] = [{"type": "prune", "structure": "n:m", "pattern": "4:2"}]
+    with pytest.raises(RecipeError, match="pattern: '4:2' is not N:M with 0 < N < M"):
+        load_recipe(cls_recipe)
+
+
+def test_nm_not_dividing_input_fails_before_any_work(cls_recipe, tmp_path):
+    cls_recipe["stages"] = [{"type": "prune", "structure": "n:m", "pattern": "3:5"}]
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.pattern: M=5 does not divide the input dimension of "
+                                          r"bert\.encoder\.layer\.0\.attention\.self\.query \(in 64\)"):
+        run(cls_recipe, show_progress=False)
+    assert not (tmp_path / "run" / "00-baseline").exists()
+
+
+def test_wanda_without_calibration_data(tiny_llama_dir, tmp_path):
+    bundle = ModelBundle.load(tiny_llama_dir)
+    config = Prune(sparsity=0.5, method="wanda")
+    assert check_prune(bundle, config, _ctx(tmp_path)) == [
+        "method: wanda needs calibration data (activations on real inputs) but the recipe has no data "
+        "section; add one or use method: magnitude"]
+    with pytest.raises(StageError, match="prune.method: wanda needs calibration data"):
+        run_prune(bundle, config, _ctx(tmp_path))
+
+
+@pytest.mark.slow
+def test_wanda_beats_magnitude_on_real_text(tmp_path):
+    from bench.common import lm_data as bench_lm_data
+    from bench.common import text_lm
+
+    model = str(text_lm())
+    ppl = {}
+    for method in ("magnitude", "wanda"):
+        report = run({"name": f"w-{method}", "model": {"path": model, "task": "causal-lm"},
+                      "data": bench_lm_data(train=2000, eval_size=300), "eval": {"speed": False},
+                      "output_dir": str(tmp_path / method),
+                      "stages": [{"type": "prune", "method": method, "sparsity": 0.5}]}, show_progress=False)
+        ppl[method] = report.final.accuracy.perplexity
+    assert ppl["wanda"] < ppl["magnitude"]
