@@ -36,7 +36,7 @@ def test_stages_lists_fields_defaults_and_help(capsys):
     out = capsys.readouterr().out
     assert "finetune:" in out
     assert "rank: int (default 8) LoRA rank r." in out
-    assert "method: 'lora' | 'dora' | 'full'" in out or "method: " in out
+    assert "method: 'lora' | 'dora' | 'qlora' | 'full' (default 'lora')" in out
 
 
 def test_run_bad_recipe_exits_2_and_writes_nothing(tmp_path, cls_recipe, capsys):

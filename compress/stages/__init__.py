@@ -3,5 +3,6 @@
 from compress.stages import finetune  # noqa: F401
 
 from compress.stages.finetune import Finetune
+from compress.stages.prune import Prune
+from compress.stages.lowrank import LowRank
 
-__all__ = ["Finetune"]
