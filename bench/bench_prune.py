@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import CACHE, REPORTS, finetuned_minilm, lm_data, machine_line, text_lm, tweets_data
+from bench.common import (CACHE, REPORTS, finetuned_minilm, interleaved_latency, lm_data, machine_line, text_lm,
+                          tweets_data)
 
 REPEATS, WARMUP, BATCH, SEQ = 20, 2, 32, 64
 
@@ -98,18 +99,7 @@ def time_side_by_side(rows: list[dict[str, Any]]) -> dict[str, Any]:
     from compress.bundle import ModelBundle
 
     models = [ModelBundle.load(r["folder"]).model.eval() for r in rows]
-    gen = torch.Generator().manual_seed(0)
-    vocab = min(int(m.config.vocab_size) for m in models)
-    ids = torch.randint(10, vocab, (BATCH, SEQ), generator=gen)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    times: list[list[float]] = [[] for _ in models]
-    with torch.inference_mode():
-        for i in range(WARMUP + REPEATS):
-            for j, model in enumerate(models):
-                start = time.perf_counter()
-                model(**inputs)
-                if i >= WARMUP:
-                    times[j].append(time.perf_counter() - start)
+    times = interleaved_latency(models, BATCH, SEQ, WARMUP, REPEATS)
     for row, t in zip(rows, times, strict=True):
         row["latency_b32_ms"] = round(1000 * statistics.median(t), 2)
         row["latency_b32_min_ms"] = round(1000 * min(t), 2)

@@ -123,6 +123,32 @@ def text_lm(steps: int = 300) -> Path:
     return target / "01-finetune"
 
 
+def interleaved_latency(models: list[Any], batch: int, seq_len: int, warmup: int, repeats: int,
+                        low: int = 10) -> list[list[float]]:
+    """Seconds per forward pass for each model, timed in turn within each repeat.
+
+    Interleaving spreads the machine's noise (other processes) evenly over the models, so their
+    ratios stay meaningful on a shared machine.
+    """
+    import time
+
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = min(int(m.config.vocab_size) for m in models)
+    ids = torch.randint(low, vocab, (batch, seq_len), generator=gen)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    times: list[list[float]] = [[] for _ in models]
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            for j, model in enumerate(models):
+                start = time.perf_counter()
+                model(**inputs)
+                if i >= warmup:
+                    times[j].append(time.perf_counter() - start)
+    return times
+
+
 def machine_line() -> str:
     """One line naming the machine, for every benchmark report."""
     import torch

@@ -16,6 +16,17 @@ def _pyplot():
     return plt
 
 
+def _save(fig, ax, path: Path, legend: bool = True) -> Path:
+    plt = _pyplot()
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def quality(point: EvalPoint) -> tuple[float | None, str]:
     """The accuracy figure a plot puts on its y axis: accuracy, else perplexity."""
     acc = point.accuracy
@@ -68,12 +79,7 @@ def plot_pareto(series: dict[str, list[EvalPoint]], path: Path, title: str = "Si
     ax.set_xlabel("size on disk (MiB)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_latency(report: Report, path: Path) -> Path | None:
@@ -131,12 +137,7 @@ def plot_losses(report: Report, path: Path) -> Path | None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_title("Training loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def draw_all(report: Report, folder: Path) -> dict[str, Path]:
