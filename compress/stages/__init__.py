@@ -1,8 +1,8 @@
-"""Built-in stages. Each module registers itself explicitly when imported here."""
-
-from compress.stages import finetune  # noqa: F401
+"""Built-in stages. Each module registers itself when imported here (explicitly: no discovery)."""
 
 from compress.stages.finetune import Finetune
-from compress.stages.prune import Prune
 from compress.stages.lowrank import LowRank
+from compress.stages.prune import Prune
+from compress.stages.quantize import Quantize
 
+__all__ = ["Finetune", "LowRank", "Prune", "Quantize"]

@@ -1,0 +1,91 @@
+"""The `quantized` model format: a transformers config + safetensors state dict + a layer map.
+
+transformers cannot rebuild compress's own quantized layers from a config, so `load` builds the
+float architecture from `config.json`, swaps in empty quantized layers at the names listed in
+`compress_quant.json`, and loads the saved tensors strictly: the reload is bit-identical.
+bitsandbytes models do not use this format; they are standard transformers checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from compress.bundle import ModelBundle, ModelFormat, auto_class, register_format
+from compress.errors import ModelError
+from compress.io import write_json_atomic
+from compress.quant.dynamic import DynamicInt8Linear
+from compress.quant.embedding import QuantEmbedding
+from compress.quant.weight_only import WeightOnlyLinear
+
+FORMAT = "quantized"
+LAYER_MAP = "compress_quant.json"
+WEIGHTS = "model.safetensors"
+_SCHEMA = 1
+
+
+def build_layer(spec: dict[str, Any]) -> nn.Module:
+    """An empty quantized layer from its `spec()` (codes are filled in by the state-dict load)."""
+    kind = spec["kind"]
+    if kind == WeightOnlyLinear.kind:
+        return WeightOnlyLinear(spec["in_features"], spec["out_features"], spec["bias"], spec["bits"],
+                                spec["group_size"])
+    if kind == DynamicInt8Linear.kind:
+        return DynamicInt8Linear(spec["in_features"], spec["out_features"], spec["bias"], spec["smooth"],
+                                 spec.get("per_token", False))
+    if kind == QuantEmbedding.kind:
+        return QuantEmbedding(spec["num_embeddings"], spec["embedding_dim"], spec["padding_idx"],
+                              spec["bits"], spec["group_size"])
+    raise ModelError(f"{LAYER_MAP}: unknown quantized layer kind {kind!r} (written by a newer compress?)")
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _save(bundle: ModelBundle, folder: Path) -> None:
+    model = bundle.model
+    layers = {name: mod.spec() for name, mod in model.named_modules()
+              if isinstance(mod, WeightOnlyLinear | DynamicInt8Linear | QuantEmbedding)}
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    # save_model (not save_file) drops the duplicates of tied tensors, which safetensors refuses.
+    save_model(model, str(folder / WEIGHTS), metadata={"format": "pt"})
+    write_json_atomic(folder / LAYER_MAP, {"schema": _SCHEMA, "layers": layers})
+
+
+def _load(folder: Path, meta: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    layer_map = json.loads((folder / LAYER_MAP).read_text())
+    config = AutoConfig.from_pretrained(str(folder))
+    model = auto_class(meta["task"]).from_config(config)
+    for name, spec in layer_map["layers"].items():
+        set_module(model, name, build_layer(spec))
+    missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=False)
+    # Tied duplicates are dropped on save and come back through tie_weights.
+    tied = {k for k in missing if _is_tied(model, k)}
+    if set(missing) - tied or unexpected:
+        raise ModelError(f"{folder}: saved tensors do not match the model (missing "
+                         f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    # A tensor is tied when another state-dict entry shares its storage.
+    state = model.state_dict(keep_vars=True)
+    target = state.get(key)
+    return target is not None and any(v is target for k, v in state.items() if k != key)
+
+
+register_format(ModelFormat(FORMAT, _save, _load))

@@ -1,0 +1,75 @@
+"""GPTQ (Frantar et al., 2023, arXiv:2210.17323): 4-bit weights chosen to minimise ||WX - QX||^2.
+
+Hand-written because no maintained implementation runs on this CPU with our torch: torchao's
+`prototype.gptq` asserts CUDA (and its int4 tensors need MSLK), and llm-compressor / optimum-quanto
+/ auto-gptq are not installable offline here. This follows the paper's Algorithm 1 with lazy
+batch updates and the Cholesky form of the inverse Hessian, without activation reordering, and
+writes the same int4 layout as round-to-nearest (`WeightOnlyLinear`), so reload and size
+accounting are shared.
+
+Hessians are collected in one pass over the float model (every layer sees float inputs), as
+torchao's GPTQ does by default; quantizing block by block on quantized inputs would be a little
+more accurate and several times slower.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compress.quant.weight_only import effective_group, quant_params, quantize_codes
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128,
+                  damp: float = 0.01, block_size: int = 128,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize an (out, in) weight given its input Hessian (in, in).
+
+    Returns (codes (out, in), scales (out, groups), zeros (out, groups)) in the weight-only layout.
+    """
+    W = weight.detach().float().clone()
+    rows, cols = W.shape
+    H = hessian.detach().float().clone()
+    group = effective_group(cols, group_size)
+    # Blocks hold whole groups so a group's scale is fitted on already-updated columns.
+    block = max(group, (block_size // group) * group) if group < cols else cols
+
+    dead = torch.diag(H) == 0  # inputs that never fire: their weights cannot matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
+    try:
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except RuntimeError as exc:  # not positive definite even after damping
+        raise ValueError(f"Hessian is not positive definite ({exc}); raise gptq_damp") from None
+
+    codes = torch.zeros(rows, cols)
+    scales = torch.zeros(rows, cols // group)
+    zeros = torch.zeros(rows, cols // group)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        scale = zero = None
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group == 0:
+                scale, zero = quant_params(W1[:, i: i + group], bits)
+                scales[:, col // group], zeros[:, col // group] = scale, zero
+            w = W1[:, i]
+            q = quantize_codes(w, scale, zero, bits)
+            codes[:, col] = q
+            deq = q * scale if bits == 8 else (q - zero) * scale
+            Q1[:, i] = deq
+            err = (w - deq) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return codes, scales, zeros
+
+
+def reconstruction_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Layer-wise output error tr((W-Q) H (W-Q)^T), i.e. mean ||WX - QX||^2 up to a constant."""
+    d = weight.detach().float() - dequantized.detach().float()
+    return float(torch.einsum("ij,jk,ik->", d, hessian.detach().float(), d))

@@ -1,0 +1,164 @@
+"""Weight-only int8 / int4 linear layers: integer weights with per-group scales, dequantized per call.
+
+Hand-written because the maintained options do not fit here: torchao's int4 weight-only tensors
+need CUDA/MSLK kernels, its CPU int8 weight-only path measured ~2x slower than fp32 on this
+machine, and its tensor subclasses do not serialise to plain safetensors. The layout below is
+plain tensors (int codes, fp32 scales, uint8 zero points), so it saves and reloads exactly.
+
+Layout: int8 is symmetric (codes -127..127, zero point 0, not stored); int4 is asymmetric
+(codes 0..15 with a uint8 zero point per group, two codes packed per byte). The grid always
+contains 0, so pruned (zero) weights stay exactly zero after quantization.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def effective_group(in_features: int, group_size: int) -> int:
+    """Group length along the input dimension; 0 or a group wider than the row means one per row."""
+    return in_features if group_size <= 0 or group_size >= in_features else group_size
+
+
+def group_problem(in_features: int, bits: int, group_size: int) -> str | None:
+    """Why a layer with `in_features` inputs cannot use this layout, or None when it can."""
+    g = effective_group(in_features, group_size)
+    if in_features % g:
+        return (f"in_features {in_features} is not a multiple of group_size {group_size}; "
+                f"use a group_size dividing {in_features}, or 0 (one group per row)")
+    if bits == 4 and in_features % 2:
+        return f"in_features {in_features} is odd, and int4 packs two weights per byte"
+    return None
+
+
+def quant_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per row of `w` (rows = groups). int8: symmetric; int4: asymmetric min-max."""
+    if bits == 8:
+        scale = w.abs().amax(dim=-1).clamp(min=1e-12) / 127
+        return scale, torch.zeros_like(scale)
+    qmax = 2**bits - 1
+    # Widen the range to include 0 so zero weights map to a code exactly (as reference GPTQ does).
+    lo = w.amin(dim=-1).clamp(max=0)
+    hi = w.amax(dim=-1).clamp(min=0)
+    scale = ((hi - lo) / qmax).clamp(min=1e-12)
+    zero = torch.round(-lo / scale).clamp(0, qmax)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes of `w` (any leading shape) for broadcastable `scale`/`zero`."""
+    if bits == 8:
+        return torch.round(w / scale).clamp(-127, 127)
+    return (torch.round(w / scale) + zero).clamp(0, 2**bits - 1)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    codes = codes.to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(*packed.shape[:-1], packed.shape[-1] * 2, dtype=torch.uint8, device=packed.device)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return out
+
+
+class QuantizedWeight(nn.Module):
+    """Base of layers holding an (rows, cols) weight as integer codes + per-group scale/zero.
+
+    The codes are an `nn.Parameter` (frozen) carrying `quant_shape`, the logical shape, so
+    `compress.evaluate.size` counts one parameter per logical weight, packed or not. Layers keep
+    their tensors directly (no child module) so size accounting sees them as leaf layers.
+    """
+
+    def _setup_quant(self, rows: int, cols: int, bits: int, group_size: int) -> None:
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, not {bits}")
+        self.q_rows, self.q_cols, self.bits = rows, cols, bits
+        self.group = effective_group(cols, group_size)
+        groups = cols // self.group
+        if bits == 8:
+            codes = torch.zeros(rows, cols, dtype=torch.int8)
+        else:
+            codes = torch.zeros(rows, cols // 2, dtype=torch.uint8)
+        self.qweight = nn.Parameter(codes, requires_grad=False)
+        self.qweight.quant_shape = (rows, cols)
+        self.register_buffer("scales", torch.ones(rows, groups))
+        if bits == 4:
+            self.register_buffer("zeros", torch.zeros(rows, groups, dtype=torch.uint8))
+        else:
+            self.zeros = None
+
+    def set_from_float(self, w: torch.Tensor) -> None:
+        """Round-to-nearest quantization of a float weight."""
+        grouped = w.detach().float().reshape(self.q_rows, -1, self.group)
+        scale, zero = quant_params(grouped, self.bits)
+        codes = quantize_codes(grouped, scale.unsqueeze(-1), zero.unsqueeze(-1), self.bits)
+        self.set_codes(codes.reshape(self.q_rows, self.q_cols), scale, zero)
+
+    def set_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Store precomputed codes (out, in) with scale/zero (out, groups), e.g. from GPTQ."""
+        with torch.no_grad():
+            if self.bits == 8:
+                self.qweight.copy_(codes.to(torch.int8))
+            else:
+                self.qweight.copy_(pack_int4(codes))
+                self.zeros.copy_(zero.to(torch.uint8))
+            self.scales.copy_(scale.float())
+
+    def rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Dequantized fp32 rows (all, or those picked by `index`, for embedding lookups)."""
+        codes, scales = self.qweight, self.scales
+        zeros = self.zeros
+        if index is not None:
+            codes, scales = codes[index], scales[index]
+            zeros = zeros[index] if zeros is not None else None
+        lead = codes.shape[:-1]
+        if self.bits == 8:
+            q = codes.float().reshape(*lead, -1, self.group)
+            w = q * scales.unsqueeze(-1)
+        else:
+            q = unpack_int4(codes).float().reshape(*lead, -1, self.group)
+            w = (q - zeros.float().unsqueeze(-1)) * scales.unsqueeze(-1)
+        return w.reshape(*lead, self.q_cols)
+
+
+class WeightOnlyLinear(QuantizedWeight):
+    """Linear layer with int8/int4 weights; activations stay float (weight-only quantization)."""
+
+    kind = "weight-only"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size = group_size
+        self._setup_quant(out_features, in_features, bits, group_size)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int) -> WeightOnlyLinear:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size)
+        layer.set_from_float(linear.weight)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach().float())
+        return layer.to(linear.weight.device)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (for code that inspects `.weight`; not stored)."""
+        return self.rows()
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "bits": self.bits, "group_size": self.group_size}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.rows().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group}"

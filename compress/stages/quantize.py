@@ -1,0 +1,304 @@
+"""Quantize stage: bitsandbytes int8/nf4/fp4, CPU int8-dynamic, int8/int4 weight-only, GPTQ, embeddings.
+
+The schemes live in `compress.quant` (one module per job); this module only validates the config,
+picks layers, dispatches, and reports sizes. bitsandbytes results are standard transformers
+checkpoints (`from_pretrained` reloads them); the others use compress's `quantized` format.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from compress.bundle import ModelBundle
+from compress.context import RunContext
+from compress.errors import StageError
+from compress.quant import bnb as bnb_quant
+from compress.quant import format as qformat
+from compress.quant.accounting import OWN_TYPES, quantized_modules, size_summary
+from compress.quant.calibration import calibration_inputs, collect_stats
+from compress.quant.dynamic import DynamicInt8Linear, kernel_available, smoothing_factors
+from compress.quant.embedding import QuantEmbedding
+from compress.quant.gptq import gptq_quantize
+from compress.quant.select import bad_patterns, select_layers, unmatched_patterns
+from compress.quant.weight_only import WeightOnlyLinear, group_problem
+from compress.registry import StageConfig, register_stage
+
+Scheme = Literal["int8", "nf4", "fp4", "int8-dynamic", "int8-weight", "int4-weight", "gptq"]
+CPU_ALTERNATIVE = "int8-dynamic (CPU speed) or int4-weight / gptq (4-bit size)"
+
+# Fields that mean something only for some schemes; setting one elsewhere is a mistake worth naming.
+_ONLY_FOR: dict[str, tuple[str, ...]] = {
+    "double_quant": ("nf4", "fp4"),
+    "compute_dtype": ("nf4", "fp4"),
+    "int8_threshold": ("int8",),
+    "smooth_alpha": ("int8-dynamic",),
+    "activation_scales": ("int8-dynamic",),
+    "group_size": ("int8-weight", "int4-weight", "gptq"),
+    "gptq_damp": ("gptq",),
+    "gptq_block_size": ("gptq",),
+}
+
+
+class Quantize(StageConfig):
+    """Quantize linear layers (and optionally embeddings) to 8 or 4 bits; sizes reported per layer."""
+
+    type: Literal["quantize"] = "quantize"
+    scheme: Scheme = Field("int8-dynamic", description=(
+        "int8 (bitsandbytes LLM.int8), nf4/fp4 (bitsandbytes 4-bit), int8-dynamic (int8 weights and "
+        "run-time int8 activations: the CPU speed path), int8-weight/int4-weight (weight-only, "
+        "round-to-nearest), gptq (calibrated 4-bit weight-only)."))
+    include: list[str] | None = Field(None, description=(
+        "Only layers whose name matches one of these regexes (matched against trailing dotted parts, "
+        "e.g. 'query', 'layer\\.0\\..*'); default: all."))
+    exclude: list[str] = Field(default_factory=list,
+                               description="Skip layers whose name matches one of these regexes.")
+    module_types: list[str] = Field(["Linear"], min_length=1, description=(
+        "Layer classes to quantize (class or base-class names); only Linear layers can be quantized."))
+    quantize_head: bool = Field(False, description=(
+        "Also quantize the output head (lm_head, classifier); off because it is the most sensitive layer."))
+    embeddings: Literal["none", "int8", "int4"] = Field("none", description=(
+        "Quantize embedding tables too (about half of a small model such as MiniLM)."))
+    embedding_group_size: int | None = Field(None, ge=0, description=(
+        "Values per scale along the embedding dimension; 0 = one per row. Default: 0 for int8, 64 for int4."))
+    group_size: int | None = Field(None, ge=0, description=(
+        "Weights per scale/zero point along the input dimension; 0 = one per output channel. "
+        "Default: 0 for int8-weight, 128 for int4-weight and gptq."))
+    double_quant: bool = Field(True, description=(
+        "nf4/fp4: quantize the block scales too (4.127 instead of 4.5 bits/weight)."))
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="nf4/fp4: dtype the 4-bit weights are dequantized to for the matmul.")
+    int8_threshold: float = Field(6.0, ge=0, description=(
+        "int8: LLM.int8 outlier threshold; activations above it use an fp16 matmul (0 = none)."))
+    activation_scales: Literal["per-tensor", "per-token"] = Field("per-tensor", description=(
+        "int8-dynamic: one activation scale per tensor (fastest: fbgemm's own) or per token (more "
+        "accurate with outlier tokens, but its extra passes cost more than int8 saves on small CPUs)."))
+    smooth_alpha: float | None = Field(None, ge=0, le=1, description=(
+        "int8-dynamic: SmoothQuant strength, moving activation outliers into weights using calibration "
+        "data (0.5 is typical); unset = no smoothing, no calibration."))
+    calibration_samples: int | None = Field(None, gt=0, description=(
+        "Calibration examples for gptq / smoothing, from the recipe's data; "
+        "default: data.calibration_samples."))
+    calibration_seed: int | None = Field(None, description=(
+        "Seed for drawing calibration examples; default: the stage seed."))
+    gptq_damp: float = Field(0.01, gt=0, lt=1, description=(
+        "gptq: damping added to the Hessian diagonal (share of its mean)."))
+    gptq_block_size: int = Field(128, gt=0, description=(
+        "gptq: columns updated together (lazy batch updates)."))
+    on_unsupported: Literal["error", "skip"] = Field("error", description=(
+        "A layer the scheme cannot handle here: stop with an error naming it, or skip it (kept in float, "
+        "listed in the report)."))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Quantize:
+        problems = []
+        for field, schemes in _ONLY_FOR.items():
+            if field in self.model_fields_set and self.scheme not in schemes:
+                problems.append(f"{field} only applies to scheme {' / '.join(schemes)} (scheme is "
+                                f"{self.scheme}); remove it")
+        if self.embeddings != "none" and self.scheme in bnb_quant.BNB_SCHEMES:
+            problems.append(f"embeddings: scheme {self.scheme} keeps embeddings in float (transformers' "
+                            f"bitsandbytes format cannot hold them); use scheme int8-weight, int4-weight or "
+                            f"gptq with embeddings, or set embeddings: none")
+        if "embedding_group_size" in self.model_fields_set and self.embeddings == "none":
+            problems.append("embedding_group_size needs embeddings: int8 or int4; "
+                            "remove it or set embeddings")
+        for field in ("include", "exclude"):
+            bad = bad_patterns(getattr(self, field))
+            if bad:
+                problems.append(f"{field}: not a valid regular expression: {', '.join(bad)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def resolved_group_size(self) -> int:
+        if self.group_size is not None:
+            return self.group_size
+        return 0 if self.scheme == "int8-weight" else 128
+
+    def resolved_embedding_group(self) -> int:
+        if self.embedding_group_size is not None:
+            return self.embedding_group_size
+        return 0 if self.embeddings == "int8" else 64
+
+    def uses_calibration(self) -> bool:
+        return self.scheme == "gptq" or (self.scheme == "int8-dynamic" and self.smooth_alpha is not None)
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def _selection(model: nn.Module, config: Quantize):
+    skip_types = tuple(type(m) for m in quantized_modules(model).values())
+    return select_layers(model, config.include, config.exclude, config.module_types, config.quantize_head,
+                         config.embeddings != "none", skip_types=skip_types)
+
+
+def _layer_problem(module: nn.Module, config: Quantize, device: str) -> str | None:
+    """Why this scheme cannot quantize this layer here, or None."""
+    if config.scheme in bnb_quant.BNB_SCHEMES:
+        return bnb_quant.probe(module, config.scheme, device, config.compute_dtype, config.double_quant)
+    if config.scheme in ("int8-weight", "int4-weight", "gptq"):
+        bits = 8 if config.scheme == "int8-weight" else 4
+        return group_problem(module.in_features, bits, config.resolved_group_size())
+    return None
+
+
+def check_quantize(bundle: ModelBundle, config: Quantize, ctx: RunContext) -> list[str]:
+    model = bundle.model
+    problems = []
+    has_bnb = any(isinstance(m, bnb_quant.bnb_layer_types()) for m in model.modules())
+    has_own = bundle.format == qformat.FORMAT or any(isinstance(m, OWN_TYPES) for m in model.modules())
+    if config.scheme in bnb_quant.BNB_SCHEMES and (has_own or has_bnb):
+        problems.append(f"scheme: {config.scheme} (bitsandbytes) needs an unquantized model, but this one is "
+                        f"already quantized; use one quantize stage, or a non-bitsandbytes scheme")
+    elif has_bnb:
+        problems.append(f"scheme: the model holds bitsandbytes layers, which {config.scheme} cannot be "
+                        f"combined with; quantize in one stage")
+    device = torch.device(ctx.device).type
+    if config.scheme == "int8-dynamic":
+        if device != "cpu":
+            problems.append(f"scheme: int8-dynamic runs on CPU kernels (fbgemm) but the device is "
+                            f"{ctx.device}; use scheme int8 or nf4 (bitsandbytes) on GPU, or set device: cpu")
+        elif (why := kernel_available()) is not None:
+            problems.append(f"scheme: int8-dynamic cannot run here ({why}); use int8-weight")
+    if config.scheme in bnb_quant.BNB_SCHEMES:
+        why = bnb_quant.probe(nn.Linear(64, 64), config.scheme, ctx.device, config.compute_dtype,
+                              config.double_quant)
+        if why is not None:
+            problems.append(f"scheme: bitsandbytes {config.scheme} cannot run on device {ctx.device} "
+                            f"({why}); use {CPU_ALTERNATIVE}")
+    if config.uses_calibration() and ctx.data is None:
+        problems.append("calibration_samples: this scheme calibrates on the recipe's data, but the recipe "
+                        "has no data section; add one")
+    for field in ("include", "exclude"):
+        missing = unmatched_patterns(model, getattr(config, field) or [])
+        if missing:
+            some = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Embedding)][:4]
+            problems.append(f"{field}: {missing} match no layer; layer names look like {', '.join(some)}")
+    present = set().union(*(set(t.__name__ for t in type(m).__mro__) for m in model.modules()))
+    unknown = [t for t in config.module_types if t not in present]
+    if unknown:
+        problems.append(f"module_types: {unknown} are not in this model; linear layers are 'Linear'")
+    sel = _selection(model, config)
+    if not sel.linear and not sel.embeddings:
+        problems.append("include: no layer is selected; loosen include/exclude or module_types")
+    if config.on_unsupported == "error" and config.scheme not in bnb_quant.BNB_SCHEMES:
+        for name in sel.linear:
+            why = _layer_problem(model.get_submodule(name), config, ctx.device)
+            if why:
+                problems.append(f"scheme: layer {name}: {why}; or exclude it (exclude: ['{name}']) or set "
+                                f"on_unsupported: skip")
+    return problems
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    qformat.set_module(model, name, module)
+
+
+def _quantize_own(model: nn.Module, names: list[str], config: Quantize, bundle: ModelBundle,
+                  ctx: RunContext) -> dict[str, Any]:
+    facts: dict[str, Any] = {}
+    stats = None
+    if config.uses_calibration():
+        seed = ctx.seed if config.calibration_seed is None else config.calibration_seed
+        inputs = calibration_inputs(bundle, ctx, config.calibration_samples, seed)
+        stats = collect_stats(model, names, inputs, ctx.device, hessian=config.scheme == "gptq")
+        facts.update(calibration_samples=len(inputs), calibration_seed=seed,
+                     calibration_tokens=sum(int(b["input_ids"].numel()) for b in inputs))
+    group = config.resolved_group_size()
+    for name in names:
+        linear = model.get_submodule(name)
+        if config.scheme == "int8-dynamic":
+            smooth = None
+            if stats is not None:
+                smooth = smoothing_factors(stats[name].absmax, linear.weight, config.smooth_alpha)
+            new: nn.Module = DynamicInt8Linear.from_linear(linear, smooth,
+                                                           config.activation_scales == "per-token")
+        elif config.scheme == "gptq":
+            new = WeightOnlyLinear(linear.in_features, linear.out_features, linear.bias is not None, 4, group)
+            try:
+                codes, scales, zeros = gptq_quantize(linear.weight, stats[name].mean_hessian(), 4, group,
+                                                     config.gptq_damp, config.gptq_block_size)
+            except ValueError as exc:
+                raise StageError(f"quantize.gptq_damp: layer {name}: {exc}") from None
+            new.set_codes(codes, scales, zeros)
+            if linear.bias is not None:
+                new.bias.data.copy_(linear.bias.detach().float())
+        else:
+            new = WeightOnlyLinear.from_linear(linear, 8 if config.scheme == "int8-weight" else 4, group)
+        _swap(model, name, new.to(linear.weight.device))
+    return facts
+
+
+def run_quantize(bundle: ModelBundle, config: Quantize, ctx: RunContext) -> ModelBundle:
+    started = time.perf_counter()
+    model = bundle.model
+    model.eval()
+    sel = _selection(model, config)
+    skipped: list[dict[str, str]] = []
+    targets = []
+    for name in sel.linear:
+        layer = model.get_submodule(name)
+        why = _layer_problem(layer, config, ctx.device)
+        if why is None:
+            targets.append(name)
+            continue
+        if config.on_unsupported == "error":
+            raise StageError(f"quantize.scheme: {config.scheme} cannot quantize layer {name} "
+                             f"({type(layer).__name__} {tuple(layer.weight.shape)}): "
+                             f"{why}; exclude it (exclude: ['{name}']), set on_unsupported: skip, or use "
+                             f"scheme {CPU_ALTERNATIVE}")
+        skipped.append({"layer": name, "reason": why})
+        ctx.logger.warning("quantize: skipped %s (%s)", name, why)
+
+    facts: dict[str, Any] = {}
+    with torch.no_grad():
+        if config.scheme in bnb_quant.BNB_SCHEMES:
+            work = ctx.work_dir or ctx.output_dir / ".work-quantize"
+            model = bnb_quant.quantize_with_bnb(model, bundle.task, config.scheme, targets, work, ctx.device,
+                                                config.compute_dtype, config.double_quant,
+                                                config.int8_threshold)
+            fmt = "hf"
+        else:
+            facts = _quantize_own(model, targets, config, bundle, ctx)
+            bits, group = (8 if config.embeddings == "int8" else 4), config.resolved_embedding_group()
+            for name in sel.embeddings:
+                emb = model.get_submodule(name)
+                why = group_problem(emb.embedding_dim, bits, group)
+                if why is None and emb.max_norm is not None:
+                    why = "max_norm embeddings renormalise rows on lookup"
+                if why:
+                    if config.on_unsupported == "error":
+                        raise StageError(f"quantize.embeddings: cannot quantize {name}: {why}; set "
+                                         f"embedding_group_size, exclude it, or set on_unsupported: skip")
+                    skipped.append({"layer": name, "reason": why})
+                    continue
+                _swap(model, name, QuantEmbedding.from_embedding(emb, bits, group))
+            fmt = qformat.FORMAT
+    sizes = size_summary(model)
+    summary = sizes["summary"]
+    info: dict[str, Any] = {
+        "scheme": config.scheme,
+        **{k: v for k, v in summary.items()},
+        "skipped_unsupported": len(skipped),
+        "head_kept_float": ", ".join(sel.skipped_head) or "none",
+        "seconds": round(time.perf_counter() - started, 3),
+        **facts,
+        "layers": sizes["layers"],
+        "skipped": skipped,
+    }
+    out = bundle.replace(model=model, format=fmt)
+    out.record("quantize", config.model_dump(mode="json"), **{k: v for k, v in info.items() if k != "layers"})
+    out.info["last_stage"] = info
+    return out
+
+
+register_stage(Quantize, run_quantize, check=check_quantize)
