@@ -240,3 +240,25 @@ def test_labels_outside_the_label_set(cls_recipe, tmp_path):
     write_sentiment_csv(tmp_path / "three.csv", 30)
     with pytest.raises(DataError, match="model.num_labels: 2 is fewer than the 3 labels in the data"):
         run(cls_recipe)
+
+
+def test_sparsity_and_bit_width_survive_prune_lora_merge_quantize(lm_recipe):
+    """2:4 pruning -> LoRA recovery (masked, merged) -> int8 weights: zeros and 8-bit layers at the end."""
+    lm_recipe["eval"]["speed"] = False
+    lm_recipe["stages"] = [
+        {"type": "prune", "structure": "n:m", "pattern": "2:4", "method": "magnitude"},
+        {"type": "finetune", "method": "lora", "rank": 4, "lr": 1e-2, "max_steps": 6, "batch_size": 8},
+        {"type": "quantize", "scheme": "int8-weight"},
+    ]
+    report = run(lm_recipe)
+    pruned, tuned, quantized = report.points[1:]
+    for point in (pruned, tuned, quantized):
+        linear = [layer for layer in point.size.layers if "proj" in layer.name]
+        assert len(linear) == 14
+        # 2:4 keeps at most half of every linear layer, after training and after quantization too.
+        assert all(layer.nonzero <= layer.parameters // 2 for layer in linear), point.name
+    assert tuned.accuracy.perplexity != pruned.accuracy.perplexity  # the LoRA update really changed the model
+    q_linear = [layer for layer in quantized.size.layers if "proj" in layer.name]
+    assert all(8 <= layer.bits_per_weight < 9 for layer in q_linear)
+    assert all(layer.bits_per_weight == 32 for layer in tuned.size.layers if "proj" in layer.name)
+    assert quantized.size.disk_bytes < 0.5 * tuned.size.disk_bytes
