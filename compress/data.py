@@ -78,6 +78,8 @@ def _load_raw(spec: DataSpec) -> Any:
         raise
     except Exception as exc:  # datasets wraps decode errors several layers deep
         text = f"{exc} {exc.__cause__ or ''} {getattr(exc.__cause__, '__cause__', '') or ''}"
+        if "corresponds to no data" in text or "No columns to parse" in text:
+            raise DataError(f"data.source: {source!r} holds no rows; the split is empty") from None
         if "decode" in text or "UTF8" in text or "utf-8" in text:
             raise DataError(f"data.source: {source!r} is not valid {spec.encoding} text; "
                             f"set data.encoding (e.g. latin-1)") from None

@@ -93,6 +93,7 @@ def test_resume_after_a_failed_stage_runs_only_what_is_left(cls_recipe, monkeypa
     assert json.loads((out / "report.json").read_text())["status"] == "failed"
     assert (out / "01-finetune" / "stage.json").exists() and not (out / "02-finetune").exists()
 
+    monkeypatch.setitem(registry._STAGES, "finetune", entry)  # the stage works again
     calls = _count_calls(monkeypatch)
     report = run(cls_recipe, resume=True)
     assert [c.lr for c in calls] == [1e-3]
@@ -157,15 +158,15 @@ def test_stage_check_problems_come_before_any_work(cls_recipe, monkeypatch):
 
     def check(bundle, config, ctx):
         seen.append(bundle.model.config.hidden_size)
-        return [f"rank: {config.rank} is too large for this model; use <= 4"] if config.rank > 4 else []
+        return [f"rank: {config.rank} is too large for this model; use <= 16"] if config.rank > 16 else []
 
     monkeypatch.setitem(registry._STAGES, "finetune", dataclasses.replace(entry, check=check))
     calls = _count_calls(monkeypatch)
     cls_recipe["stages"] = [FAST, {**FAST, "rank": 64}, {**FAST, "rank": 32}]
     with pytest.raises(RecipeError) as info:
         run(cls_recipe)
-    assert info.value.problems == ["stages[1].rank: 64 is too large for this model; use <= 4",
-                                   "stages[2].rank: 32 is too large for this model; use <= 4"]
+    assert info.value.problems == ["stages[1].rank: 64 is too large for this model; use <= 16",
+                                   "stages[2].rank: 32 is too large for this model; use <= 16"]
     assert seen == [64, 64, 64] and calls == []
     assert not Path(cls_recipe["output_dir"]).exists()
 
