@@ -1,8 +1,9 @@
 """Built-in stages. Each module registers itself when imported here (explicitly: no discovery)."""
 
+from compress.stages.distill import Distill
 from compress.stages.finetune import Finetune
 from compress.stages.lowrank import LowRank
 from compress.stages.prune import Prune
 from compress.stages.quantize import Quantize
 
-__all__ = ["Finetune", "LowRank", "Prune", "Quantize"]
+__all__ = ["Distill", "Finetune", "LowRank", "Prune", "Quantize"]

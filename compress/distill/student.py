@@ -1,0 +1,117 @@
+"""Students: a given model, the teacher with fewer layers (weights copied), or a smaller config.
+
+A student made from the teacher is a fresh model of the teacher's class built from its config with
+`num_hidden_layers` lowered, then loaded with the kept layers' weights under new indices, so it is
+an ordinary model that `from_pretrained` reloads (no hooks or wrappers left behind).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import torch
+
+from compress.bundle import ModelBundle, auto_class, load_tokenizer
+from compress.paths import looks_like_local_path, resolve_path
+
+
+def layer_list_name(model: Any) -> str:
+    """Dotted name of the ModuleList holding the transformer blocks (bert.encoder.layer, model.layers)."""
+    count = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count and name.split(".")[-1] in (
+                "layer", "layers", "h", "blocks"):
+            return name
+    raise ValueError(f"cannot find the {count} transformer blocks of {type(model).__name__}")
+
+
+def every_kth(num_layers: int, k: int) -> list[int]:
+    """Layers k-1, 2k-1, ...: each kept layer stands for the k layers ending at it, so the top layer
+    (the one the head was trained on) is always kept."""
+    return list(range(k - 1, num_layers, k))
+
+
+def _config_copy(config: Any, **changes: Any) -> Any:
+    config = copy.deepcopy(config)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return config
+
+
+def student_from_layers(teacher: Any, keep: list[int], task: str) -> Any:
+    """A copy of `teacher` with only the transformer blocks `keep` (0-based, in order)."""
+    prefix = layer_list_name(teacher)
+    changes: dict[str, Any] = {"num_hidden_layers": len(keep)}
+    layer_types = getattr(teacher.config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == teacher.config.num_hidden_layers:
+        changes["layer_types"] = [layer_types[i] for i in keep]  # e.g. sliding/full attention per layer
+    config = _config_copy(teacher.config, **changes)
+    with torch.device("cpu"):
+        student = auto_class(task).from_config(config, dtype=next(teacher.parameters()).dtype)
+    new_index = {old: new for new, old in enumerate(keep)}
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
+    state = {}
+    for key, value in teacher.state_dict().items():
+        m = pattern.match(key)
+        if m is None:
+            state[key] = value
+        elif int(m.group(1)) in new_index:
+            state[f"{prefix}.{new_index[int(m.group(1))]}.{m.group(2)}"] = value
+    student.load_state_dict(state, strict=True)
+    return student.to(next(teacher.parameters()).device)
+
+
+def student_from_config(teacher_config: Any, overrides: dict[str, Any], task: str, *, seed: int = 0,
+                        teacher: Any = None, meta: bool = False) -> Any:
+    """A randomly initialised model of the teacher's class with `overrides` applied to its config.
+
+    Embeddings are copied from `teacher` when their shape allows it (same hidden size), since that
+    is free and gives the student a head start. `meta=True` only builds it on the meta device (a
+    cheap check that the overrides make a valid model).
+    """
+    config = _config_copy(teacher_config, **overrides)
+    if meta:
+        with torch.device("meta"):
+            return auto_class(task).from_config(config)
+    torch.manual_seed(seed)
+    student = auto_class(task).from_config(config)
+    if teacher is not None:
+        src, dst = teacher.get_input_embeddings().weight, student.get_input_embeddings().weight
+        if src.shape == dst.shape:
+            with torch.no_grad():
+                dst.copy_(src)
+        student = student.to(next(teacher.parameters()).device)
+    return student
+
+
+def load_model(spec: str, task: str, num_labels: int | None = None, id2label: dict | None = None,
+               device: str = "cpu") -> tuple[Any, Any, str]:
+    """(model, tokenizer, task) from a compress stage folder, a Hugging Face folder or a Hub id.
+
+    A bare encoder given as a classification student gets a new head with the teacher's labels.
+    """
+    location = str(resolve_path(spec)) if looks_like_local_path(spec) else spec
+    if looks_like_local_path(spec) and (resolve_path(spec) / "compress_bundle.json").exists():
+        bundle = ModelBundle.load(location, device=device)
+        return bundle.model, bundle.tokenizer, bundle.task
+    kwargs: dict[str, Any] = {}
+    if task == "sequence-classification" and num_labels:
+        kwargs["num_labels"] = num_labels
+        if id2label:
+            kwargs["id2label"] = dict(id2label)
+            kwargs["label2id"] = {v: k for k, v in id2label.items()}
+    model = auto_class(task).from_pretrained(location, **kwargs)
+    return model.to(device).eval(), load_tokenizer(location), task
+
+
+def default_layer_map(student_layers: int, teacher_layers: int, kept: list[int] | None) -> dict[int, int]:
+    """Student layer -> teacher layer (1-based hidden-state indices; 0 is the embeddings).
+
+    A student cut from the teacher matches each kept layer to where it came from; otherwise the
+    student's layers are spread evenly over the teacher's, the last matched to the last.
+    """
+    if kept is not None:
+        return {i + 1: k + 1 for i, k in enumerate(kept)}
+    return {i: max(1, round(i * teacher_layers / student_layers)) for i in range(1, student_layers + 1)}
