@@ -207,7 +207,11 @@ def parse_yaml(text: str, source: str = "<recipe>") -> dict[str, Any]:
     if len(text.encode("utf-8", "replace")) > MAX_RECIPE_BYTES:
         raise RecipeError(f"the recipe is larger than {MAX_RECIPE_BYTES // 1024} KiB; recipes are small files", source)
     try:
-        data = yaml.load(text, Loader=_LimitedLoader)  # noqa: S506 - a SafeLoader subclass
+        loader = _LimitedLoader(text)  # a SafeLoader: python tags are refused
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.constructor.ConstructorError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}: " if mark else ""
