@@ -33,7 +33,11 @@ class Finetune(StageConfig, TrainingFields):
         "lora", description="lora, dora (magnitude-decomposed LoRA), qlora (LoRA on an NF4 4-bit base), or full.")
     rank: int = Field(8, gt=0, description="LoRA rank r.")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (the update is scaled by alpha/r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    # 0 by default (as torchtune does): peft draws a separate dropout mask for every adapted layer,
+    # and on CPU those random draws made a LoRA step 60% slower than with no dropout (measured on
+    # MiniLM, batch 32: 1170 vs 737 ms) -- slower than full fine-tuning.
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input (costs ~60% more "
+                                                        "time per step on CPU).")
     target_modules: list[str] | None = Field(
         None, description="Module names to adapt; default: every linear layer except the output/classifier head."
     )
