@@ -5,5 +5,6 @@ from compress.stages.finetune import Finetune
 from compress.stages.lowrank import LowRank
 from compress.stages.prune import Prune
 from compress.stages.quantize import Quantize
+from compress.stages.vocab import TrimVocab
 
-__all__ = ["Distill", "Finetune", "LowRank", "Prune", "Quantize"]
+__all__ = ["Distill", "Finetune", "LowRank", "Prune", "Quantize", "TrimVocab"]
