@@ -127,10 +127,10 @@ def test_wanda_without_calibration_data(tiny_llama_dir, tmp_path):
                           "149.56, Wanda 50% 149.69 — an undertrained model has no outlier features for Wanda "
                           "to protect; see reports/prune.md", strict=False)
 def test_wanda_beats_magnitude_on_real_text(tmp_path):
+    from bench.common import LM_STEPS, text_lm
     from bench.common import lm_data as bench_lm_data
-    from bench.common import text_lm
 
-    model = str(text_lm())
+    model = str(text_lm(LM_STEPS))
     ppl = {}
     for method in ("magnitude", "wanda"):
         report = run({"name": f"w-{method}", "model": {"path": model, "task": "causal-lm"},
