@@ -92,7 +92,7 @@ def write(rows: list[dict]) -> None:
         "",
         f"Machine: {machine}. 1-minute load average before each row: "
         + ", ".join(f"{r['method']} {r['load_before']:.1f}" for r in rows)
-        + " (about 0 means the machine was otherwise idle).",
+        + " (it still counts the previous row's own 2-thread training, so about 2 means nothing else was running).",
         "",
         "| method | accuracy | macro-F1 | Δ acc vs full (pts) | train time (s) | samples/s | peak RSS (MiB) "
         "| trainable params | trainable % |",
