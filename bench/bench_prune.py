@@ -12,12 +12,16 @@ Writes reports/prune.md and reports/prune.json.
     python -m bench.bench_prune lm        # one of: lm, minilm
     python -m bench.bench_prune time      # only re-time the variants already in reports/prune.json
     python -m bench.bench_prune render    # only rewrite reports/prune.md from reports/prune.json
+    python -m bench.bench_prune minilm "--only=ffn 25% (activation) + trim-vocab"
+                                          # run only these variants (and dense), keep the other rows of
+                                          # reports/prune.json, then re-time all of them side by side
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -76,7 +80,7 @@ def run_variants(kind: str, model: Path, task: str, data: dict[str, Any],
 
     rows = []
     for label, stages in variants.items():
-        out = CACHE / f"bench-prune-{kind}-{len(rows):02d}"
+        out = CACHE / f"bench-prune-{kind}-{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')}"
         started = time.perf_counter()
         report = run({"name": f"bench-prune-{kind}-{len(rows)}", "model": {"path": str(model), "task": task},
                       "data": data, "eval": {"baseline": not stages, "speed": False, "eval_batch_size": 64},
@@ -142,7 +146,20 @@ def _table(rows: list[dict[str, Any]], metric: str) -> str:
     return "\n".join(lines)
 
 
-def main(kinds: list[str]) -> None:
+def _subset(variants: dict[str, Any], only: list[str]) -> dict[str, Any]:
+    unknown = [o for o in only if o not in variants and o not in LM_VARIANTS and o not in MINILM_VARIANTS]
+    if unknown:
+        raise SystemExit(f"--only: unknown variants {unknown}")
+    return {k: v for k, v in variants.items() if not only or k in only or k == "dense"}
+
+
+def _merge(old: list[dict[str, Any]], new: list[dict[str, Any]], order: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of an earlier run with the re-run variants replaced, in the declared order (then the rest)."""
+    by_label = {r["variant"]: r for r in old} | {r["variant"]: r for r in new}
+    return [by_label[k] for k in order if k in by_label] + [r for k, r in by_label.items() if k not in order]
+
+
+def main(kinds: list[str], only: list[str]) -> None:
     import torch
 
     previous = REPORTS / "prune.json"
@@ -158,13 +175,15 @@ def main(kinds: list[str]) -> None:
         kinds = []
     if "lm" in kinds:
         rows = run_variants("lm", text_lm(LM_STEPS), "causal-lm", lm_data(train=3000, eval_size=2000),
-                            LM_VARIANTS)
+                            _subset(LM_VARIANTS, only))
+        rows = _merge(result.get("lm", []) if only else [], rows, LM_VARIANTS)
         timing["lm"] = time_side_by_side(rows)
         result["lm"] = rows
     if "minilm" in kinds:
-        # The teacher's own 6,000 training tweets: calibration draws from them, trim-vocab keeps their tokens.
-        data = tweets_data(train=6000, eval_size=2000, max_eval_samples=1000)
-        rows = run_variants("minilm", finetuned_minilm(), "sequence-classification", data, MINILM_VARIANTS)
+        data = tweets_data(train=2000, eval_size=2000, max_eval_samples=1000)
+        rows = run_variants("minilm", finetuned_minilm(), "sequence-classification", data,
+                            _subset(MINILM_VARIANTS, only))
+        rows = _merge(result.get("minilm", []) if only else [], rows, MINILM_VARIANTS)
         timing["minilm"] = time_side_by_side(rows)
         for r in rows:
             if r["variant"].startswith("ffn"):
@@ -224,4 +243,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["lm", "minilm"])
+    args = sys.argv[1:]
+    only = [a.split("=", 1)[1] for a in args if a.startswith("--only=")]
+    kinds = [a for a in args if not a.startswith("--only=")]
+    main(kinds or ["lm", "minilm"], only)
