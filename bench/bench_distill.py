@@ -13,6 +13,7 @@ load hits both alike. Writes reports/distill.md and reports/distill.json.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -47,9 +48,10 @@ def run_one(task: str, variant: str) -> dict:
     else:
         teacher, stage = text_lm(LM_STEPS), {**LM_STAGE, **LM_VARIANTS[variant]}
         model, data = {"path": str(teacher), "task": "causal-lm"}, lm_data(train=LM_TRAIN)
-    out = CACHE / f"bench-distill-{task}-{variant}"
+    slug = re.sub(r"[^a-z0-9]+", "-", variant.lower()).strip("-")
+    out = CACHE / f"bench-distill-{task}-{slug}"
     started = time.perf_counter()
-    report = run({"name": f"bench-distill-{task}-{variant}", "model": model, "data": data,
+    report = run({"name": f"bench-distill-{task}-{slug}", "model": model, "data": data,
                   "eval": {"baseline": False, "speed": False}, "output_dir": str(out), "stages": [stage]},
                  overwrite=True, show_progress=False)
     info = report.points[-1].stage_info

@@ -72,3 +72,19 @@ def test_classification_accuracy_and_agreement(tiny_bert_dir, sentiment_csv):
     other, _ = evaluate_accuracy(bundle.model, dataset, bundle.tokenizer, "sequence-classification",
                                  reference=flipped)
     assert other.agreement == 0.0
+
+
+def test_size_sees_pruned_zeros_inside_bitsandbytes_4bit_weights(tiny_llama_dir, lm_text, tmp_path):
+    """nf4 packs two weights per byte; the zeros of a 2:4-pruned model must still be counted."""
+    from compress import run
+    from compress.testing import tiny_recipe
+
+    recipe = tiny_recipe(tiny_llama_dir, lm_text, "causal-lm", tmp_path / "run", eval={"speed": False},
+                         stages=[{"type": "prune", "structure": "n:m", "pattern": "2:4"},
+                                 {"type": "quantize", "scheme": "nf4"}])
+    pruned, quantized = run(recipe, show_progress=False).points[1:]
+    assert pruned.size.sparsity > 0.2
+    # Every pruned zero survives; a few tiny weights may also round to nf4's zero.
+    assert pruned.size.sparsity <= quantized.size.sparsity < pruned.size.sparsity + 0.01
+    four_bit = [layer for layer in quantized.size.layers if layer.bits_per_weight < 8]
+    assert four_bit and all(layer.nonzero <= layer.parameters // 2 for layer in four_bit)

@@ -21,6 +21,20 @@ def _logical_numel(tensor: torch.Tensor) -> int:
     return tensor.numel()
 
 
+def _count_nonzero(tensor: torch.Tensor) -> int:
+    """Non-zero logical weights. Packed bitsandbytes 4-bit weights are counted on their dequantized
+    values (NF4 and FP4 hold an exact zero, so pruned weights stay visible); another packed format
+    that cannot be read back is counted as dense."""
+    logical = _logical_numel(tensor)
+    if logical == tensor.numel():
+        return int(torch.count_nonzero(tensor.detach()))
+    if getattr(tensor, "quant_state", None) is not None:
+        from peft.utils.integrations import dequantize_bnb_weight
+
+        return int(torch.count_nonzero(dequantize_bnb_weight(tensor, None)))
+    return logical
+
+
 def count_parameters(model: Any) -> tuple[int, int]:
     """(parameters, non-zero parameters), counting each logical weight once."""
     total = nonzero = 0
@@ -31,7 +45,7 @@ def count_parameters(model: Any) -> tuple[int, int]:
         seen.add(id(param))
         n = _logical_numel(param)
         total += n
-        nonzero += n if n != param.numel() else int(torch.count_nonzero(param.detach()))
+        nonzero += _count_nonzero(param)
     return total, nonzero
 
 
@@ -68,7 +82,7 @@ def layer_sizes(model: Any) -> list[LayerSize]:
         logical = _logical_numel(weight)
         if weight.dim() < 2 and logical == weight.numel():
             continue  # norms and biases are not weight matrices
-        nonzero = logical if logical != weight.numel() else int(torch.count_nonzero(weight.detach()))
+        nonzero = _count_nonzero(weight)
         layers.append(LayerSize(name=name, parameters=logical, nonzero=nonzero,
                                 bits_per_weight=round(8 * _stored_bytes(module) / logical, 4)))
     return layers
