@@ -203,7 +203,7 @@ def _timing_line(result: dict[str, Any], kind: str) -> str:
     line = (f"Latency: batch {t['batch']}, sequence {t['seq_len']}, all variants loaded in one process and "
             f"timed round-robin, {t['warmup']} warm-up + {t['repeats']} repeats, median and min.")
     load = t.get("load_average") or result.get("load_average")
-    if load:
+    if load and max(load) > 2.5:  # ~2 is this benchmark alone on 2 cores
         line += (f" The machine was shared while timing (1/5/15-min load average "
                  f"{', '.join(f'{x:.1f}' for x in load)} on 2 cores): the min column is the better guide to "
                  f"compute cost, and differences under ~10% are noise.")
@@ -228,12 +228,34 @@ def render(result: dict[str, Any]) -> str:
                 "Calibration for wanda / activation / taylor: 128 training blocks. "
                 "No recovery fine-tuning. " + _timing_line(result, "lm"), "",
                 _table(rows, "perplexity"), ""]
+        by = {r["variant"]: r for r in rows}
+        if {"magnitude 50%", "wanda 50%", "magnitude 2:4", "wanda 2:4"} <= set(by):
+            m50, w50 = by["magnitude 50%"]["perplexity"], by["wanda 50%"]["perplexity"]
+            m24, w24 = by["magnitude 2:4"]["perplexity"], by["wanda 2:4"]["perplexity"]
+            out += [f"Wanda against magnitude: at 50% unstructured {w50:.2f} vs {m50:.2f} "
+                    f"({'Wanda better' if w50 < m50 else 'Wanda **not** better'}), at 2:4 {w24:.2f} vs {m24:.2f} "
+                    f"({'Wanda better' if w24 < m24 else 'Wanda not better'}). Half of this small model's "
+                    f"weights cost only {100 * (m50 / rows[0]['perplexity'] - 1):.1f}% perplexity, and the "
+                    f"two methods land {100 * abs(w50 / m50 - 1):.2f}% apart at 50%. Wanda's reported edge "
+                    "(Sun et al. 2023) comes from the large activation outliers of billion-parameter LMs; a "
+                    "model this small and this briefly trained is not that regime.", ""]
     if "minilm" in result:
         rows = result["minilm"]
         out += ["## Classifier: MiniLM-L6 fine-tuned on tweets (3 classes)", "",
                 f"Accuracy on {rows[0]['eval_examples']} held-out tweets. No recovery fine-tuning. "
                 + _timing_line(result, "minilm"), "",
                 _table(rows, "accuracy"), ""]
+        by = {r["variant"]: r for r in rows}
+        if {"ffn 25% (activation)", "ffn 25% (activation) + trim-vocab"} <= set(by):
+            dense, ffn, both = rows[0], by["ffn 25% (activation)"], by["ffn 25% (activation) + trim-vocab"]
+            out += [f"25% of MiniLM's FFN channels are {(dense['parameters'] - ffn['parameters']) / 1e6:.2f}M of "
+                    f"its {dense['parameters'] / 1e6:.2f}M weights, so removing them alone can make the model at "
+                    f"most {100 * (1 - ffn['parameters'] / dense['parameters']):.1f}% smaller: the 30,522-token "
+                    "embedding table is half the model. Trimming the vocabulary to the tokens of the training "
+                    f"tweets as well (`trim-vocab`) makes it {100 * (1 - both['weight_bytes'] / dense['weight_bytes']):.0f}% "
+                    f"smaller on disk at {100 * both['accuracy']:.2f}% accuracy (dense {100 * dense['accuracy']:.2f}%). "
+                    "The trim keeps the tokens of this benchmark's 2,000 calibration tweets; "
+                    "reports/sentiment-showcase/ trims on 20,000.", ""]
         reload = [r["variant"] for r in rows if r.get("reloads_without_compress")]
         if reload:
             out += [f"Reloaded with `AutoModel.from_pretrained` and `AutoTokenizer.from_pretrained`, and run, in a python "
