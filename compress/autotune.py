@@ -127,7 +127,7 @@ def autotune(recipe_source: Any, output: str | Path, *, space: dict[str, list[An
     recipes, problems = [], []
     for i, combo in enumerate(combos):  # validate every candidate before running any
         try:
-            recipes.append(load_recipe(base.to_dict(), {**combo, "name": f"{base.name}-c{i:02d}",
+            recipes.append(load_recipe(base.to_dict(explicit_only=True), {**combo, "name": f"{base.name}-c{i:02d}",
                                                         "output_dir": str(output / "candidates" / f"c{i:02d}")}))
         except RecipeError as exc:
             problems += [f"candidate {combo}: {p}" for p in exc.problems]
@@ -168,7 +168,7 @@ def _write_outputs(output: Path, base: Any, summary: dict[str, Any], recipes: li
 
     write_json_atomic(output / "autotune.json", summary)
     if winner is not None:
-        chosen = recipes[int(winner["candidate"][1:])].to_dict()
+        chosen = recipes[int(winner["candidate"][1:])].to_dict(explicit_only=True)
         chosen.pop("output_dir", None)
         chosen.pop("autotune", None)
         chosen["name"] = f"{base.name}-tuned"

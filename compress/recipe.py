@@ -153,9 +153,19 @@ class Recipe(_Strict):
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
 
-    def to_dict(self) -> dict[str, Any]:
-        """The resolved recipe as plain data (what run.json and the report store)."""
-        return self.model_dump(mode="json")
+    def to_dict(self, *, explicit_only: bool = False) -> dict[str, Any]:
+        """The resolved recipe as plain data (what run.json and the report store).
+
+        `explicit_only` keeps just the fields the recipe set (plus each stage's `type`): the form to
+        validate again after changes, since a stage refuses settings that its other settings make
+        meaningless (e.g. `double_quant` with an int8 scheme) and a full dump sets every default.
+        """
+        if not explicit_only:
+            return self.model_dump(mode="json")
+        data = self.model_dump(mode="json", exclude_unset=True)
+        data["stages"] = [{"type": stage.stage_type(), **dumped}
+                          for stage, dumped in zip(self.stages, data.get("stages", []), strict=True)]
+        return data
 
 
 def rebuild_stage_union() -> None:
@@ -335,7 +345,7 @@ def load_recipe(
     if isinstance(source, Recipe):
         if not overrides:
             return source
-        source = source.to_dict()
+        source = source.to_dict(explicit_only=True)
     label = None
     if isinstance(source, (str, Path)):
         label = str(source)

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from compress import RecipeError, load_recipe
+from compress import Recipe, RecipeError, load_recipe
 from compress.autotune import autotune, candidates, parse_budget, parse_space, within_budget
 from compress.cli import main
 
@@ -59,3 +59,26 @@ def test_autotune_reuses_prefixes_and_writes_winner(cls_recipe, tmp_path, capsys
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     assert "3 candidates in" in (out / "autotune.md").read_text()
     assert "winner c0" in capsys.readouterr().out
+
+
+def test_autotune_can_vary_a_quantization_scheme_and_its_winner_reloads(cls_recipe, tmp_path):
+    # A full dump of the base recipe sets every default (double_quant, group_size, ...), which a
+    # quantize stage refuses for schemes they do not apply to; candidates carry only explicit fields.
+    cls_recipe["stages"] = [{"type": "quantize", "scheme": "int8-dynamic"}]
+    cls_recipe["eval"]["speed"] = False
+    out = tmp_path / "at"
+    summary = autotune(cls_recipe, out, space={"stages[0].scheme": ["int8-dynamic", "int8-weight"],
+                                               "stages[0].embeddings": ["none", "int8"]},
+                       budget={"accuracy_drop": 0.5})
+    assert summary["candidates"] == 4 and not any(r.get("error") for r in summary["rows"])
+    winner = load_recipe(out / "winner.yaml")
+    assert winner.stages[0].scheme == summary["winner"]["settings"]["stages[0].scheme"]
+
+
+def test_a_python_recipe_takes_overrides_that_switch_the_scheme():
+    from compress.stages import Quantize
+
+    recipe = Recipe(name="r", model={"path": "m"}, data={"source": "d.csv"}, stages=[Quantize(scheme="nf4")])
+    switched = load_recipe(recipe, ["stages[0].scheme=int8-weight"])
+    assert switched.stages[0].scheme == "int8-weight"
+    assert load_recipe(switched.to_dict(explicit_only=True)).stages[0].type == "quantize"
