@@ -120,9 +120,9 @@ class Runner:
         self.manifest.update(changes)
         write_json_atomic(self.out / RUN_FILE, self.manifest)
 
-    def _write_report(self) -> None:
+    def _write_report(self, plots: bool = True) -> None:
         assert self.report is not None
-        write_report(self.report, self.out)
+        write_report(self.report, self.out, plots=plots)
 
     def _add_point(self, point: EvalPoint) -> None:
         assert self.report is not None
@@ -131,7 +131,9 @@ class Runner:
             self.report.points[names.index(point.name)] = point
         else:
             self.report.points.append(point)
-        self._write_report()
+        # The figures so far, after every point, so a killed run still leaves a report; the plots
+        # (about 1.5 s of matplotlib each time) are drawn once, when the run ends or fails.
+        self._write_report(plots=False)
 
     # ------------------------------------------------------------------ run
 
