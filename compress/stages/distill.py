@@ -71,7 +71,8 @@ class Distill(StageConfig, TrainingFields):
         "none", description="none: run the teacher on every batch; disk: compute its top-k outputs once "
                             "into the work folder and reuse them every epoch.")
     cache_top_k: int = Field(64, gt=0, description="Classes/tokens kept per position in the teacher cache "
-                                                   "(the rest of the mass is spread evenly).")
+                                                   "(the rest of the mass is spread evenly, which flattens a "
+                                                   "large-vocabulary LM's targets: reports/distill.md).")
 
     @model_validator(mode="after")
     def _combinations(self) -> Distill:
