@@ -61,7 +61,6 @@ def measure() -> dict:
     from compress.report.schema import Report
 
     report = Report.model_validate_json((RUN_DIR / "report.json").read_text())
-    points = {p.name: p for p in report.points}
     teacher_point = next(p for p in report.points if p.name.startswith("01-"))  # stage 1 trains the teacher
     final_point = report.points[-1]
     teacher_dir, final_dir = RUN_DIR / teacher_point.name, RUN_DIR / final_point.name
@@ -82,7 +81,7 @@ def measure() -> dict:
         "points": [{"name": p.name, "accuracy": p.accuracy.accuracy if p.accuracy else None,
                     "disk_bytes": p.size.disk_bytes if p.size else None,
                     "parameters": p.size.parameters if p.size else None,
-                    "stage_seconds": p.stage_seconds} for p in points.values()],
+                    "stage_seconds": p.stage_seconds} for p in report.points],
     }
     return result
 

@@ -21,21 +21,28 @@ def _logical_numel(tensor: torch.Tensor) -> int:
     return tensor.numel()
 
 
-def _count_nonzero(tensor: torch.Tensor) -> int:
+def _count_nonzero(tensor: torch.Tensor, cache: dict[int, int] | None = None) -> int:
     """Non-zero logical weights. Packed bitsandbytes 4-bit weights are counted on their dequantized
     values (NF4 and FP4 hold an exact zero, so pruned weights stay visible); another packed format
-    that cannot be read back is counted as dense."""
+    that cannot be read back is counted as dense. `cache` (by tensor id) lets one measurement
+    dequantize each weight once."""
+    if cache is not None and id(tensor) in cache:
+        return cache[id(tensor)]
     logical = _logical_numel(tensor)
     if logical == tensor.numel():
-        return int(torch.count_nonzero(tensor.detach()))
-    if getattr(tensor, "quant_state", None) is not None:
+        count = int(torch.count_nonzero(tensor.detach()))
+    elif getattr(tensor, "quant_state", None) is not None:
         from peft.utils.integrations import dequantize_bnb_weight
 
-        return int(torch.count_nonzero(dequantize_bnb_weight(tensor, None)))
-    return logical
+        count = int(torch.count_nonzero(dequantize_bnb_weight(tensor, None)))
+    else:
+        count = logical
+    if cache is not None:
+        cache[id(tensor)] = count
+    return count
 
 
-def count_parameters(model: Any) -> tuple[int, int]:
+def count_parameters(model: Any, _cache: dict[int, int] | None = None) -> tuple[int, int]:
     """(parameters, non-zero parameters), counting each logical weight once."""
     total = nonzero = 0
     seen: set[int] = set()
@@ -45,7 +52,7 @@ def count_parameters(model: Any) -> tuple[int, int]:
         seen.add(id(param))
         n = _logical_numel(param)
         total += n
-        nonzero += _count_nonzero(param)
+        nonzero += _count_nonzero(param, _cache)
     return total, nonzero
 
 
@@ -72,7 +79,7 @@ def _stored_bytes(module: torch.nn.Module) -> int:
     return total
 
 
-def layer_sizes(model: Any) -> list[LayerSize]:
+def layer_sizes(model: Any, _cache: dict[int, int] | None = None) -> list[LayerSize]:
     """Sparsity and bits per weight of every weight matrix: linear-like layers and embeddings."""
     layers = []
     for name, module in model.named_modules():
@@ -82,7 +89,7 @@ def layer_sizes(model: Any) -> list[LayerSize]:
         logical = _logical_numel(weight)
         if weight.dim() < 2 and logical == weight.numel():
             continue  # norms and biases are not weight matrices
-        nonzero = _count_nonzero(weight)
+        nonzero = _count_nonzero(weight, _cache)
         layers.append(LayerSize(name=name, parameters=logical, nonzero=nonzero,
                                 bits_per_weight=round(8 * _stored_bytes(module) / logical, 4)))
     return layers
@@ -90,7 +97,8 @@ def layer_sizes(model: Any) -> list[LayerSize]:
 
 def measure_size(model: Any, saved_dir: str | Path | None = None, save_fn: Any = None) -> SizeMetrics:
     """Measure a model. Disk bytes come from `saved_dir`, or from saving with `save_fn(tmpdir)`."""
-    params, nonzero = count_parameters(model)
+    nonzeros: dict[int, int] = {}  # shared by both counts below
+    params, nonzero = count_parameters(model, nonzeros)
     disk = None
     if saved_dir is not None:
         disk = folder_bytes(saved_dir)
@@ -105,5 +113,5 @@ def measure_size(model: Any, saved_dir: str | Path | None = None, save_fn: Any =
         memory_bytes=memory_bytes(model),
         disk_bytes=disk,
         bits_per_weight=round(8 * disk / params, 4) if disk and params else None,
-        layers=layer_sizes(model),
+        layers=layer_sizes(model, nonzeros),
     )

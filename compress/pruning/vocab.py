@@ -57,7 +57,8 @@ def tokenizer_spec(tokenizer: Any) -> dict[str, Any]:
     return spec
 
 
-def _vocab(spec: dict[str, Any]) -> dict[str, int]:
+def vocab_of(spec: dict[str, Any]) -> dict[str, int]:
+    """Token -> id of a tokenizer.json spec (Unigram keeps a list of [piece, score])."""
     model = spec["model"]
     if model["type"] == "Unigram":
         return {piece: i for i, (piece, _score) in enumerate(model["vocab"])}
@@ -77,7 +78,7 @@ def plan_trim(tokenizer: Any, counts: Counter, *, min_count: int = 1, texts_char
     single characters (all of them for byte-level BPE; those in `texts_chars` otherwise), and for
     BPE the parts every kept token is merged from."""
     spec = tokenizer_spec(tokenizer)
-    vocab = _vocab(spec)
+    vocab = vocab_of(spec)
     by_id = {i: t for t, i in vocab.items()}
     keep = {i for i, c in counts.items() if c >= min_count}
     keep |= {a["id"] for a in spec.get("added_tokens", [])}
@@ -228,4 +229,4 @@ def _remap_config(model: Any, remap: dict[int, int], size: int) -> None:
 
 
 __all__ = ["TrimPlan", "VocabError", "count_tokens", "plan_trim", "tokenizer_spec", "trim_embeddings",
-           "trim_tokenizer", "trimmed_tokenizer_json"]
+           "trim_tokenizer", "trimmed_tokenizer_json", "vocab_of"]

@@ -49,8 +49,7 @@ def check_trim_vocab(bundle: ModelBundle, config: TrimVocab, ctx: RunContext) ->
         spec = vt.tokenizer_spec(bundle.tokenizer)
     except vt.VocabError as exc:
         return problems + [f"trim-vocab: {exc}"]
-    vocab = spec["model"]["vocab"]
-    known = {p for p, _ in vocab} if isinstance(vocab, list) else set(vocab)
+    known = vt.vocab_of(spec)
     problems += [f"keep_tokens: {t!r} is not in the tokenizer's vocabulary" for t in config.keep_tokens
                  if t not in known]
     embedding = bundle.model.get_input_embeddings()
