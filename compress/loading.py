@@ -15,7 +15,17 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def model_location(spec: ModelSpec) -> str:
-    return str(resolve_path(spec.path)) if looks_like_local_path(spec.path) else spec.path
+    """Where transformers reads the model: the resolved local folder, or the Hub id."""
+    if not looks_like_local_path(spec.path):
+        return spec.path
+    path = resolve_path(spec.path)
+    return str(path.parent if spec.path.endswith(".gguf") else path)
+
+
+def gguf_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    """from_pretrained arguments for a GGUF checkpoint, or nothing for a safetensors one."""
+    name = spec.gguf_file or (resolve_path(spec.path).name if spec.path.endswith(".gguf") else None)
+    return {"gguf_file": name} if name else {}
 
 
 def _load_config(spec: ModelSpec) -> Any:
@@ -24,7 +34,7 @@ def _load_config(spec: ModelSpec) -> Any:
     check_weights_format(spec)
     try:
         return AutoConfig.from_pretrained(model_location(spec), revision=spec.revision,
-                                          trust_remote_code=spec.trust_remote_code)
+                                          trust_remote_code=spec.trust_remote_code, **gguf_kwargs(spec))
     except Exception as exc:  # OSError offline, ValueError for unknown model types
         if "trust_remote_code" in str(exc) and not spec.trust_remote_code:
             raise ModelError(
@@ -40,7 +50,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 def check_weights_format(spec: ModelSpec) -> None:
     """Refuse a local folder whose weights exist only as pickle, unless the recipe opts in."""
-    if spec.allow_pickle or not looks_like_local_path(spec.path):
+    if spec.allow_pickle or not looks_like_local_path(spec.path) or gguf_kwargs(spec):
         return
     folder = resolve_path(spec.path)
     files = [p.name for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
@@ -67,7 +77,13 @@ def load_base_model(spec: ModelSpec, task: str, data: Any, device: str, seed: in
     location = model_location(spec)
     kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code,
                               "dtype": _DTYPES[spec.dtype]}
-    if not spec.allow_pickle:
+    gguf = gguf_kwargs(spec)
+    if gguf:
+        from transformers import GgufConfig
+
+        # Dequantize at load: stages need plain nn.Linear weights to prune, train and requantize.
+        kwargs.update(gguf, quantization_config=GgufConfig(gguf_file=gguf["gguf_file"], dequantize=True))
+    elif not spec.allow_pickle:
         kwargs["use_safetensors"] = True  # transformers then refuses .bin weights instead of unpickling them
     if task == "sequence-classification":
         names = getattr(data, "label_names", None)
@@ -85,10 +101,24 @@ def load_base_model(spec: ModelSpec, task: str, data: Any, device: str, seed: in
     torch.manual_seed(seed)  # a new classifier head is initialised reproducibly
     try:
         model = auto_class(task).from_pretrained(location, **kwargs)
-        tokenizer = load_tokenizer(location, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        tokenizer = load_tokenizer(location, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+                                   **gguf)
     except Exception as exc:
         raise ModelError(f"model.path: could not load {spec.path!r} as {task}: {exc}") from None
+    if gguf:
+        _detach_gguf_quantizer(model)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device).eval()
     return ModelBundle(model=model, tokenizer=tokenizer, task=task, source=spec.path)
+
+
+def _detach_gguf_quantizer(model: Any) -> None:
+    """A dequantized GGUF model is a plain float model, but transformers still marks it as GGUF-quantized
+    and refuses to save it. Drop the marker so stage checkpoints save as ordinary safetensors."""
+    packed = [n for n, m in model.named_modules() if type(m).__name__.startswith("Gguf")]
+    if packed:  # cannot happen with dequantize=True; guard so a transformers change fails loudly
+        raise ModelError(f"model.gguf_file: layers stayed GGUF-packed after loading ({', '.join(packed[:3])})")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config

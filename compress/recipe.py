@@ -40,6 +40,10 @@ class ModelSpec(_Strict):
     allow_pickle: bool = Field(False, description="Load pickle weights (.bin/.pt), which can run code. Off by "
                                                   "default: safetensors only.")
     num_labels: int | None = Field(None, ge=2, description="Classifier labels; default: from the data.")
+    gguf_file: str | None = Field(
+        None, description="A GGUF file inside model.path (local folder or Hub repo) to load instead of "
+        "safetensors. Its weights are dequantized to `dtype` on load, so every stage sees a plain model; "
+        "needs `pip install gguf`. A local model.path ending in .gguf sets this by itself.")
 
     @field_validator("path")
     @classmethod
@@ -55,6 +59,23 @@ class ModelSpec(_Strict):
                     f"or a Hub id like 'org/name'"
                 )
         return value
+
+    @model_validator(mode="after")
+    def _gguf_readable(self) -> ModelSpec:
+        import importlib.util
+
+        named = self.gguf_file or (self.path if self.path.endswith(".gguf") else None)
+        if named is None:
+            return self
+        if self.gguf_file and self.path.endswith(".gguf"):
+            raise ValueError("gguf_file: model.path already names a .gguf file; give model.path as its folder, "
+                             "or drop gguf_file")
+        if self.gguf_file and looks_like_local_path(self.path):
+            if not (resolve_path(self.path) / self.gguf_file).is_file():
+                raise ValueError(f"gguf_file: {self.gguf_file!r} is not a file in {self.path!r}")
+        if importlib.util.find_spec("gguf") is None:
+            raise ValueError(f"gguf_file: reading {named!r} needs the gguf package; `pip install gguf`")
+        return self
 
 
 class DataSpec(_Strict):

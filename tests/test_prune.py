@@ -120,24 +120,3 @@ def test_wanda_without_calibration_data(tiny_llama_dir, tmp_path):
         "section; add one or use method: magnitude"]
     with pytest.raises(StageError, match="prune.method: wanda needs calibration data"):
         run_prune(bundle, config, _ctx(tmp_path))
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(reason="measured 2026-11-21: on the 300-step tweets Llama (perplexity 148.8) magnitude 50% "
-                          "149.56 vs Wanda 149.69; on the 1000-step one (69.66) magnitude 70.55 vs Wanda 70.64 "
-                          "(Wanda wins at 2:4: 72.08 vs 72.22). Pruning half of this small model costs ~1% "
-                          "perplexity, too little for the activation term to matter; see reports/prune.md",
-                   strict=False)
-def test_wanda_beats_magnitude_on_real_text(tmp_path):
-    from bench.common import LM_STEPS, text_lm
-    from bench.common import lm_data as bench_lm_data
-
-    model = str(text_lm(LM_STEPS))
-    ppl = {}
-    for method in ("magnitude", "wanda"):
-        report = run({"name": f"w-{method}", "model": {"path": model, "task": "causal-lm"},
-                      "data": bench_lm_data(train=2000, eval_size=300), "eval": {"speed": False},
-                      "output_dir": str(tmp_path / method),
-                      "stages": [{"type": "prune", "method": method, "sparsity": 0.5}]}, show_progress=False)
-        ppl[method] = report.final.accuracy.perplexity
-    assert ppl["wanda"] < ppl["magnitude"]
