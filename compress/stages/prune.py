@@ -4,6 +4,7 @@ heads, FFN channels or layers that shrinks shapes and rewrites the config to mat
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -13,6 +14,7 @@ from compress.bundle import ModelBundle
 from compress.context import RunContext
 from compress.errors import StageError
 from compress.pruning import importance as imp
+from compress.pruning import sparsegpt
 from compress.pruning import structured as st
 from compress.pruning.calibration import calibration_batches, input_norms
 from compress.pruning.masks import magnitude_score, nm_mask, unstructured_mask, wanda_score
@@ -36,9 +38,11 @@ class Prune(StageConfig):
     structure: Literal["unstructured", "n:m", "heads", "ffn", "layers"] = Field(
         "unstructured", description="What is removed: single weights (masked to zero), N:M groups (masked), "
         "or whole attention-head groups, FFN channels or layers (shapes shrink).")
-    method: Literal["magnitude", "wanda"] = Field(
-        "magnitude", description="Weight score for unstructured and n:m: |W|, or Wanda's |W| * ||X|| "
-        "(needs calibration data).")
+    method: Literal["magnitude", "wanda", "sparsegpt"] = Field(
+        "magnitude", description="Unstructured and n:m: magnitude drops the smallest |W|; wanda drops the "
+        "smallest |W| * ||X|| (needs calibration data); sparsegpt also updates the kept weights so each "
+        "layer's output on calibration data changes least (needs calibration data; slower: one Hessian "
+        "per layer, blocks pruned in order).")
     sparsity: float | None = Field(
         None, ge=0, lt=1, description="Share removed: of each layer's weights (unstructured), or of the "
         "heads, FFN channels or layers (structured). Not used by n:m, whose pattern fixes it.")
@@ -78,8 +82,9 @@ class Prune(StageConfig):
             if (self.sparsity is None) == (self.count is None):
                 raise ValueError(f"sparsity: {s} pruning needs exactly one of sparsity (a share) or count "
                                  f"(a number per layer)")
-            if "method" in set_fields and self.method == "wanda":
-                raise ValueError(f"method: wanda scores single weights; for {s} set importance: activation")
+            if "method" in set_fields and self.method != "magnitude":
+                raise ValueError(f"method: {self.method} prunes single weights; for {s} set importance: "
+                                 f"activation")
             if self.layer_sparsity:
                 raise ValueError(f"layer_sparsity: {s} pruning is uniform across layers (the config holds "
                                  f"one size for all layers); remove layer_sparsity")
@@ -109,7 +114,7 @@ class Prune(StageConfig):
     def needs_data(self) -> bool:
         if self.structure in STRUCTURED:
             return self.ranking() in ("activation", "taylor")
-        return self.method == "wanda"
+        return self.method in ("wanda", "sparsegpt")
 
 
 # ---------------------------------------------------------------------------- checks
@@ -193,26 +198,47 @@ def _sparsity(tensors: list[torch.Tensor]) -> float:
     return round(zeros / total, 6) if total else 0.0
 
 
+def _score_masks(config: Prune, linears: dict[str, torch.nn.Linear],
+                 norms: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Magnitude or Wanda: a keep-mask per layer from a score, weights left as they are."""
+    for name, lin in linears.items():
+        score = wanda_score(lin.weight, norms[name]) if config.method == "wanda" else magnitude_score(lin.weight)
+        if config.structure == "n:m":
+            yield name, nm_mask(score, *config.nm())
+        else:
+            yield name, unstructured_mask(score, pattern_value(name, config.layer_sparsity, config.sparsity),
+                                          per_row=config.method == "wanda")
+
+
+def _sparsegpt_masks(model: Any, config: Prune, linears: dict[str, torch.nn.Linear],
+                     batches: list) -> Iterator[tuple[str, torch.Tensor]]:
+    """SparseGPT block by block; each layer's weights are pruned and updated in place."""
+    nm = config.nm() if config.structure == "n:m" else None
+
+    def prune_layer(name: str, lin: torch.nn.Linear, hessian: torch.Tensor) -> torch.Tensor:
+        sparsity = pattern_value(name, config.layer_sparsity, config.sparsity) if nm is None else 0.0
+        weight, mask = sparsegpt.sparsegpt_prune(lin.weight, hessian, sparsity, nm)
+        lin.weight.copy_(weight)
+        return mask
+
+    return sparsegpt.prune_sequentially(model, linears, batches, prune_layer)
+
+
 def _prune_masks(bundle: ModelBundle, config: Prune, ctx: RunContext) -> ModelBundle:
     model = bundle.model
     linears = select_linears(model, config.targets, config.exclude)
-    norms = {}
-    if config.method == "wanda":
-        batches = calibration_batches(bundle, ctx.data, config.calibration_samples, ctx.seed)
-        norms = input_norms(model, linears, batches)
+    batches = (calibration_batches(bundle, ctx.data, config.calibration_samples, ctx.seed)
+               if config.needs_data() else None)
+    norms = input_norms(model, linears, batches) if config.method == "wanda" else {}
     masks = dict(bundle.masks)
     per_layer = {}
     with torch.no_grad():
-        for name, lin in linears.items():
-            weight = lin.weight
-            score = wanda_score(weight, norms[name]) if config.method == "wanda" else magnitude_score(weight)
-            if config.structure == "n:m":
-                mask = nm_mask(score, *config.nm())
-            else:
-                mask = unstructured_mask(score, pattern_value(name, config.layer_sparsity, config.sparsity),
-                                         per_row=config.method == "wanda")
+        chosen = (_sparsegpt_masks(model, config, linears, batches) if config.method == "sparsegpt"
+                  else _score_masks(config, linears, norms))
+        for name, mask in chosen:
+            weight = linears[name].weight
             key = f"{name}.weight"
-            if key in masks:
+            if key in masks:  # an earlier prune stage's zeros stay zero
                 mask &= masks[key].to(mask.device)
             weight.mul_(mask.to(weight.dtype))
             masks[key] = mask.cpu()
@@ -226,7 +252,7 @@ def _prune_masks(bundle: ModelBundle, config: Prune, ctx: RunContext) -> ModelBu
         "measured_sparsity_pruned_layers": _sparsity([lin.weight for lin in linears.values()]),
         "measured_sparsity_model": _sparsity(list(model.parameters())),
         "calibration_samples": (min(config.calibration_samples or ctx.data.spec.calibration_samples,
-                                    len(ctx.data.train)) if norms else None),
+                                    len(ctx.data.train)) if batches else None),
         "speed_note": NOTE_NM if config.structure == "n:m" else NOTE_DENSE,
     }
     out.record("prune", config.model_dump(mode="json"), **facts)

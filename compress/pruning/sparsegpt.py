@@ -1,0 +1,212 @@
+"""SparseGPT (Frantar & Alistarh, 2023): prune a linear layer and update its remaining weights so the
+layer's output on calibration inputs changes as little as possible.
+
+Written here rather than imported: llm-compressor's SparseGPTModifier runs only inside its own
+session/`oneshot` lifecycle and pins its own transformers range, and the algorithm itself is the
+short loop below, following the authors' reference code (IST-DASLab/sparsegpt).
+
+The layer's inputs X (real tokens only) give H = XᵀX / n. Columns are visited left to right in blocks;
+each pruned weight's error is spread onto the not-yet-visited columns through the Cholesky factor of
+H⁻¹ (the optimal brain surgeon update), so later weights compensate for earlier removals.
+Blocks of a model are pruned in order, each measured on the outputs of the already-pruned blocks
+before it, as in the paper.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from compress.errors import StageError
+from compress.pruning.calibration import _forward_all, _hooks, _Tokens
+
+_BLOCK = re.compile(r"^(.*?\.(?:layers|layer|h|blocks|block)\.\d+)\.")
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the block being calibrated has its inputs: later blocks are not needed."""
+
+
+def sequential_groups(linears: dict[str, torch.nn.Linear]) -> Iterator[tuple[str | None, dict[str, Any]]]:
+    """Target layers grouped by transformer block (`model.layers.3`), in model order; layers outside
+    any block form a last group (None)."""
+    groups: dict[str | None, dict[str, Any]] = {}
+    for name, lin in linears.items():
+        m = _BLOCK.match(name)
+        groups.setdefault(m[1] if m else None, {})[name] = lin
+    outside = groups.pop(None, None)
+    yield from groups.items()
+    if outside:
+        yield None, outside
+
+
+def _follows(block: str, previous: str | None) -> bool:
+    """True when `block` is the next entry of the same layer list (model.layers.4 after model.layers.3)."""
+    if previous is None:
+        return False
+    a, _, i = block.rpartition(".")
+    b, _, j = previous.rpartition(".")
+    return a == b and int(i) == int(j) + 1
+
+
+# One captured call of a block: its positional and keyword arguments, and the batch's attention mask.
+_Call = tuple[tuple, dict, "torch.Tensor | None"]
+
+
+def capture_block_inputs(model: Any, block: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[_Call]:
+    """Run the model on each batch until `block` is called, and keep that call's arguments. The KV cache
+    is dropped from them, so replaying the call cannot append to a cache."""
+    calls: list[_Call] = []
+
+    def pre(_module, args, kwargs):
+        kwargs = dict(kwargs)
+        if "past_key_values" in kwargs:
+            kwargs["past_key_values"] = None
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        calls.append((args, kwargs, None))
+        raise _StopForward
+
+    device = next(model.parameters()).device
+    handle = block.register_forward_pre_hook(pre, with_kwargs=True)
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                try:
+                    model(**inputs)
+                except _StopForward:
+                    mask = inputs["attention_mask"].bool() if "attention_mask" in inputs else None
+                    calls[-1] = (calls[-1][0], calls[-1][1], mask)
+    finally:
+        handle.remove()
+    return calls
+
+
+def replay_block(block: torch.nn.Module, calls: list[_Call], tokens: _Tokens | None = None) -> list[_Call]:
+    """Run `block` on captured calls; return the calls the next block receives (its output as the hidden
+    state, every other argument unchanged)."""
+    out = []
+    with torch.no_grad():
+        for args, kwargs, mask in calls:
+            if tokens is not None:
+                tokens.mask = mask
+            result = block(*args, **kwargs)
+            hidden = result[0] if isinstance(result, tuple) else result
+            if args:
+                out.append(((hidden, *args[1:]), kwargs, mask))
+            else:
+                out.append(((), {**kwargs, "hidden_states": hidden}, mask))
+    return out
+
+
+def _hessian_hooks(modules: dict[str, torch.nn.Module], tokens: _Tokens):
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def make(name: str):
+        def hook(_module, args, _output):
+            x = tokens.real(args[0].detach()).float()
+            sums[name] = x.T @ x if name not in sums else sums[name] + x.T @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return hook
+
+    def result() -> dict[str, torch.Tensor]:
+        return {name: s / max(counts[name], 1) for name, s in sums.items()}
+
+    return _hooks(modules, make), result
+
+
+def hessians(model: Any, modules: dict[str, torch.nn.Module],
+             batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per module, XᵀX / n over the real tokens of its inputs, from full forward passes."""
+    tokens = _Tokens()
+    hooks, result = _hessian_hooks(modules, tokens)
+    with hooks:
+        _forward_all(model, batches, tokens)
+    return result()
+
+
+def prune_sequentially(model: Any, linears: dict[str, torch.nn.Linear], batches: list[dict[str, torch.Tensor]],
+                       prune_layer: Callable[[str, torch.nn.Linear, torch.Tensor], torch.Tensor]
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Prune block after block, each measured on the outputs of the already-pruned blocks before it.
+
+    A block's inputs are captured once; consecutive blocks then replay only themselves, so the whole
+    pass costs about two forward passes of the model instead of one per block.
+    `prune_layer(name, linear, hessian)` prunes one layer in place and returns its keep-mask.
+    """
+    modules = dict(model.named_modules())
+    calls: list[_Call] | None = None
+    previous: str | None = None
+    for block, group in sequential_groups(linears):
+        tokens = _Tokens()
+        hooks, result = _hessian_hooks(group, tokens)
+        if block is None:  # layers outside the blocks: measure on full passes
+            with hooks:
+                _forward_all(model, batches, tokens)
+        else:
+            if calls is None or not _follows(block, previous):
+                calls = capture_block_inputs(model, modules[block], batches)
+            with hooks:
+                replay_block(modules[block], calls, tokens)
+        found = result()
+        for name, lin in group.items():
+            if name not in found:
+                raise StageError(f"targets: {name} is never called on the calibration data, so SparseGPT has no inputs to fit it on; exclude it")
+            yield name, prune_layer(name, lin, found.pop(name))
+        if block is not None:
+            calls, previous = replay_block(modules[block], calls), block
+
+
+@torch.no_grad()
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.5,
+                    nm: tuple[int, int] | None = None, block_size: int = 128,
+                    damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pruned and updated weight, and its keep-mask (True = kept).
+
+    `sparsity` is the share removed (unstructured, chosen per block of columns across all rows);
+    `nm=(n, m)` keeps n of every m consecutive inputs instead. `damp` adds that share of H's mean
+    diagonal, which keeps the Cholesky factorisation stable.
+    """
+    W = weight.detach().float().clone()
+    H = hessian.to(W.device).float().clone()
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0  # inputs that never fired: their weights cannot matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=W.device)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    drop = torch.zeros_like(W, dtype=torch.bool)
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        W1, Hinv1 = W[:, start:end].clone(), Hinv[start:end, start:end]
+        Err1 = torch.zeros_like(W1)
+        d = torch.diag(Hinv1)
+        if nm is None:
+            score = W1 ** 2 / d.unsqueeze(0) ** 2
+            k = int(score.numel() * sparsity)
+            drop1 = torch.zeros_like(W1, dtype=torch.bool)
+            if k:
+                drop1.view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = True
+        else:
+            drop1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(end - start):
+            if nm is not None and i % nm[1] == 0:
+                group = W1[:, i:i + nm[1]] ** 2 / d[i:i + nm[1]].unsqueeze(0) ** 2
+                drop1.scatter_(1, i + torch.topk(group, nm[1] - nm[0], dim=1, largest=False).indices, True)
+            w = W1[:, i]
+            q = torch.where(drop1[:, i], torch.zeros_like(w), w)
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, start:end] = W1
+        W[:, end:] -= Err1 @ Hinv[start:end, end:]
+        drop[:, start:end] = drop1
+    keep = ~drop & ~dead.unsqueeze(0)
+    return (W * keep).to(weight.dtype), keep
