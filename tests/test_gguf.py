@@ -100,10 +100,10 @@ def test_smollm2_recipe_prunes_recovers_and_quantizes_keeping_the_zeros(tmp_path
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-wanda-recover.yaml"
     report = run(recipe, ["stages[1].max_steps=6", "data.max_train_samples=400", "data.eval_size=100",
                           "eval.speed=false", f"output_dir={tmp_path / 'run'}"], show_progress=False)
-    assert [p.name for p in report.points] == ["baseline", "01-prune", "02-recover", "03-quantize"]
+    assert [p.name for p in report.points] == ["baseline", "01-prune", "02-finetune", "03-quantize"]
     ppl = {p.name: p.accuracy.perplexity for p in report.points}
-    assert ppl["01-prune"] > ppl["baseline"] and ppl["02-recover"] < ppl["01-prune"], ppl
+    assert ppl["01-prune"] > ppl["baseline"] and ppl["02-finetune"] < ppl["01-prune"], ppl
     # Masked LoRA and int8 keep Wanda's zeros: about half of the pruned layers' weights stay zero.
-    for name in ("01-prune", "02-recover", "03-quantize"):
+    for name in ("01-prune", "02-finetune", "03-quantize"):
         point = next(p for p in report.points if p.name == name)
         assert point.size.sparsity > 0.3, (name, point.size.sparsity)
