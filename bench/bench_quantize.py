@@ -48,7 +48,8 @@ LM_VARIANTS: dict[str, dict[str, Any]] = {
 }
 LM_VARIANTS: dict[str, dict[str, Any]] = {
     "int8 (bitsandbytes)": {"scheme": "int8"},
-    "int8-dynamic": {"scheme": "int8-dynamic"},
+    "int8-dynamic, per-tensor activations": {"scheme": "int8-dynamic", "activation_scales": "per-tensor"},
+    "int8-dynamic, per-token activations (the default for LMs)": {"scheme": "int8-dynamic"},
     "nf4 (bitsandbytes, double quant)": {"scheme": "nf4"},
     "fp4 (bitsandbytes, double quant)": {"scheme": "fp4"},
     "int4-weight RTN g128": {"scheme": "int4-weight", "group_size": 128},

@@ -121,6 +121,21 @@ def test_per_token_activation_scales_survive_an_outlier_token():
     assert errors[True] < 0.05
 
 
+def test_int8_dynamic_scales_default_to_per_token_for_causal_lms_only(tiny_bert_dir, tiny_llama_dir, cls_recipe,
+                                                                       lm_recipe, tmp_path):
+    from compress.quant.dynamic import DynamicInt8Linear
+
+    cases = [(tiny_llama_dir, "causal-lm", lm_recipe, {}, True),
+             (tiny_bert_dir, "sequence-classification", cls_recipe, {}, False),
+             (tiny_llama_dir, "causal-lm", lm_recipe, {"activation_scales": "per-tensor"}, False)]
+    for model_dir, task, recipe, settings, per_token in cases:
+        out = run_quantize(_bundle(model_dir, task), Quantize(scheme="int8-dynamic", **settings),
+                           _ctx(tmp_path / task, recipe))
+        layers = [m for m in out.model.modules() if isinstance(m, DynamicInt8Linear)]
+        assert layers and all(m.per_token is per_token for m in layers), (task, settings)
+        assert out.info["last_stage"]["activation_scales"] == ("per-token" if per_token else "per-tensor")
+
+
 def test_selection_include_exclude_types_and_head(tiny_bert_dir, cls_recipe, tmp_path):
     bundle = _bundle(tiny_bert_dir, "sequence-classification")
     ctx = _ctx(tmp_path, cls_recipe)
