@@ -71,8 +71,11 @@ class ModelSpec(_Strict):
             raise ValueError("gguf_file: model.path already names a .gguf file; give model.path as its folder, "
                              "or drop gguf_file")
         if self.gguf_file and looks_like_local_path(self.path):
-            if not (resolve_path(self.path) / self.gguf_file).is_file():
-                raise ValueError(f"gguf_file: {self.gguf_file!r} is not a file in {self.path!r}")
+            folder = resolve_path(self.path)
+            if not (folder / self.gguf_file).is_file():
+                found = sorted(f.name for f in folder.glob("*.gguf"))
+                raise ValueError(f"gguf_file: {self.gguf_file!r} is not a file in {self.path!r}; "
+                                 + (f"it holds {', '.join(found)}" if found else "it holds no .gguf file"))
         if importlib.util.find_spec("gguf") is None:
             raise ValueError(f"gguf_file: reading {named!r} needs the gguf package; `pip install gguf`")
         return self

@@ -29,7 +29,11 @@ def _recipe(model: dict, data: str) -> dict:
 
 
 def test_gguf_file_must_exist_in_the_model_folder(tmp_path, text_file):
-    with pytest.raises(RecipeError, match=r"model\.gguf_file: 'm\.Q4_0\.gguf' is not a file in"):
+    with pytest.raises(RecipeError, match=r"model\.gguf_file: 'm\.Q4_0\.gguf' is not a file in .*; it holds no "
+                                          r"\.gguf file"):
+        load_recipe(_recipe({"path": str(tmp_path), "gguf_file": "m.Q4_0.gguf"}, text_file))
+    (tmp_path / "m.Q8_0.gguf").write_bytes(b"GGUF")
+    with pytest.raises(RecipeError, match=r"is not a file in .*; it holds m\.Q8_0\.gguf"):
         load_recipe(_recipe({"path": str(tmp_path), "gguf_file": "m.Q4_0.gguf"}, text_file))
 
 
