@@ -3,7 +3,7 @@
 import pytest
 
 from compress import Recipe, RecipeError, load_recipe
-from compress.recipe import parse_yaml
+from compress.recipe_text import parse_yaml
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from compress import Finetune, ModelSpec, Recipe, RecipeError, load_recipe
-from compress.recipe import DataSpec, apply_overrides
+from compress.recipe import DataSpec
+from compress.recipe_text import apply_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 
