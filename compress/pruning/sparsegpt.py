@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from compress.errors import StageError
-from compress.pruning.calibration import _forward_all, _hooks, _Tokens
+from compress.pruning.calibration import _forward_all, _hooks, _to, _Tokens
 
 _BLOCK = re.compile(r"^(.*?\.(?:layers|layer|h|blocks|block)\.\d+)\.")
 
@@ -76,7 +76,7 @@ def capture_block_inputs(model: Any, block: torch.nn.Module, batches: list[dict[
     try:
         with torch.no_grad():
             for batch in batches:
-                inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                inputs = _to(batch, device, labels=False)
                 try:
                     model(**inputs)
                 except _StopForward:
@@ -144,17 +144,16 @@ def prune_sequentially(model: Any, linears: dict[str, torch.nn.Linear], batches:
     calls: list[_Call] | None = None
     previous: str | None = None
     for block, group in sequential_groups(linears):
-        tokens = _Tokens()
-        hooks, result = _hessian_hooks(group, tokens)
         if block is None:  # layers outside the blocks: measure on full passes
-            with hooks:
-                _forward_all(model, batches, tokens)
+            found = hessians(model, group, batches)
         else:
             if calls is None or not _follows(block, previous):
                 calls = capture_block_inputs(model, modules[block], batches)
+            tokens = _Tokens()
+            hooks, result = _hessian_hooks(group, tokens)
             with hooks:
                 replay_block(modules[block], calls, tokens)
-        found = result()
+            found = result()
         for name, lin in group.items():
             if name not in found:
                 raise StageError(f"targets: {name} is never called on the calibration data, so SparseGPT has no inputs to fit it on; exclude it")
