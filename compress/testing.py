@@ -136,3 +136,70 @@ def tiny_recipe(model_dir: str | Path, data_path: str | Path, task: str, output_
         "stages": stages or [],
         **extra,
     }
+
+
+# ------------------------------------------------------------------------------- architecture matrix
+
+_DECODER = {"vocab_size": None, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 128, "max_position_embeddings": 256}
+_ENCODER = {"vocab_size": None, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 128, "max_position_embeddings": 128}
+
+# model_type -> (task, config fields). Each entry stands for a family trait the stages must handle:
+# Conv1D (gpt2), learned positions (opt, bert, roberta, distilbert), scaled embeddings (gemma*),
+# fused QKV (falcon, gpt_neox), tied embeddings (llama-tied, qwen2, gemma*), untied (mistral, ...).
+TINY_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
+    "gpt2": ("causal-lm", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128, "n_positions": 256,
+                           "tie_word_embeddings": True}),
+    "opt": ("causal-lm", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "ffn_dim": 128,
+                          "word_embed_proj_dim": 64, "max_position_embeddings": 256}),
+    "qwen2": ("causal-lm", {**_DECODER, "num_key_value_heads": 2, "tie_word_embeddings": True}),
+    "qwen3": ("causal-lm", {**_DECODER, "num_key_value_heads": 2, "head_dim": 16, "tie_word_embeddings": False}),
+    "phi3": ("causal-lm", {**_DECODER, "num_key_value_heads": 2, "tie_word_embeddings": False}),
+    "gemma2": ("causal-lm", {**_DECODER, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 64,
+                             "tie_word_embeddings": True}),
+    "gemma3_text": ("causal-lm", {**_DECODER, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 64,
+                                  "tie_word_embeddings": True}),
+    "mistral": ("causal-lm", {**_DECODER, "num_key_value_heads": 2, "tie_word_embeddings": False}),
+    "falcon": ("causal-lm", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                             "new_decoder_architecture": False, "multi_query": True, "parallel_attn": True,
+                             "bias": False, "alibi": False}),
+    "gpt_neox": ("causal-lm", {**_DECODER, "tie_word_embeddings": False}),
+    "llama": ("causal-lm", {**_DECODER, "num_key_value_heads": 2, "tie_word_embeddings": True}),
+    "bert": ("sequence-classification", dict(_ENCODER)),
+    "roberta": ("sequence-classification", {**_ENCODER, "max_position_embeddings": 130}),
+    "distilbert": ("sequence-classification", {"dim": 64, "n_layers": 2, "n_heads": 4, "hidden_dim": 128,
+                                               "max_position_embeddings": 128}),
+    "deberta-v2": ("sequence-classification", {**_ENCODER, "relative_attention": True, "pos_att_type":
+                                               ["p2c", "c2p"], "position_buckets": 32}),
+    "modernbert": ("sequence-classification", {**_ENCODER, "global_attn_every_n_layers": 2,
+                                               "local_attention": 16}),
+}
+
+
+def make_tiny_model(model_type: str, path: str | Path, num_labels: int = 3, seed: int = 0) -> Path:
+    """Save a 2-layer, hidden-64 model of `model_type` (a key of TINY_ARCHITECTURES) with the tiny
+    word-level tokenizer; causal LMs get the `llama` tokenizer, encoders the `bert` one."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    task, fields = TINY_ARCHITECTURES[model_type]
+    tokenizer = make_tokenizer("llama" if task == "causal-lm" else "bert")
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if task == "causal-lm":
+        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    else:  # encoders: some configs default these to ids of a 50k vocabulary
+        ids = {"bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id,
+               "cls_token_id": tokenizer.cls_token_id, "sep_token_id": tokenizer.sep_token_id}
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                  **ids, **fields)
+    if task == "causal-lm":
+        auto = AutoModelForCausalLM
+    else:
+        config.num_labels = num_labels
+        auto = AutoModelForSequenceClassification
+    torch.manual_seed(seed)
+    model = auto.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
