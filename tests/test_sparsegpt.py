@@ -95,21 +95,28 @@ def test_sparsegpt_bad_input_is_named_before_any_work(tiny_llama_dir, tmp_path):
         Prune(structure="ffn", sparsity=0.25, method="sparsegpt")
     ctx = RunContext(output_dir=tmp_path, seed=0, device="cpu", data=None, show_progress=False)
     assert check_prune(ModelBundle.load(tiny_llama_dir), Prune(method="sparsegpt", sparsity=0.5), ctx) == [
-        "method: sparsegpt needs calibration data (activations on real inputs) but the recipe has no data "
-        "section; add one or use method: magnitude"]
+        ("method: sparsegpt needs calibration data (activations on real inputs) but the recipe has no data "
+        "section; add one or use method: magnitude")]
 
 
-@pytest.mark.parametrize("kind", ["llama", "bert"])
-def test_replaying_blocks_sees_what_a_full_forward_sees(kind, request):
+# gemma2: sliding-window masks and a cache that transformers 5.24 passes as `cache=` (a replay that
+# kept it appended to it, doubling the keys); modernbert: local attention, no `layers.N` cache.
+@pytest.mark.parametrize("kind", ["llama", "bert", "gemma2", "modernbert", "gpt_neox"])
+def test_replaying_blocks_sees_what_a_full_forward_sees(kind, request, tmp_path):
     """With nothing pruned, the Hessians from captured-and-replayed blocks equal full-pass ones, for
     every block: the replay hands each block exactly what the model would (masks, positions)."""
     from compress.pruning.calibration import calibration_batches
     from compress.pruning.sparsegpt import hessians, prune_sequentially
     from compress.pruning.targets import select_linears
+    from compress.testing import TINY_ARCHITECTURES, make_tiny_model
 
-    model_dir, text, task = {"llama": ("tiny_llama_dir", "lm_text", "causal-lm"),
-                             "bert": ("tiny_bert_dir", "sentiment_csv", "sequence-classification")}[kind]
-    bundle = ModelBundle.load(request.getfixturevalue(model_dir))
+    if kind in ("llama", "bert"):
+        model_dir = request.getfixturevalue({"llama": "tiny_llama_dir", "bert": "tiny_bert_dir"}[kind])
+    else:
+        model_dir = make_tiny_model(kind, tmp_path / kind)
+    task = TINY_ARCHITECTURES[kind][0]
+    text = "lm_text" if task == "causal-lm" else "sentiment_csv"
+    bundle = ModelBundle.load(model_dir)
     data = load_data(DataSpec(source=str(request.getfixturevalue(text)), max_length=32, eval_size=0.2), task)
     batches = calibration_batches(bundle, data, 12, seed=0, batch_size=4)
     batches[0]["attention_mask"][0, -5:] = 0  # padding must be left out of both

@@ -56,22 +56,40 @@ def _follows(block: str, previous: str | None) -> bool:
 _Call = tuple[tuple, dict, "torch.Tensor | None"]
 
 
-def capture_block_inputs(model: Any, block: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[_Call]:
-    """Run the model on each batch until `block` is called, and keep that call's arguments. The KV cache
-    is dropped from them, so replaying the call cannot append to a cache."""
-    calls: list[_Call] = []
+def capture_block_inputs(model: Any, blocks: list[torch.nn.Module],
+                         batches: list[dict[str, torch.Tensor]]) -> list[list[_Call]]:
+    """Per block of `blocks` (consecutive entries of one layer list), its call on every batch, from one
+    forward pass that stops after the last of them.
 
-    def pre(_module, args, kwargs):
-        kwargs = dict(kwargs)
-        if "past_key_values" in kwargs:
-            kwargs["past_key_values"] = None
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
-        calls.append((args, kwargs, None))
-        raise _StopForward
+    Every block keeps its *own* arguments, because they differ between layers: Gemma2/3 and ModernBERT
+    alternate sliding-window and global attention masks, and Gemma3 even rotary tables. Only the first
+    block's hidden state is kept (later ones are None, filled in by `replay_block` from the pruned
+    block before), so memory holds one layer's activations, not all of them.
+
+    The KV cache is dropped, found by its type rather than its keyword: transformers 5.24 renamed the
+    layers' `past_key_values` argument to `cache`, and a cache left in place grows on every replay
+    (the attention then sees 2x the keys its mask was built for)."""
+    from transformers.cache_utils import Cache
+
+    calls: list[list[_Call]] = [[] for _ in blocks]
+
+    def make(index: int):
+        def pre(_module, args, kwargs):
+            args = tuple(None if isinstance(a, Cache) else a for a in args)
+            kwargs = {k: None if isinstance(v, Cache) else v for k, v in kwargs.items()}
+            if "use_cache" in kwargs:
+                kwargs["use_cache"] = False
+            if index and args:
+                args = (None, *args[1:])
+            elif index:
+                kwargs["hidden_states"] = None
+            calls[index].append((args, kwargs, None))
+            if index == len(blocks) - 1:
+                raise _StopForward
+        return pre
 
     device = next(model.parameters()).device
-    handle = block.register_forward_pre_hook(pre, with_kwargs=True)
+    handles = [b.register_forward_pre_hook(make(i), with_kwargs=True) for i, b in enumerate(blocks)]
     model.eval()
     try:
         with torch.no_grad():
@@ -80,27 +98,35 @@ def capture_block_inputs(model: Any, block: torch.nn.Module, batches: list[dict[
                 try:
                     model(**inputs)
                 except _StopForward:
-                    mask = inputs["attention_mask"].bool() if "attention_mask" in inputs else None
-                    calls[-1] = (calls[-1][0], calls[-1][1], mask)
+                    pass
+                mask = inputs["attention_mask"].bool() if "attention_mask" in inputs else None
+                for block_calls in calls:
+                    if len(block_calls) != len(calls[0]):
+                        raise StageError("method: sparsegpt could not capture every block's inputs (a block "
+                                         "was skipped in the forward pass); use method: wanda")
+                    block_calls[-1] = (*block_calls[-1][:2], mask)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     return calls
 
 
-def replay_block(block: torch.nn.Module, calls: list[_Call], tokens: _Tokens | None = None) -> list[_Call]:
-    """Run `block` on captured calls; return the calls the next block receives (its output as the hidden
-    state, every other argument unchanged)."""
+def replay_block(block: torch.nn.Module, calls: list[_Call], tokens: _Tokens | None = None,
+                 next_calls: list[_Call] | None = None) -> list[_Call]:
+    """Run `block` on captured calls; return the calls the next block receives: its output as the
+    hidden state, in `next_calls` (the next block's own captured arguments) or else in `calls`."""
     out = []
     with torch.no_grad():
-        for args, kwargs, mask in calls:
+        for i, (args, kwargs, mask) in enumerate(calls):
             if tokens is not None:
                 tokens.mask = mask
             result = block(*args, **kwargs)
             hidden = result[0] if isinstance(result, tuple) else result
-            if args:
-                out.append(((hidden, *args[1:]), kwargs, mask))
+            n_args, n_kwargs, _ = next_calls[i] if next_calls is not None else (args, kwargs, mask)
+            if n_args:
+                out.append(((hidden, *n_args[1:]), n_kwargs, mask))
             else:
-                out.append(((), {**kwargs, "hidden_states": hidden}, mask))
+                out.append(((), {**n_kwargs, "hidden_states": hidden}, mask))
     return out
 
 
@@ -141,14 +167,22 @@ def prune_sequentially(model: Any, linears: dict[str, torch.nn.Linear], batches:
     `prune_layer(name, linear, hessian)` prunes one layer in place and returns its keep-mask.
     """
     modules = dict(model.named_modules())
+    groups = list(sequential_groups(linears))
+    frames: dict[str, list[_Call]] = {}
     calls: list[_Call] | None = None
-    previous: str | None = None
-    for block, group in sequential_groups(linears):
+    for index, (block, group) in enumerate(groups):
         if block is None:  # layers outside the blocks: measure on full passes
             found = hessians(model, group, batches)
         else:
-            if calls is None or not _follows(block, previous):
-                calls = capture_block_inputs(model, modules[block], batches)
+            if calls is None:
+                run = [block]  # this block and the consecutive ones after it: one capture serves them all
+                for later, _ in groups[index + 1:]:
+                    if later is None or not _follows(later, run[-1]):
+                        break
+                    run.append(later)
+                frames = dict(zip(run, capture_block_inputs(model, [modules[n] for n in run], batches),
+                                  strict=True))
+                calls = frames[block]
             tokens = _Tokens()
             hooks, result = _hessian_hooks(group, tokens)
             with hooks:
@@ -159,7 +193,9 @@ def prune_sequentially(model: Any, linears: dict[str, torch.nn.Linear], batches:
                 raise StageError(f"targets: {name} is never called on the calibration data, so SparseGPT has no inputs to fit it on; exclude it")
             yield name, prune_layer(name, lin, found.pop(name))
         if block is not None:
-            calls, previous = replay_block(modules[block], calls), block
+            following = groups[index + 1][0] if index + 1 < len(groups) else None
+            calls = (replay_block(modules[block], calls, next_calls=frames[following])
+                     if following in frames else None)
 
 
 @torch.no_grad()
@@ -174,7 +210,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     """
     W = weight.detach().float().clone()
     H = hessian.to(W.device).float().clone()
-    rows, cols = W.shape
+    _rows, cols = W.shape
     dead = torch.diag(H) == 0  # inputs that never fired: their weights cannot matter
     H[dead, dead] = 1
     W[:, dead] = 0
