@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from compress.errors import ModelError
 from compress.io import atomic_dir, write_json_atomic
+from compress.quant.bnb_weights import keep_canonical_layout
 
 BUNDLE_FILE = "compress_bundle.json"
 MASKS_FILE = "masks.safetensors"
@@ -55,6 +56,9 @@ class ModelBundle:
     # Free-form facts a stage wants in the report (e.g. trained parameter counts, loss curve).
     info: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        keep_canonical_layout(self.model)
+
     def record(self, stage_type: str, settings: dict[str, Any], **facts: Any) -> None:
         """Append a lineage entry: which stage ran, with which settings, and what it found."""
         self.lineage.append({"stage": stage_type, "settings": settings, **facts})
@@ -67,12 +71,16 @@ class ModelBundle:
         new.masks = dict(self.masks)
         for key, value in changes.items():
             setattr(new, key, value)
+        if "model" in changes:
+            keep_canonical_layout(new.model)
         return new
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, path: str | Path) -> Path:
-        """Write the bundle to `path` atomically (temporary sibling folder, then rename)."""
+    def save(self, path: str | Path, verify: bool = True) -> Path:
+        """Write the bundle to `path` atomically (temporary sibling folder, then rename). With `verify`,
+        the written folder is loaded back before the rename and must give the in-memory model's
+        logits (see `verify_reload`), so a folder that looks complete always reloads as saved."""
         path = Path(path)
         with atomic_dir(path) as tmp:
             fmt = _FORMATS.get(self.format)
@@ -92,6 +100,8 @@ class ModelBundle:
                 "lineage": self.lineage,
                 "info": self.info,
             })
+            if verify:
+                verify_reload(self, tmp)
         return path
 
     @classmethod
@@ -171,3 +181,52 @@ def _hf_load(folder: Path, meta: dict[str, Any]):
 
 
 register_format(ModelFormat("hf", _hf_save, _hf_load))
+
+
+# ---------------------------------------------------------------------- reload check
+
+# Largest |logit| difference allowed between a model and its reload, relative to the largest logit.
+# A faithful save reproduces the weights bit for bit, so the only slack is kernel-level
+# nondeterminism of float sums (~1e-7 relative in fp32); 1e-5 leaves room for that and nothing else.
+RELOAD_TOLERANCE = 1e-5
+
+
+def probe_inputs(model: Any, batch: int = 2, length: int = 8) -> dict[str, torch.Tensor]:
+    """A fixed batch of token ids inside the model's (possibly trimmed) vocabulary."""
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, length), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1:, length // 2:] = 0  # one padded row, so padding paths are compared too
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def probe_logits(model: Any, inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    inputs = inputs or probe_inputs(model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits.float().cpu()
+    model.train(was_training)
+    return logits
+
+
+def verify_reload(bundle: ModelBundle, folder: Path) -> float:
+    """Load `folder` back and compare its logits with `bundle.model`'s; ModelError when they differ
+    by more than RELOAD_TOLERANCE (relative). Returns the relative difference."""
+    inputs = probe_inputs(bundle.model)
+    expected = probe_logits(bundle.model, inputs)
+    meta = {**json.loads((folder / BUNDLE_FILE).read_text()), "task": bundle.task}
+    reloaded = _FORMATS[bundle.format].load(folder, meta)
+    keep_canonical_layout(reloaded)
+    got = probe_logits(reloaded.to(next(bundle.model.parameters()).device), inputs)
+    del reloaded
+    scale = float(expected.abs().max()) or 1.0
+    diff = float((got - expected).abs().max()) / scale if got.shape == expected.shape else float("inf")
+    if not diff <= RELOAD_TOLERANCE:
+        raise ModelError(f"saving the {bundle.format!r} model to {folder.name}: the folder reloads with different "
+                         f"outputs (largest logit difference {diff:.3g} of the largest logit, allowed "
+                         f"{RELOAD_TOLERANCE:g}); the saved weights do not reproduce the model. This is a bug "
+                         f"in that format's save/load; nothing was written")
+    return diff

@@ -32,9 +32,9 @@ def _count_nonzero(tensor: torch.Tensor, cache: dict[int, int] | None = None) ->
     if logical == tensor.numel():
         count = int(torch.count_nonzero(tensor.detach()))
     elif getattr(tensor, "quant_state", None) is not None:
-        from peft.utils.integrations import dequantize_bnb_weight
+        from compress.quant.bnb_weights import dequantize_tensor
 
-        count = int(torch.count_nonzero(dequantize_bnb_weight(tensor, None)))
+        count = int(torch.count_nonzero(dequantize_tensor(tensor)))
     else:
         count = logical
     if cache is not None:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.quant.bnb_weights import is_cpu_packed
 from compress.quant.dynamic import DynamicInt8Linear
 from compress.quant.embedding import QuantEmbedding
 from compress.quant.weight_only import WeightOnlyLinear
@@ -52,8 +53,11 @@ def _describe_bnb(module: nn.Module) -> tuple[str, int, int, float]:
         return "bnb-int8", in_f, out_f, 8 + 32 / in_f  # one fp32 row scale (SCB) per output row
     state = module.weight.quant_state
     block = state.blocksize
-    if state.nested:
-        limit = 4 + 8 / block + 32 / (block * state.state2.blocksize)
+    # A weight repacked for AVX512-BF16 CPUs (see bnb_weights) has its statistics flattened in memory;
+    # what it stores and saves is still the original, double-quantized layout (256-value blocks).
+    nested = state.original_nested if is_cpu_packed(module.weight) else state.nested
+    if nested:
+        limit = 4 + 8 / block + 32 / (block * getattr(getattr(state, "state2", None), "blocksize", 256))
     else:
         limit = 4 + 32 / block
     return f"bnb-{state.quant_type}", in_f, out_f, limit

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.quant.bnb_weights import keep_canonical_layout
+
 BNB_SCHEMES = ("int8", "nf4", "fp4")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -81,6 +83,7 @@ def quantize_with_bnb(model: Any, task: str, scheme: str, targets: list[str], wo
         warnings.simplefilter("ignore")
         quantized = auto_class(task).from_pretrained(str(src), quantization_config=qconfig,
                                                      device_map={"": device})
+    keep_canonical_layout(quantized)  # same numbers on every CPU (see quant/bnb_weights)
     quantized.eval()
     for p in quantized.parameters():
         p.requires_grad_(False)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from compress.errors import StageError
+from compress.quant.bnb_weights import dequantize_weight, keep_canonical_layout
 
 # Classifier heads peft's SEQ_CLS task trains in full; never adapter targets.
 HEAD_NAMES = ("classifier", "score", "qa_outputs")
@@ -32,14 +33,27 @@ def is_bnb(module: Any) -> bool:
     return bool(classes) and isinstance(module, classes)
 
 
+def _adaptable_types() -> tuple[type, ...]:
+    # GPT-2's projections are transformers' Conv1D (a linear layer stored transposed); peft's LoRA
+    # adapts it (fan_in_fan_out), so it is a target like any Linear.
+    from transformers.pytorch_utils import Conv1D
+
+    return torch.nn.Linear, Conv1D
+
+
+def _in_head(part: str) -> bool:
+    # peft matches modules_to_save by name *suffix*, so DistilBERT's `pre_classifier` is trained in
+    # full with the `classifier` head; giving it a LoRA adapter as well made peft refuse to wrap it.
+    return part.endswith(HEAD_NAMES) or part.startswith("lora_")
+
+
 def linear_layers(model: Any) -> dict[str, Any]:
-    """Every linear layer (plain or bitsandbytes) by full module name, output head excluded."""
+    """Every linear layer (plain, Conv1D or bitsandbytes) by full module name, output head excluded."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    types = _adaptable_types()
     out = {}
     for name, module in model.named_modules():
-        parts = name.split(".")
-        if isinstance(module, torch.nn.Linear) and module is not head and not any(
-                p in HEAD_NAMES or p.startswith("lora_") for p in parts):
+        if isinstance(module, types) and module is not head and not any(map(_in_head, name.split("."))):
             out[name] = module
     return out
 
@@ -95,8 +109,10 @@ def load_4bit(model: Any, task: str, folder: Path, *, compute_dtype: str, double
                                 bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
                                 llm_int8_skip_modules=skip)
     device = next(model.parameters()).device
-    return auto_class(task).from_pretrained(str(folder), quantization_config=config,
-                                            device_map={"": str(device) if device.type != "cpu" else "cpu"})
+    quantized = auto_class(task).from_pretrained(str(folder), quantization_config=config,
+                                                 device_map={"": str(device) if device.type != "cpu" else "cpu"})
+    keep_canonical_layout(quantized)  # same numbers on every CPU (see quant/bnb_weights)
+    return quantized
 
 
 def count_bnb(model: Any) -> dict[str, int]:
@@ -153,8 +169,6 @@ def _masked_forward(layer: Any):
 def sparsity(model: Any, masks: dict[str, torch.Tensor]) -> float | None:
     """Share of the pruned positions (mask False) that are exactly zero, over every masked weight;
     bitsandbytes weights are dequantized first. None when nothing is masked."""
-    from peft.utils.integrations import dequantize_bnb_weight
-
     if not masks:
         return None
     modules = dict(model.named_modules())
@@ -165,9 +179,7 @@ def sparsity(model: Any, masks: dict[str, torch.Tensor]) -> float | None:
             continue
         if hasattr(module, "get_base_layer"):
             module = module.get_base_layer()
-        weight = module.weight
-        if is_bnb(module):
-            weight = dequantize_bnb_weight(weight, getattr(module, "state", None))
+        weight = dequantize_weight(module) if is_bnb(module) else module.weight
         pruned_here = ~mask.to(weight.device)
         pruned += int(pruned_here.sum())
         zeros += int((weight.detach()[pruned_here] == 0).sum())
@@ -202,8 +214,6 @@ def merge_lora(peft_model: Any, masks: dict[str, torch.Tensor], requantize: bool
     same settings; otherwise they become plain float `nn.Linear` layers. Masked layers add
     `mask * delta` so pruned weights stay exactly zero.
     """
-    from peft.utils.integrations import dequantize_bnb_weight
-
     for name, layer in _lora_layers(peft_model).items():
         base = layer.get_base_layer()
         delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
@@ -215,7 +225,7 @@ def merge_lora(peft_model: Any, masks: dict[str, torch.Tensor], requantize: bool
         with torch.no_grad():
             if is_bnb(base):
                 dtype = getattr(base, "compute_dtype", None) or torch.float32
-                weight = dequantize_bnb_weight(base.weight, getattr(base, "state", None)).float() + delta.float()
+                weight = dequantize_weight(base).float() + delta.float()
                 if requantize:
                     _requantize(base, weight)
                 else:
@@ -234,13 +244,11 @@ def merge_lora(peft_model: Any, masks: dict[str, torch.Tensor], requantize: bool
 
 def dequantize_all(model: Any) -> Any:
     """Replace every bitsandbytes layer by a float nn.Linear holding its dequantized weight."""
-    from peft.utils.integrations import dequantize_bnb_weight
-
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if is_bnb(child):
                 dtype = getattr(child, "compute_dtype", None) or torch.float32
-                weight = dequantize_bnb_weight(child.weight, getattr(child, "state", None))
+                weight = dequantize_weight(child)
                 plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                                         device=weight.device, dtype=dtype)
                 with torch.no_grad():
