@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from compress.errors import CompressError, RecipeError
 from compress.io import write_json_atomic, write_text_atomic
+from compress.ownership import write_marker
 from compress.report.plots import pareto_front, plot_pareto
 from compress.report.render import _table
 from compress.report.schema import Report
@@ -123,7 +124,7 @@ def autotune(recipe_source: Any, output: str | Path, *, space: dict[str, list[An
     combos = candidates(space)
     if len(combos) > limit:
         raise RecipeError(f"autotune: {len(combos)} candidates exceed max_candidates={limit}; narrow the space")
-    output = Path(output)
+    output = _check_output(output, recipe_source, base)
     recipes, problems = [], []
     for i, combo in enumerate(combos):  # validate every candidate before running any
         try:
@@ -134,6 +135,8 @@ def autotune(recipe_source: Any, output: str | Path, *, space: dict[str, list[An
     if problems:
         raise RecipeError(problems)
 
+    output.mkdir(parents=True, exist_ok=True)
+    write_marker(output, "autotune")
     started, rows = time.perf_counter(), []
     for i, (combo, recipe) in enumerate(zip(combos, recipes, strict=True)):
         log.info("autotune: candidate %d/%d %s", i + 1, len(combos), combo)
@@ -161,6 +164,16 @@ def autotune(recipe_source: Any, output: str | Path, *, space: dict[str, list[An
                "stages_reused": sum(r.get("stages_reused", 0) for r in rows), "winner": winner, "rows": rows}
     _write_outputs(output, base, summary, recipes, winner)
     return summary
+
+
+def _check_output(output: str | Path, recipe_source: Any, base: Any) -> Path:
+    """The search writes candidates, a cache and results into `output`: refuse a folder compress did
+    not create, one inside a run, and one that is or holds an input (recipe, model, data)."""
+    from compress.ownership import check_output
+
+    inputs = [p for p in (recipe_source, base.model.path, base.data.source)
+              if isinstance(p, (str, Path)) and not str(p).startswith("pkg:") and Path(p).exists()]
+    return check_output(output, "autotune", inputs=inputs)
 
 
 def _write_outputs(output: Path, base: Any, summary: dict[str, Any], recipes: list[Any], winner: Any) -> None:

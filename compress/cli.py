@@ -32,17 +32,20 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _graceful_sigint() -> threading.Event:
-    """First Ctrl-C: stop at the next step boundary and save. Second: abort at once."""
+    """First Ctrl-C (or SIGTERM, e.g. from `kill` or a job scheduler): stop at the next step boundary
+    and save, so the run is recorded as interrupted rather than left "running". Second: abort at once."""
     stop = threading.Event()
 
     def handler(signum: int, frame: Any) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        print("\nstopping at the next step boundary to save progress (Ctrl-C again to abort now)",
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping at the next step boundary to save progress (Ctrl-C again to abort now)",
               file=sys.stderr)
 
     signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
     return stop
 
 
@@ -55,6 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                      overwrite=args.overwrite, show_progress=not args.quiet, stop=stop)
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     out = args.output_dir or report.recipe.get("output_dir") or f"runs/{report.name}"
     print(f"done: {out}/report.md")
     base, final = report.baseline, report.final
@@ -138,7 +142,11 @@ def cmd_push(args: argparse.Namespace) -> int:
     manifest = Path(args.run_dir) / "run.json"
     if not manifest.exists():
         raise PublishError(f"{args.run_dir}: not a compress run folder (no run.json)")
-    spec = PublishSpec.model_validate(json.loads(manifest.read_text())["recipe"].get("publish") or {})
+    try:
+        spec = PublishSpec.model_validate(json.loads(manifest.read_text())["recipe"].get("publish") or {})
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise PublishError(f"{manifest}: damaged or not a compress manifest; rerun `compress run --resume` on "
+                           f"that run to rebuild it (nothing was published)") from None
     repo_id = args.repo_id or spec.repo_id
     if not repo_id:
         raise PublishError("push: give --repo-id ORG/NAME (or set publish.repo_id in the recipe)")
@@ -235,6 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished stages are kept — rerun with --resume to continue", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not the user's mistake: one clear line, the traceback under --debug
+        if args.debug:
+            raise
+        where = getattr(exc, "compress_where", None)
+        kept = "finished stages are kept (--resume continues). " if where else ""
+        print(f"error: internal error{' in ' + where if where else ''}: {type(exc).__name__}: {exc}; {kept}"
+              f"This is a bug: rerun with --debug to see the traceback, and report it", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

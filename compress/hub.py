@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from compress.errors import CompressError
 from compress.io import atomic_dir
+from compress.ownership import MARKER, check_output, write_marker
 from compress.report.render import PLOTS_DIR, comparison_rows
 from compress.report.schema import Report
 
@@ -149,7 +150,9 @@ def build_publish_folder(run_dir: str | Path, output: str | Path, spec: PublishS
         raise PublishError(f"{run_dir}: the run's status is {report.status!r}; only complete runs are published")
     model_dir = final_stage_dir(run_dir)
     bundle_meta = json.loads((model_dir / "compress_bundle.json").read_text())
-    output = Path(output)
+    # The folder is replaced as a whole: only a new one, or one an earlier push wrote (the run's
+    # own publish/ included), may be.
+    output = check_output(output, "publish", inputs=[run_dir], allowed_inside=run_dir / "publish")
     with atomic_dir(output) as tmp:
         for item in model_dir.iterdir():
             if item.is_file() and item.name not in SKIP_FILES:
@@ -162,6 +165,7 @@ def build_publish_folder(run_dir: str | Path, output: str | Path, spec: PublishS
         recipe = {k: v for k, v in report.recipe.items() if k != "output_dir"}
         (tmp / "recipe.yaml").write_text("# compress run recipe.yaml\n" + yaml.safe_dump(recipe, sort_keys=False))
         (tmp / "README.md").write_text(build_model_card(report, spec, bundle_meta["task"], repo_id))
+        write_marker(tmp, "publish", entries=[p.name for p in tmp.iterdir()])
     return output
 
 
@@ -183,7 +187,7 @@ def push(run_dir: str | Path, repo_id: str, *, private: bool = True, spec: Publi
     spec = spec or PublishSpec()
     folder = Path(output) if output else run_dir / "publish"
     build_publish_folder(run_dir, folder, spec, repo_id)
-    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
     if dry_run:
         return {"dry_run": True, "folder": str(folder), "files": files, "repo_id": repo_id, "private": private}
     token = get_token()

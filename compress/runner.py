@@ -12,7 +12,9 @@ import errno
 import hashlib
 import json
 import logging
+import os
 import shutil
+import signal
 import threading
 import time
 from datetime import UTC, datetime
@@ -29,11 +31,14 @@ from compress.environment import collect_environment
 from compress.errors import CompressError, Interrupted, RecipeError, RunFolderError
 from compress.evaluate.point import evaluate_bundle
 from compress.io import write_json_atomic
+from compress.ownership import LOCK_FILE, clear_run_folder, foreign_entries, is_empty, read_marker, write_marker
 from compress.loading import load_base_model, resolve_task
 from compress.recipe import Recipe, load_recipe
 from compress.registry import get_stage
 from compress.report.render import write_report
 from compress.report.schema import EvalPoint, Report
+from compress.runlock import RunLock
+from compress.runrecords import clean_temporaries, read_json, read_model, sha256_file
 
 log = logging.getLogger("compress")
 
@@ -68,31 +73,47 @@ def resolve_device(recipe: Recipe) -> str:
 
 
 def check_output_folder(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
-    """Refuse a folder that belongs to another run, or a finished one, unless told otherwise."""
+    """Refuse a folder compress did not create, another run's, or a finished one unless told otherwise.
+
+    Only a folder carrying compress's run marker (compress/ownership.py) is ever written into or
+    cleared, and --overwrite is suggested only where it would be allowed.
+    """
+    where = f"output folder {str(out)!r}"
     if out.is_symlink():
-        raise RunFolderError(f"output folder {str(out)!r} is a symbolic link (to {str(out.resolve())!r}); "
+        raise RunFolderError(f"{where} is a symbolic link (to {str(out.resolve())!r}); "
                              f"give a real folder so outputs cannot land somewhere unexpected")
-    if not out.exists() or not any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"{where} is an existing file, not a folder; compress never replaces files it did "
+                             f"not write — set output_dir to a new folder (nothing was touched)")
+    if not out.exists() or is_empty(out):
         return
-    manifest = out / RUN_FILE
-    if not manifest.exists():
-        raise RunFolderError(
-            f"output folder {str(out)!r} is not empty and holds no compress run; "
-            f"choose another output_dir (nothing there was touched)"
-        )
-    previous = json.loads(manifest.read_text())
+    marker = read_marker(out)
+    if marker is None or marker.get("kind") != "run":
+        what = (f"holds a {RUN_FILE} that compress did not write (no compress-owned.json marker: another tool's, or "
+                f"a run from an older compress)" if (out / RUN_FILE).exists() else "holds no compress run")
+        raise RunFolderError(f"{where} is not empty and {what}; compress never writes into or replaces it, "
+                             f"--overwrite included — set output_dir to a new folder (nothing there was touched)")
+    foreign = foreign_entries(out, marker)
+    keep_out = (f"; it also holds files compress did not write ({', '.join(foreign[:5])}), so move them out "
+                f"before --overwrite" if foreign else "")
     if overwrite:
+        if foreign:
+            raise RunFolderError(f"{where} holds files compress did not write ({', '.join(foreign[:5])}); "
+                                 f"--overwrite would delete them — move them out, or set output_dir to a new "
+                                 f"folder (nothing there was touched)")
         return
+    previous = read_json(out / RUN_FILE, "the run is rebuilt from its stage folders")
+    if previous is None:
+        if resume:
+            return
+        raise RunFolderError(f"{where} holds a compress run whose {RUN_FILE} is missing or damaged; pass --resume "
+                             f"to continue it" + (keep_out or " or --overwrite to start again"))
     if previous.get("name") != recipe.name:
-        raise RunFolderError(
-            f"output folder {str(out)!r} belongs to run {previous.get('name')!r}; "
-            f"pass --overwrite to replace it, or set output_dir"
-        )
+        raise RunFolderError(f"{where} belongs to run {previous.get('name')!r}; " + (
+            f"set output_dir{keep_out}" if foreign else "pass --overwrite to replace it, or set output_dir"))
     if not resume:
-        raise RunFolderError(
-            f"output folder {str(out)!r} already holds a run of {recipe.name!r}; "
-            f"pass --resume to continue it or --overwrite to start again"
-        )
+        raise RunFolderError(f"{where} already holds a run of {recipe.name!r}; pass --resume to continue it"
+                             + (keep_out or " or --overwrite to start again"))
 
 
 class Runner:
@@ -106,6 +127,7 @@ class Runner:
         self.cache_hits = 0
         self.stop = stop or threading.Event()
         self.current_stage: str | None = None
+        self.current_index: int | None = None
         self.out = Path(output_dir) if output_dir else recipe.resolved_output_dir()
         self.resume = resume
         self.overwrite = overwrite
@@ -131,6 +153,10 @@ class Runner:
             self.report.points[names.index(point.name)] = point
         else:
             self.report.points.append(point)
+        # Recipe order, so a point measured again on resume never lands after a later stage's.
+        order = [BASELINE_DIR.removeprefix("00-")] + [stage_dir_name(i, s.stage_type())
+                                                      for i, s in enumerate(self.recipe.stages)]
+        self.report.points.sort(key=lambda p: order.index(p.name) if p.name in order else len(order))
         # The figures so far, after every point, so a killed run still leaves a report; the plots
         # (about 1.5 s of matplotlib each time) are drawn once, when the run ends or fails.
         self._write_report(plots=False)
@@ -138,6 +164,18 @@ class Runner:
     # ------------------------------------------------------------------ run
 
     def run(self) -> Report:
+        # One run per folder (compress/runlock.py): a run already holding it is named at once,
+        # before any checks or loading; a new folder is locked as soon as it is created.
+        self.lock = RunLock(self.out)
+        try:
+            marker = read_marker(self.out) if self.out.is_dir() and not self.out.is_symlink() else None
+            if marker and marker.get("kind") == "run":
+                self.lock.acquire()
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> Report:
         recipe = self.recipe
         check_output_folder(self.out, recipe, self.resume, self.overwrite)
         self._check_resume_points()
@@ -150,9 +188,15 @@ class Runner:
             _seed_everything(recipe.seed)
             bundle = load_base_model(recipe.model, task, data, device, recipe.seed)
             self._check_stages(bundle, data, device)  # model-dependent mistakes, before anything is written
-        if self.overwrite and (self.out / RUN_FILE).exists():
-            shutil.rmtree(self.out)
+        if self.out.exists():
+            self.lock.acquire()
+        if self.overwrite:
+            clear_run_folder(self.out)  # only a marked run holding nothing foreign gets here
         self.out.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        if read_marker(self.out) is None:
+            write_marker(self.out, "run")
+        clean_temporaries(self.out, {p.parent.name for p in self.out.glob(f"*/{STAGE_FILE}")})
 
         env = collect_environment()
         previous = self._previous_manifest()
@@ -175,12 +219,14 @@ class Runner:
             self._run_all(task, data, device, bundle)
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
-            wrapped = None
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                wrapped = CompressError(f"disk full while writing into {str(self.out)!r} ({exc}); finished stages "
-                                        f"are intact; free some space and rerun with --resume")
+            wrapped = self._explain(exc)
             shown = wrapped or exc
             message = str(shown) if isinstance(shown, CompressError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, Exception) and wrapped is None and not isinstance(exc, CompressError):
+                # An unexpected exception (a bug): the Python API re-raises it unchanged; the record
+                # and the CLI (compress/cli.py) name where it happened and point to --debug.
+                exc.compress_where = self._where()  # type: ignore[attr-defined]
+                message = f"internal error in {exc.compress_where}: {message}"  # type: ignore[attr-defined]
             self.report.status, self.report.error = status, message
             self.report.failed_stage = self.current_stage
             try:  # the disk may still be full: recording the failure must not hide it
@@ -201,6 +247,27 @@ class Runner:
         self._write_manifest(status="complete", finished=_now())
         return self.report
 
+    def _explain(self, exc: BaseException) -> CompressError | None:
+        """A CompressError (with its exit code) for a failure that is not one, naming where it happened."""
+        if isinstance(exc, (CompressError, KeyboardInterrupt)) or not isinstance(exc, Exception):
+            return None
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return CompressError(f"disk full while writing into {str(self.out)!r} ({exc}); finished stages "
+                                 f"are intact; free some space and rerun with --resume")
+        if isinstance(exc, OSError) and not self.out.is_dir():
+            return CompressError(f"the output folder {str(self.out)!r} vanished during the run ({exc}); "
+                                 f"nothing can be resumed from it — run again")
+        if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return CompressError(f"cannot write into {str(self.out)!r} ({exc}); make it writable and rerun with "
+                                 f"--resume (finished stages are intact)")
+        return None
+
+    def _where(self) -> str:
+        index = self.current_index if self.current_stage else None
+        if index is None:
+            return "the run (baseline evaluation or run records)"
+        return f"stages[{index}] ({self.recipe.stages[index].stage_type()})"
+
     def _run_all(self, task: str, data: DataBundle, device: str, bundle: ModelBundle | None) -> None:
         recipe = self.recipe
         reference = None
@@ -208,9 +275,10 @@ class Runner:
         baseline_dir = self.out / BASELINE_DIR
         if recipe.eval.baseline:
             self._restore_from_cache(baseline_dir, None)
-            if (self.resume or self.stage_cache) and (baseline_dir / "eval.json").exists():
-                self._add_point(EvalPoint.model_validate_json((baseline_dir / "eval.json").read_text()))
-                reference = _load_predictions(baseline_dir)
+            previous = _recorded_baseline(baseline_dir) if self.resume or self.stage_cache else None
+            if previous is not None:
+                point, reference = previous
+                self._add_point(point)
             else:
                 bundle = bundle or load_base_model(recipe.model, task, data, device, recipe.seed)
                 log.info("evaluating baseline")
@@ -233,16 +301,28 @@ class Runner:
                 log.info("stage %d (%s): reused from the stage cache", index + 1, entry.type)
             if (self.resume or self.stage_cache) and not rerun and self._stage_done(folder, index, verify=True):
                 log.info("stage %d (%s): unchanged since the last run, skipped", index + 1, entry.type)
-                point_file = folder / "eval.json"
-                if point_file.exists():
-                    self._add_point(EvalPoint.model_validate_json(point_file.read_text()))
-                last_dir, bundle = folder, None
+                record = _quiet_json(folder / STAGE_FILE) or {}
+                # Re-listed, so a lost or damaged run.json is rebuilt from the stage records.
+                self.manifest["stages"] = [s for s in self.manifest["stages"] if s.get("index") != index] + [record]
+                bundle = None
+                if stage.evaluate and recipe.eval.after_each_stage:
+                    # A stage is finished only with its eval point on disk: a kill between stage.json
+                    # and eval.json, or a damaged eval.json, means measuring it again now.
+                    point = read_model(folder / "eval.json", EvalPoint, "this eval point is measured again")
+                    if point is None:
+                        self.current_stage, self.current_index = folder.name, index
+                        bundle = ModelBundle.load(folder, device=device)
+                        point = self._evaluate_stage(bundle, folder, stage, data, device, reference,
+                                                     record.get("seconds"))
+                        self.current_stage = None
+                    self._add_point(point)
+                last_dir = folder
                 continue
             if bundle is None:
                 bundle = (ModelBundle.load(last_dir, device=device) if last_dir
                           else load_base_model(recipe.model, task, data, device, recipe.seed))
             rerun = True
-            self.current_stage = folder.name
+            self.current_stage, self.current_index = folder.name, index
             ctx = self._context(index, data, device)
             log.info("stage %d/%d: %s", index + 1, len(recipe.stages), stage.label())
             _seed_everything(ctx.seed)
@@ -255,20 +335,25 @@ class Runner:
             record = {"index": index, "type": entry.type, "dir": folder.name, "seconds": seconds,
                       "fingerprint": self.fingerprints[index], "finished": _now(), "files": _file_digests(folder)}
             write_json_atomic(folder / STAGE_FILE, record)
-            self.manifest["stages"] = [s for s in self.manifest["stages"] if s["index"] != index] + [record]
+            _fault("after_stage_json")
+            self.manifest["stages"] = [s for s in self.manifest["stages"] if s.get("index") != index] + [record]
             self._write_manifest()
             last_dir = folder
             if stage.evaluate and recipe.eval.after_each_stage:
-                log.info("evaluating after %s", stage.label())
-                point, _ = evaluate_bundle(bundle, folder.name, recipe.eval, data=data, device=device,
-                                           seed=recipe.seed, saved_dir=folder, reference=reference)
-                point.stage_type = entry.type
-                point.stage_seconds = seconds
-                point.stage_info = bundle.info.get("last_stage", {})
-                write_json_atomic(folder / "eval.json", point.model_dump(mode="json"))
-                self._add_point(point)
+                self._add_point(self._evaluate_stage(bundle, folder, stage, data, device, reference, seconds))
             self._store_in_cache(folder, index)
             self.current_stage = None
+
+    def _evaluate_stage(self, bundle: ModelBundle, folder: Path, stage: Any, data: DataBundle, device: str,
+                        reference: torch.Tensor | None, seconds: float | None) -> EvalPoint:
+        log.info("evaluating after %s", stage.label())
+        point, _ = evaluate_bundle(bundle, folder.name, self.recipe.eval, data=data, device=device,
+                                   seed=self.recipe.seed, saved_dir=folder, reference=reference)
+        point.stage_type = stage.stage_type()
+        point.stage_seconds = seconds
+        point.stage_info = bundle.info.get("last_stage", {})
+        write_json_atomic(folder / "eval.json", point.model_dump(mode="json"))
+        return point
 
     def _context(self, index: int, data: DataBundle, device: str) -> RunContext:
         folder = self.out / stage_dir_name(index, self.recipe.stages[index].stage_type())
@@ -320,14 +405,14 @@ class Runner:
             tmp.rename(target)
 
     def _previous_manifest(self) -> dict[str, Any]:
-        path = self.out / RUN_FILE
-        return json.loads(path.read_text()) if self.resume and path.exists() else {}
+        if not self.resume:
+            return {}
+        return read_json(self.out / RUN_FILE, "it is rebuilt from the stage folders") or {}
 
     def _previous_report(self) -> Report | None:
-        path = self.out / "report.json"
-        if self.resume and path.exists():
-            return Report.model_validate_json(path.read_text())
-        return None
+        if not self.resume:
+            return None
+        return read_model(self.out / "report.json", Report, "it is rebuilt from the eval points on disk")
 
     def _stage_done(self, folder: Path, index: int, verify: bool = False) -> bool:
         """Finished with the same fingerprint; with `verify`, every output file is intact too."""
@@ -336,8 +421,8 @@ class Runner:
             return False
         if folder.is_symlink():
             raise RunFolderError(f"{folder} is a symbolic link; stage folders must be real folders")
-        record = json.loads(record_path.read_text())
-        if record.get("fingerprint") != self.fingerprints[index]:
+        record = read_json(record_path, f"stage {index + 1} runs again") if verify else _quiet_json(record_path)
+        if record is None or record.get("fingerprint") != self.fingerprints[index]:
             return False
         if verify:
             problem = _verify_files(folder, record.get("files", {}))
@@ -352,17 +437,26 @@ class Runner:
             return
         for index, stage in enumerate(self.recipe.stages):
             folder = self.out / stage_dir_name(index, stage.stage_type())
-            record_path = folder / STAGE_FILE
-            if not record_path.exists():
+            record = _quiet_json(folder / STAGE_FILE)
+            if record is None:  # not finished, or damaged (said, and re-run, when the stage is reached)
                 break
-            if json.loads(record_path.read_text()).get("fingerprint") != self.fingerprints[index]:
-                old = json.loads((self.out / RUN_FILE).read_text()).get("recipe", {})
+            if record.get("fingerprint") != self.fingerprints[index]:
+                old = (_quiet_json(self.out / RUN_FILE) or {}).get("recipe", {})
                 changed = _describe_change(old, self.recipe.to_dict(), index)
                 raise RunFolderError(
                     f"cannot resume: stage {index + 1} ({stage.stage_type()}) or its inputs changed since "
                     f"{folder.name} was written ({changed}); pass --overwrite to start again, "
                     f"or restore the recipe"
                 )
+
+
+def _quiet_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object, or None when missing or damaged, without a warning (said where it is acted on)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _describe_change(old: dict[str, Any], new: dict[str, Any], index: int) -> str:
@@ -417,16 +511,48 @@ def _verify_files(folder: Path, expected: dict[str, dict[str, Any]]) -> str | No
 
 def _save_eval(folder: Path, point: EvalPoint, preds: torch.Tensor | None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    files = {}
     if preds is not None:
         tmp = folder / f".{PREDICTIONS_FILE}.tmp"
         save_file({"preds": preds.contiguous()}, str(tmp))
         tmp.replace(folder / PREDICTIONS_FILE)
-    write_json_atomic(folder / "eval.json", point.model_dump(mode="json"))
+        files[PREDICTIONS_FILE] = {"bytes": (folder / PREDICTIONS_FILE).stat().st_size,
+                                   "sha256": sha256_file(folder / PREDICTIONS_FILE)}
+    # eval.json comes last and carries the predictions' checksum: the baseline counts as measured
+    # only when both are whole.
+    write_json_atomic(folder / "eval.json", {**point.model_dump(mode="json"), "files": files})
 
 
-def _load_predictions(folder: Path) -> torch.Tensor | None:
-    path = folder / PREDICTIONS_FILE
-    return load_file(str(path))["preds"] if path.exists() else None
+def _recorded_baseline(folder: Path) -> tuple[EvalPoint, torch.Tensor | None] | None:
+    """The baseline's point and predictions from disk; None (measure again) when missing or damaged."""
+    again = "the baseline is measured again"
+    data = read_json(folder / "eval.json", again)
+    if data is None:
+        return None
+    files = data.pop("files", None)
+    try:
+        point = EvalPoint.model_validate(data)
+    except ValueError:
+        log.warning("%s is damaged (not an eval point); %s", folder / "eval.json", again)
+        return None
+    if not files and not (folder / PREDICTIONS_FILE).exists():
+        return point, None
+    # Checked against the checksum in eval.json (runs from before it had one: only parsed).
+    problem = _verify_files(folder, files) if isinstance(files, dict) and files else None
+    if problem is None:
+        try:
+            return point, load_file(str(folder / PREDICTIONS_FILE))["preds"]
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            problem = f"{PREDICTIONS_FILE} cannot be read ({type(exc).__name__})"
+    log.warning("%s: %s; %s", folder.name, problem, again)
+    return None
+
+
+def _fault(point: str) -> None:
+    """Fault injection for the kill-timing tests: COMPRESS_FAULT=after_stage_json kills this process
+    (SIGKILL, nothing can run after it) right after a stage's stage.json is written, before its eval.json."""
+    if os.environ.get("COMPRESS_FAULT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _seed_everything(seed: int) -> None:

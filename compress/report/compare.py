@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compress.errors import CompressError
+from pydantic import ValidationError
+
+from compress.errors import CompressError, RunFolderError
 from compress.io import atomic_dir, write_json_atomic, write_text_atomic
+from compress.ownership import check_output, write_marker
 from compress.report.plots import plot_pareto
 from compress.report.render import _fmt, _table
 from compress.report.schema import Report
@@ -15,7 +18,12 @@ def load_report(run_dir: str | Path) -> Report:
     path = Path(run_dir) / "report.json"
     if not path.is_file():
         raise CompressError(f"{run_dir}: no report.json here; give run folders written by `compress run`")
-    return Report.model_validate_json(path.read_text())
+    try:
+        return Report.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        raise RunFolderError(f"{path}: damaged or not a compress report ({exc.error_count()} problem(s), first: "
+                             f"{exc.errors()[0]['msg']}); rerun `compress run --resume` on that run to rebuild it"
+                             ) from None
 
 
 def compare_rows(reports: list[Report]) -> tuple[list[str], list[list[str]]]:
@@ -45,13 +53,15 @@ def compare_rows(reports: list[Report]) -> tuple[list[str], list[list[str]]]:
 def compare_runs(run_dirs: list[str | Path], output: str | Path) -> Path:
     """Write compare.md, compare.json and compare.png into `output`; returns the folder."""
     if not run_dirs:
-        raise CompressError("compare: give at least one run folder")
+        raise RunFolderError("compare: give at least one run folder")
+    # Checked before anything is read or written: compare replaces its output folder as a whole.
+    output = check_output(output, "compare", inputs=list(run_dirs))
     reports = [load_report(d) for d in run_dirs]
     names = [r.name for r in reports]
     labels = [n if names.count(n) == 1 else f"{n} ({Path(d).name})" for n, d in zip(names, run_dirs, strict=True)]
     header, rows = compare_rows(reports)
-    output = Path(output)
     with atomic_dir(output) as tmp:
+        write_marker(tmp, "compare")
         plot = plot_pareto({label: r.points for label, r in zip(labels, reports, strict=True)},
                            tmp / "compare.png", title="Size against accuracy, all runs")
         md = ["# compress comparison", "", f"Runs: {', '.join(labels)}. Ratios are against each run's own baseline.",

@@ -1,0 +1,142 @@
+"""Which folders compress created, so no command ever deletes or replaces anything else.
+
+Every output folder compress creates (a run, a comparison, a publish folder, an autotune search)
+carries a small `compress-owned.json` file naming what created it. A command may replace or clear
+a folder only when that marker is there, of its own kind, and the folder holds nothing but the
+entries that kind writes; anything else is refused with the reason and what to do instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from compress.errors import CompressError
+from compress.io import write_json_atomic
+
+MARKER = "compress-owned.json"  # visible: a hidden name would read as a leftover temporary
+LOCK_FILE = ".compress.lock"
+KINDS = ("run", "compare", "publish", "autotune")
+
+# Top-level entries each kind writes; anything else in the folder was put there by someone else.
+# (A publish folder lists its own entries in the marker: the model's file names vary.)
+_RUN_ENTRIES = re.compile(r"^(run\.json|report\.(json|md|html)|plots|adapters|publish|\d\d-[\w.-]+"
+                          r"|\.work-.+|\..+\.(tmp|old)-[0-9a-f]{8}|\..+\.tmp)$")
+_FIXED_ENTRIES = {
+    "compare": {"compare.md", "compare.json", "compare.png"},
+    "autotune": {"candidates", "cache", "autotune.json", "autotune.md", "winner.yaml", "frontier.png"},
+}
+
+
+class OutputFolderError(CompressError):
+    """An output path compress must not write to (someone else's files, an input, a run)."""
+
+    exit_code = 2
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    """The folder's ownership marker, or None when it has none (or an unreadable one)."""
+    try:
+        data = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("created_by") == "compress" else None
+
+
+def write_marker(folder: Path, kind: str, entries: list[str] | None = None) -> None:
+    assert kind in KINDS, kind
+    data: dict[str, Any] = {"created_by": "compress", "kind": kind,
+                            "created": datetime.now(UTC).isoformat(timespec="seconds")}
+    if entries is not None:
+        data["entries"] = sorted(entries)
+    write_json_atomic(folder / MARKER, data)
+
+
+def foreign_entries(folder: Path, marker: dict[str, Any]) -> list[str]:
+    """Top-level entries of `folder` that its kind does not write (the user's, or another tool's)."""
+    kind = marker.get("kind")
+    own = set(marker.get("entries") or ()) | _FIXED_ENTRIES.get(kind, set()) | {MARKER, LOCK_FILE}
+    names = sorted(p.name for p in folder.iterdir())
+    if kind == "run":
+        return [n for n in names if n not in own and not _RUN_ENTRIES.match(n)]
+    return [n for n in names if n not in own and not re.match(r"^\..+\.(tmp|old)-[0-9a-f]{8}$", n)]
+
+
+def is_empty(folder: Path) -> bool:
+    """No entries besides what an interrupted start of compress may leave (marker, lock)."""
+    return all(p.name in (MARKER, LOCK_FILE) for p in folder.iterdir())
+
+
+def enclosing_run(path: Path) -> Path | None:
+    """The compress run folder that `path` is inside of (or is), if any."""
+    for parent in [path, *path.parents]:
+        marker = read_marker(parent) if parent.is_dir() else None
+        if (marker and marker.get("kind") == "run") or (parent / "run.json").is_file():
+            return parent
+    return None
+
+
+def check_output(path: str | Path, kind: str, *, inputs: list[str | Path] = (), allowed_inside: Path | None = None,
+                 flag: str = "--output") -> Path:
+    """Refuse an output folder compress would have to replace without owning it.
+
+    Refused: an existing file; a symbolic link; a non-empty folder without compress's marker of
+    this kind, or holding entries that kind does not write; a path equal to, inside or around one
+    of the inputs; a path inside a run folder (except `allowed_inside`, e.g. a run's own publish/).
+    """
+    out = Path(path)
+    shown = str(out)
+    if out.is_symlink():
+        raise OutputFolderError(f"{flag} {shown!r} is a symbolic link; give a real folder (nothing was touched)")
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"{flag} {shown!r} is an existing file, not a folder; compress never replaces "
+                                f"files it did not write — choose a new folder name (nothing was touched)")
+    resolved = out.resolve()
+    allowed = allowed_inside is not None and resolved == allowed_inside.resolve()
+    for source in inputs:
+        src = Path(source).resolve()
+        if resolved == src or resolved in src.parents or (src in resolved.parents and not allowed):
+            raise OutputFolderError(f"{flag} {shown!r} is or contains or lies inside the input {str(source)!r}; "
+                                    f"writing there would replace it — choose a separate folder (nothing was touched)")
+    run = enclosing_run(resolved)
+    if run is not None and not allowed:
+        raise OutputFolderError(f"{flag} {shown!r} lies inside the compress run folder {str(run)!r}; a run's "
+                                f"folder holds only what the run writes — choose a folder outside it "
+                                f"(nothing was touched)")
+    if out.is_dir() and any(out.iterdir()):
+        marker = read_marker(out)
+        if marker is None:
+            raise OutputFolderError(f"{flag} {shown!r} is a non-empty folder that compress did not create (no "
+                                    f"{MARKER} marker); compress never replaces it — choose a new or empty folder "
+                                    f"(nothing was touched)")
+        if marker.get("kind") != kind:
+            raise OutputFolderError(f"{flag} {shown!r} holds a compress {marker.get('kind')} folder, not a {kind} "
+                                    f"folder; choose a new or empty folder (nothing was touched)")
+        foreign = foreign_entries(out, marker)
+        if foreign:
+            raise OutputFolderError(f"{flag} {shown!r} holds files compress did not write ({', '.join(foreign[:5])}); "
+                                    f"move them out or choose a new folder (nothing was touched)")
+    return out
+
+
+def clear_run_folder(folder: Path) -> None:
+    """Empty a compress run folder for --overwrite, keeping its marker and the held lock file.
+
+    Only reached after check_output_folder has seen the run marker and no foreign entries."""
+    import shutil
+
+    marker = read_marker(folder) if folder.is_dir() else None
+    if marker is None:
+        return  # new or empty folder: nothing to clear
+    if marker.get("kind") != "run" or foreign_entries(folder, marker):  # checked before; re-checked at the delete
+        raise OutputFolderError(f"{str(folder)!r} is not a compress run holding only its own files; not cleared")
+    for path in folder.iterdir():
+        if path.name in (MARKER, LOCK_FILE):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
