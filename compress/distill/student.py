@@ -40,16 +40,17 @@ def _config_copy(config: Any, **changes: Any) -> Any:
     return config
 
 
-def student_from_layers(teacher: Any, keep: list[int], task: str) -> Any:
-    """A copy of `teacher` with only the transformer blocks `keep` (0-based, in order)."""
-    prefix = layer_list_name(teacher)
+def _student_config(teacher: Any, keep: list[int]) -> Any:
     changes: dict[str, Any] = {"num_hidden_layers": len(keep)}
     layer_types = getattr(teacher.config, "layer_types", None)
     if isinstance(layer_types, list) and len(layer_types) == teacher.config.num_hidden_layers:
         changes["layer_types"] = [layer_types[i] for i in keep]  # e.g. sliding/full attention per layer
-    config = _config_copy(teacher.config, **changes)
-    with torch.device("cpu"):
-        student = auto_class(task).from_config(config, dtype=next(teacher.parameters()).dtype)
+    return _config_copy(teacher.config, **changes)
+
+
+def _kept_state(teacher: Any, keep: list[int]) -> dict[str, Any]:
+    """The teacher's weights under the student's names: kept layers renumbered, the rest as they are."""
+    prefix = layer_list_name(teacher)
     new_index = {old: new for new, old in enumerate(keep)}
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
     state = {}
@@ -59,7 +60,38 @@ def student_from_layers(teacher: Any, keep: list[int], task: str) -> Any:
             state[key] = value
         elif int(m.group(1)) in new_index:
             state[f"{prefix}.{new_index[int(m.group(1))]}.{m.group(2)}"] = value
-    student.load_state_dict(state, strict=True)
+    return state
+
+
+def layers_mismatch(teacher: Any, keep: list[int], task: str) -> str | None:
+    """Why the kept layers cannot be copied into a student of the teacher's class, or None.
+
+    Some architectures build one layer unlike the others (ModernBERT's layer 0 has no attention norm,
+    the embeddings' norm serves instead), so a layer moved to that position brings weights the
+    student has no place for, or lacks ones it needs. Checked on the meta device: no memory used."""
+    with torch.device("meta"):
+        student = auto_class(task).from_config(_student_config(teacher, keep))
+    wanted, given = set(student.state_dict()), set(_kept_state(teacher, keep))
+    extra, missing = sorted(given - wanted), sorted(wanted - given)
+    if not extra and not missing:
+        return None
+    what = (f"teacher weight {extra[0]} has no place in the student" if extra
+            else f"the student's {missing[0]} has no teacher weight")
+    return (f"{type(teacher).__name__}'s layers are not all alike, so teacher layers {keep} cannot be "
+            f"renumbered into a {len(keep)}-layer student ({what}; {len(extra) + len(missing)} such "
+            f"weights); keep the layers that sit in the positions they land in, e.g. keep_layers "
+            f"starting with 0")
+
+
+def student_from_layers(teacher: Any, keep: list[int], task: str) -> Any:
+    """A copy of `teacher` with only the transformer blocks `keep` (0-based, in order)."""
+    problem = layers_mismatch(teacher, keep, task)
+    if problem is not None:
+        raise ValueError(problem)
+    with torch.device("cpu"):
+        student = auto_class(task).from_config(_student_config(teacher, keep),
+                                               dtype=next(teacher.parameters()).dtype)
+    student.load_state_dict(_kept_state(teacher, keep), strict=True)
     return student.to(next(teacher.parameters()).device)
 
 

@@ -208,7 +208,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     `nm=(n, m)` keeps n of every m consecutive inputs instead. `damp` adds that share of H's mean
     diagonal, which keeps the Cholesky factorisation stable.
     """
-    W = weight.detach().float().clone()
+    W = weight.detach().float().contiguous().clone()  # Conv1D hands in a transposed view
     H = hessian.to(W.device).float().clone()
     _rows, cols = W.shape
     dead = torch.diag(H) == 0  # inputs that never fired: their weights cannot matter

@@ -66,9 +66,13 @@ def detect(model: Any) -> Arch | None:
     if encoder is not None and hasattr(encoder, "layer"):
         layers = encoder.layer
         if len(layers) and hasattr(layers[0], "attention") and hasattr(layers[0].attention, "self"):
-            blocks = [Block(lay, lay.attention.self.query, lay.attention.self.key, lay.attention.self.value,
-                            lay.attention.output.dense, lay.attention.self, [lay.intermediate.dense],
-                            lay.output.dense) for lay in layers]
+            # BERT/RoBERTa name the projections query/key/value, DeBERTa-v2 query_proj/key_proj/value_proj.
+            qkv = next((names for names in (("query", "key", "value"), ("query_proj", "key_proj", "value_proj"))
+                        if all(hasattr(layers[0].attention.self, n) for n in names)), None)
+            if qkv is None:
+                return None
+            blocks = [Block(lay, *(getattr(lay.attention.self, n) for n in qkv), lay.attention.output.dense,
+                            lay.attention.self, [lay.intermediate.dense], lay.output.dense) for lay in layers]
             return Arch("bert", encoder, "layer", blocks, model.config)
     layers = getattr(base, "layers", None)
     if layers is not None and len(layers) and hasattr(layers[0], "self_attn") and hasattr(layers[0], "mlp"):

@@ -12,16 +12,31 @@ import torch
 DEFAULT_EXCLUDE = [r"(^|\.)lm_head$", r"(^|\.)classifier(\.|$)", r"(^|\.)score$", r"embed"]
 
 
-def select_linears(model: Any, include: list[str] | None,
-                   exclude: list[str] | None) -> dict[str, torch.nn.Linear]:
-    """`{module name: Linear}` whose name matches an `include` pattern (all if None) and no `exclude`."""
+def is_conv1d(module: Any) -> bool:
+    """transformers' Conv1D (GPT-2 and kin): a linear layer whose weight is stored as (in, out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def _float_linear(module: Any) -> bool:
+    # nn.Linear or a subclass that only changes forward (Falcon's FalconLinear); not bitsandbytes'
+    # subclasses, whose packed weights (Params4bit, Int8Params) cannot be masked or factorised.
+    return (isinstance(module, torch.nn.Linear) and type(module.weight) is torch.nn.Parameter
+            and module.weight.is_floating_point())
+
+
+def select_linears(model: Any, include: list[str] | None, exclude: list[str] | None,
+                   conv1d: bool = False) -> dict[str, torch.nn.Module]:
+    """`{module name: layer}` whose name matches an `include` pattern (all if None) and no `exclude`.
+
+    Float linear layers, and with `conv1d` also Conv1D layers (for callers that handle their
+    transposed weight)."""
     inc = [re.compile(p) for p in include] if include else None
     exc = [re.compile(p) for p in (DEFAULT_EXCLUDE if exclude is None else exclude)]
     out = {}
     for name, module in model.named_modules():
-        # Exactly Linear: quantized subclasses (bitsandbytes) store packed weights that cannot be
-        # masked or factorised, and a factorised layer's halves are already low-rank.
-        if type(module) is not torch.nn.Linear:
+        if not (_float_linear(module) or (conv1d and is_conv1d(module))):
             continue
         if inc is not None and not any(p.search(name) for p in inc):
             continue
@@ -29,6 +44,15 @@ def select_linears(model: Any, include: list[str] | None,
             continue
         out[name] = module
     return out
+
+
+def oriented(module: Any) -> torch.Tensor:
+    """The layer's weight as (out, in), a view: Conv1D's is stored transposed."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+def in_features(module: Any) -> int:
+    return oriented(module).shape[1]
 
 
 def bad_patterns(patterns: list[str] | None) -> list[str]:

@@ -179,6 +179,8 @@ def check_distill(bundle: ModelBundle, config: Distill, ctx: RunContext) -> list
         bad = [i for i in keep if i >= layers]
         if bad:
             problems.append(f"keep_layers: {bad} do not exist; the teacher has layers 0..{layers - 1}")
+        elif config.teacher is None and (why := st.layers_mismatch(bundle.model, keep, t_task)):
+            problems.append(f"{'keep_layers' if config.keep_layers else 'keep_every'}: {why}")
         s_config, s_tok, s_task = _with(t_config, num_hidden_layers=len(keep)), t_tok, t_task
     elif config.student_config is not None:
         unknown = [k for k in config.student_config if not hasattr(t_config, k)]
@@ -264,7 +266,11 @@ def _student(bundle: ModelBundle, config: Distill, teacher: Any, t_tok: Any, t_t
                          f"(merge: merge) or distil before quantizing")
     if config.keep_every is not None or config.keep_layers is not None:
         keep = config.keep_layers or st.every_kth(_layers(teacher.config), config.keep_every)
-        return st.student_from_layers(teacher, keep, t_task), t_tok, keep, f"teacher layers {keep}"
+        try:
+            student = st.student_from_layers(teacher, keep, t_task)
+        except ValueError as exc:  # a teacher named by path: check_distill could not see its layers
+            raise StageError(f"{'keep_layers' if config.keep_layers else 'keep_every'}: {exc}") from exc
+        return student, t_tok, keep, f"teacher layers {keep}"
     if config.student_config is not None:
         model = st.student_from_config(teacher.config, config.student_config, t_task, seed=ctx.seed,
                                        teacher=teacher)

@@ -14,11 +14,18 @@ from compress.bundle import ModelBundle
 from compress.context import RunContext
 from compress.errors import StageError
 from compress.pruning import importance as imp
-from compress.pruning import sparsegpt
+from compress.pruning import sparsegpt, verify
 from compress.pruning import structured as st
 from compress.pruning.calibration import calibration_batches, input_norms
 from compress.pruning.masks import magnitude_score, nm_mask, unstructured_mask, wanda_score
-from compress.pruning.targets import bad_patterns, pattern_value, select_linears
+from compress.pruning.targets import (
+    bad_patterns,
+    in_features,
+    is_conv1d,
+    oriented,
+    pattern_value,
+    select_linears,
+)
 from compress.registry import StageConfig, register_stage
 
 STRUCTURED = ("heads", "ffn", "layers")
@@ -127,38 +134,41 @@ def _removal_count(config: Prune, total: int) -> int:
 def _structured_problems(bundle: ModelBundle, config: Prune) -> list[str]:
     arch = st.detect(bundle.model)
     if arch is None:
-        return [f"structure: {config.structure} pruning supports BERT-like encoders and Llama-like decoders; "
-                f"{type(bundle.model).__name__} is neither; use structure: unstructured or n:m"]
+        conv = " (its attention and MLP are fused Conv1D layers)" if any(
+            is_conv1d(m) for m in bundle.model.modules()) else ""
+        return [(f"structure: {config.structure} pruning supports BERT-like encoders (BERT, RoBERTa, "
+                f"DeBERTa-v2) and Llama-like decoders (Llama, Mistral, Qwen, Gemma); "
+                f"{type(bundle.model).__name__}{conv} is neither; use structure: unstructured or n:m")]
     odd = sorted({type(m).__name__ for b in arch.blocks for m in (b.q, b.k, b.v, b.o, b.ffn_out, *b.ffn_in)
                   if type(m) is not torch.nn.Linear})
     if odd:
-        return [f"structure: {config.structure} pruning needs plain linear layers, but this model holds "
-                f"{', '.join(odd)}; put the prune stage before quantize or lowrank stages"]
+        return [(f"structure: {config.structure} pruning needs plain linear layers, but this model holds "
+                f"{', '.join(odd)}; put the prune stage before quantize or lowrank stages")]
     field = "count" if config.count is not None else "sparsity"
     unit, total = {"heads": ("attention heads", arch.num_heads), "ffn": ("FFN channels", arch.intermediate),
                    "layers": ("layers", arch.num_layers)}[config.structure]
     remove = _removal_count(config, total)
     where = "" if config.structure == "layers" else " per layer"
     if remove < 1:
-        return [f"{field}: {config.sparsity} of {total} {unit} removes none; "
-                f"raise it to at least {1 / total:.3g}"]
+        return [(f"{field}: {config.sparsity} of {total} {unit} removes none; "
+                f"raise it to at least {1 / total:.3g}")]
     if remove >= total:
         return [f"{field}: removing {remove} of {total} {unit}{where} leaves none; remove fewer than {total}"]
     if config.structure != "heads":
         return []
     if arch.family == "bert":
-        return ["structure: BERT configs derive the head size from hidden_size / num_attention_heads, so "
-                "a checkpoint with fewer heads cannot be reloaded by from_pretrained; "
-                "use structure: ffn or layers"]
+        return [(f"structure: {type(arch.config).__name__} derives the head size from hidden_size / "
+                f"num_attention_heads, so a checkpoint with fewer heads cannot be reloaded by from_pretrained; "
+                f"use structure: ffn or layers")]
     per_group = arch.num_heads // arch.num_kv_heads
     if remove % per_group:
-        return [f"{field}: removing {remove} of {total} attention heads breaks grouped-query attention "
+        return [(f"{field}: removing {remove} of {total} attention heads breaks grouped-query attention "
                 f"({per_group} query heads share each of the {arch.num_kv_heads} key/value heads); remove a "
-                f"multiple of {per_group} heads (sparsity a multiple of {per_group / total:.3g})"]
+                f"multiple of {per_group} heads (sparsity a multiple of {per_group / total:.3g})")]
     left = total - remove
     if arch.config.hidden_size % left:
-        return [f"{field}: {left} heads left does not divide hidden_size {arch.config.hidden_size}, which "
-                f"{type(arch.config).__name__} requires to reload; choose a count leaving a divisor"]
+        return [(f"{field}: {left} heads left does not divide hidden_size {arch.config.hidden_size}, which "
+                f"{type(arch.config).__name__} requires to reload; choose a count leaving a divisor")]
     return []
 
 
@@ -173,15 +183,17 @@ def check_prune(bundle: ModelBundle, config: Prune, ctx: RunContext) -> list[str
                         f"recipe has no data section; add one or use {fix}")
     if config.structure in STRUCTURED:
         return problems + _structured_problems(bundle, config)
-    linears = select_linears(bundle.model, config.targets, config.exclude)
+    linears = select_linears(bundle.model, config.targets, config.exclude, conv1d=True)
     if not linears:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in bundle.model.named_modules()
-                        if isinstance(m, torch.nn.Linear)})
-        return problems + [f"targets: no linear layer matches {config.targets}; "
-                           f"linear layers here: {', '.join(names)}"]
+                        if isinstance(m, torch.nn.Linear) or is_conv1d(m)})
+        chosen = (f"matches targets {config.targets}" if config.targets else "is left")
+        return problems + [(f"targets: no linear layer {chosen} after excluding "
+                           f"{config.exclude if config.exclude is not None else 'the heads and embeddings'}; "
+                           f"linear layers here: {', '.join(names)}")]
     if config.structure == "n:m":
         _, m = config.nm()
-        bad = [f"{n} (in {lin.in_features})" for n, lin in linears.items() if lin.in_features % m]
+        bad = [f"{n} (in {in_features(lin)})" for n, lin in linears.items() if in_features(lin) % m]
         if bad:
             problems.append(f"pattern: M={m} does not divide the input dimension of {', '.join(bad[:3])}"
                             f"{' and others' if len(bad) > 3 else ''}; choose an M that divides it or "
@@ -202,7 +214,8 @@ def _score_masks(config: Prune, linears: dict[str, torch.nn.Linear],
                  norms: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """Magnitude or Wanda: a keep-mask per layer from a score, weights left as they are."""
     for name, lin in linears.items():
-        score = wanda_score(lin.weight, norms[name]) if config.method == "wanda" else magnitude_score(lin.weight)
+        weight = oriented(lin)  # (out, in) for Conv1D too, so rows are outputs and N:M runs along inputs
+        score = wanda_score(weight, norms[name]) if config.method == "wanda" else magnitude_score(weight)
         if config.structure == "n:m":
             yield name, nm_mask(score, *config.nm())
         else:
@@ -217,8 +230,8 @@ def _sparsegpt_masks(model: Any, config: Prune, linears: dict[str, torch.nn.Line
 
     def prune_layer(name: str, lin: torch.nn.Linear, hessian: torch.Tensor) -> torch.Tensor:
         sparsity = pattern_value(name, config.layer_sparsity, config.sparsity) if nm is None else 0.0
-        weight, mask = sparsegpt.sparsegpt_prune(lin.weight, hessian, sparsity, nm)
-        lin.weight.copy_(weight)
+        weight, mask = sparsegpt.sparsegpt_prune(oriented(lin), hessian, sparsity, nm)
+        oriented(lin).copy_(weight)
         return mask
 
     return sparsegpt.prune_sequentially(model, linears, batches, prune_layer)
@@ -226,7 +239,7 @@ def _sparsegpt_masks(model: Any, config: Prune, linears: dict[str, torch.nn.Line
 
 def _prune_masks(bundle: ModelBundle, config: Prune, ctx: RunContext) -> ModelBundle:
     model = bundle.model
-    linears = select_linears(model, config.targets, config.exclude)
+    linears = select_linears(model, config.targets, config.exclude, conv1d=True)
     batches = (calibration_batches(bundle, ctx.data, config.calibration_samples, ctx.seed)
                if config.needs_data() else None)
     norms = input_norms(model, linears, batches) if config.method == "wanda" else {}
@@ -237,12 +250,18 @@ def _prune_masks(bundle: ModelBundle, config: Prune, ctx: RunContext) -> ModelBu
                   else _score_masks(config, linears, norms))
         for name, mask in chosen:
             weight = linears[name].weight
+            if is_conv1d(linears[name]):  # masks are kept in the parameter's own (in, out) layout
+                mask = mask.T.contiguous()
             key = f"{name}.weight"
             if key in masks:  # an earlier prune stage's zeros stay zero
                 mask &= masks[key].to(mask.device)
             weight.mul_(mask.to(weight.dtype))
             masks[key] = mask.cpu()
             per_layer[name] = _sparsity([weight])
+    verify.check_masked(config.label(), linears, masks,
+                        None if config.structure == "n:m" else
+                        {n: pattern_value(n, config.layer_sparsity, config.sparsity) for n in linears},
+                        config.nm() if config.structure == "n:m" else None)
     out = bundle.replace(model=model, masks=masks)
     target_sparsity = (1 - config.nm()[0] / config.nm()[1]) if config.structure == "n:m" else config.sparsity
     facts = {
@@ -324,6 +343,7 @@ def _prune_structured(bundle: ModelBundle, config: Prune, ctx: RunContext) -> Mo
         facts.update(layers_before=arch.num_layers, layers_after=arch.num_layers - remove,
                      removed_layers=drop, layer_scores=[round(float(s), 6) for s in scores])
         st.remove_layers(arch, drop)
+    verify.check_reloadable(config.label(), model, bundle.task)
     params_after = sum(p.numel() for p in model.parameters())
     facts.update(parameters_before=params_before, parameters_after=params_after,
                  parameters_removed_percent=round(100 * (1 - params_after / params_before), 3),
