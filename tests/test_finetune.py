@@ -102,3 +102,18 @@ def test_bad_settings_are_reported_with_the_field_and_fix(cls_recipe, monkeypatc
 def test_full_finetune_rejects_a_merge_policy():
     with pytest.raises(ValueError, match="full fine-tuning has no adapter to merge"):
         Finetune(method="full", merge="none")
+
+
+def test_qlora_with_merge_none_saves_a_4bit_base_and_adapter_that_reload(tiny_bert_dir, sentiment_csv, tmp_path):
+    """transformers 5 ignored the unwrapped state dict for a quantized base and wrote peft's wrapped
+    names, so the folder reloaded with random-initialised 4-bit weights (a crash on CPU)."""
+    data = load_data(DataSpec(source=str(sentiment_csv), label_column="label", max_length=32, eval_size=0.2),
+                     "sequence-classification")
+    ctx = RunContext(output_dir=tmp_path, seed=0, device="cpu", data=data, work_dir=tmp_path / "work")
+    out = run_finetune(ModelBundle.load(tiny_bert_dir),
+                       Finetune(method="qlora", merge="none", lr=1e-2, max_steps=4, batch_size=16), ctx)
+    assert out.format == "peft-adapter"
+    out.save(tmp_path / "saved")  # the save itself reloads and compares logits
+    reloaded = ModelBundle.load(tmp_path / "saved")
+    assert adapters.count_bnb(reloaded.model) == {"Linear4bit": 13}  # 2 layers x 6 linears + pooler
+    assert torch.equal(_logits(reloaded.model, reloaded), _logits(out.model, out))

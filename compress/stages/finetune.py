@@ -294,6 +294,8 @@ def _merge(model: Any, config: Finetune, policy: MergePolicy, masks: dict[str, t
 
 def _peft_save(bundle: ModelBundle, folder: Path) -> None:
     """Base weights (peft's wrappers stripped) as a normal HF folder, the adapter in `adapter/`."""
+    from huggingface_hub import save_torch_state_dict
+
     model = bundle.model
     base = model.get_base_model()
     clean = {}
@@ -301,7 +303,13 @@ def _peft_save(bundle: ModelBundle, folder: Path) -> None:
         if "lora_" in key or ".modules_to_save." in key:
             continue
         clean[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = value
-    base.save_pretrained(folder, state_dict=clean)
+    base.save_pretrained(folder)  # config, generation config, quantization config
+    # transformers 5 ignores `state_dict=` for quantized bases and would write peft's wrapped names
+    # (`...query.base_layer.weight`), which reload as missing weights; write the unwrapped ones.
+    for old in [*folder.glob("model*.safetensors"), *folder.glob("model.safetensors.index.json")]:
+        old.unlink()
+    save_torch_state_dict({k: v.data if isinstance(v, torch.nn.Parameter) else v for k, v in clean.items()},
+                          folder)
     model.save_pretrained(folder / "adapter")
 
 
