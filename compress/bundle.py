@@ -176,8 +176,32 @@ def _hf_save(bundle: ModelBundle, folder: Path) -> None:
     bundle.model.save_pretrained(folder)
 
 
+def from_pretrained_checked(task: str, location: str, *, base: bool = False, **kwargs: Any) -> Any:
+    """`from_pretrained`, refusing weights that do not match the config: transformers would initialise
+    missing weights at random and drop unexpected ones, silently. A stage output (`base=False`) must
+    match exactly. A base model (`base=True`) may lack only its task head (a new classifier, whose
+    weights are initialised by design) and may carry another task's head; its backbone must match."""
+    model, info = auto_class(task).from_pretrained(location, output_loading_info=True, **kwargs)
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+
+    def fatal(keys: Any) -> list[str]:
+        keys = sorted(k if isinstance(k, str) else str(k[0]) for k in keys or [])
+        return [k for k in keys if k.startswith(prefix)] if base and prefix != "." else keys
+
+    problems = {kind: fatal(info.get(key)) for kind, key in
+                (("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("shape-mismatched", "mismatched_keys"))}
+    problems = {kind: keys for kind, keys in problems.items() if keys}
+    if problems:
+        detail = "; ".join(f"{len(keys)} {kind} ({', '.join(keys[:4])}{', …' if len(keys) > 4 else ''})"
+                           for kind, keys in problems.items())
+        raise ModelError(f"{location}: its weights do not match its config.json — {detail}. Loading it would give "
+                         f"a model with randomly initialised layers; check that the folder's weights and config "
+                         f"belong together (re-save or re-download it)")
+    return model
+
+
 def _hf_load(folder: Path, meta: dict[str, Any]):
-    return auto_class(meta["task"]).from_pretrained(str(folder))
+    return from_pretrained_checked(meta["task"], str(folder))
 
 
 register_format(ModelFormat("hf", _hf_save, _hf_load))

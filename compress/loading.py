@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from compress.bundle import ModelBundle, auto_class, detect_task, load_tokenizer
+from compress.bundle import ModelBundle, detect_task, from_pretrained_checked, load_tokenizer
 from compress.errors import ModelError
 from compress.paths import looks_like_local_path, resolve_path
 from compress.recipe import ModelSpec
@@ -28,10 +28,14 @@ def gguf_kwargs(spec: ModelSpec) -> dict[str, Any]:
     return {"gguf_file": name} if name else {}
 
 
-def _load_config(spec: ModelSpec) -> Any:
+def load_config(spec: ModelSpec) -> Any:
+    """The model's config (no weights): what task detection and the pre-flight checks read."""
     from transformers import AutoConfig
 
     check_weights_format(spec)
+    if looks_like_local_path(spec.path) and resolve_path(spec.path).is_file() and not gguf_kwargs(spec):
+        raise ModelError(f"model.path: {spec.path!r} is a file; give the model's folder (with config.json), "
+                         f"or a .gguf file")
     try:
         return AutoConfig.from_pretrained(model_location(spec), revision=spec.revision,
                                           trust_remote_code=spec.trust_remote_code, **gguf_kwargs(spec))
@@ -40,9 +44,43 @@ def _load_config(spec: ModelSpec) -> Any:
             raise ModelError(
                 f"model.path: {spec.path!r} ships its own model code, which compress does not run by default; "
                 f"set model.trust_remote_code: true only if you have read that code and trust it") from None
-        hint = ("it must hold a config.json" if looks_like_local_path(spec.path)
-                else "the Hub could not be reached or has no such model; use a local folder when offline")
+        damaged = _gguf_problem(spec)
+        if damaged:
+            raise ModelError(damaged) from None
+        local = looks_like_local_path(spec.path)
+        if local and (resolve_path(spec.path) / "config.json").is_file():
+            hint = "its config.json cannot be read; restore it from the model's source"
+        elif local:
+            hint = "it must hold a config.json"
+        else:
+            hint = "the Hub could not be reached or has no such model; use a local folder when offline"
         raise ModelError(f"model.path: cannot load a config from {spec.path!r}: {hint} ({exc})") from None
+
+
+def _gguf_problem(spec: ModelSpec) -> str | None:
+    """What is wrong with a local GGUF file that transformers could not read, in the user's terms."""
+    name = gguf_kwargs(spec).get("gguf_file")
+    if not name or not looks_like_local_path(spec.path):
+        return None
+    path = resolve_path(model_location(spec)) / name
+    field = "model.gguf_file" if spec.gguf_file else "model.path"
+    size = path.stat().st_size if path.is_file() else 0
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if size == 0:
+        problem = "it is empty"
+    elif magic != b"GGUF":
+        problem = f"it does not start with the GGUF signature (starts with {magic!r}), so it is not a GGUF file"
+    else:
+        try:
+            import gguf
+
+            gguf.GGUFReader(str(path))
+            return None  # the file itself is sound: the config error is about something else
+        except Exception as exc:  # noqa: BLE001 - the reader's errors are numpy reshape/mmap errors
+            problem = f"its contents do not match its header ({size:,} bytes; {exc})"
+    return (f"{field}: {str(path)!r} is not a readable GGUF file: {problem}; it is truncated or damaged — "
+            f"download it again (or check the path)")
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -67,9 +105,9 @@ def check_weights_format(spec: ModelSpec) -> None:
 def resolve_task(spec: ModelSpec) -> str:
     """The recipe's task, or the one read from the model config (cheap: no weights are loaded)."""
     if spec.task != "auto":
-        _load_config(spec)  # still fail early on an unreadable model folder
+        load_config(spec)  # still fail early on an unreadable model folder
         return spec.task
-    return detect_task(_load_config(spec))
+    return detect_task(load_config(spec))
 
 
 def load_base_model(spec: ModelSpec, task: str, data: Any, device: str, seed: int) -> ModelBundle:
@@ -100,9 +138,11 @@ def load_base_model(spec: ModelSpec, task: str, data: Any, device: str, seed: in
             kwargs["label2id"] = {n: i for i, n in enumerate(names)}
     torch.manual_seed(seed)  # a new classifier head is initialised reproducibly
     try:
-        model = auto_class(task).from_pretrained(location, **kwargs)
+        model = from_pretrained_checked(task, location, base=True, **kwargs)
         tokenizer = load_tokenizer(location, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
                                    **gguf)
+    except ModelError as exc:
+        raise ModelError(f"model.path: {exc}") from None
     except Exception as exc:
         raise ModelError(f"model.path: could not load {spec.path!r} as {task}: {exc}") from None
     if gguf:

@@ -87,3 +87,64 @@ def test_detect_task(tiny_bert_dir, tiny_llama_dir, tmp_path):
                          intermediate_size=32, vocab_size=50)).save_pretrained(tmp_path / "bare")
     with pytest.raises(ModelError, match=r"model.task: cannot tell the task from architectures \['BertModel'\]"):
         detect_task(tmp_path / "bare")
+
+
+def _drop_and_add_weights(folder):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    dropped = next(k for k in weights if "layers.1.mlp.up_proj" in k)
+    weights["model.layers.9.mlp.up_proj.weight"] = weights.pop(dropped)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return dropped
+
+
+def test_a_folder_whose_weights_do_not_match_its_config_is_refused(tiny_llama_dir, tmp_path):
+    """transformers would initialise the missing layer at random and drop the stray one, silently."""
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_llama_dir, folder)
+    dropped = _drop_and_add_weights(folder)
+    with pytest.raises(ModelError) as err:
+        ModelBundle.load(folder)
+    assert f"1 missing ({dropped})" in str(err.value)
+    assert "1 unexpected (model.layers.9.mlp.up_proj.weight)" in str(err.value)
+
+
+def test_a_base_model_may_lack_only_its_new_task_head(tiny_llama_dir, tiny_bert_dir, tmp_path):
+    import shutil
+
+    from compress.bundle import from_pretrained_checked
+
+    # A classifier head that the checkpoint lacks is initialised by design: accepted.
+    folder = tmp_path / "headless"
+    shutil.copytree(tiny_bert_dir, folder)
+    from safetensors.torch import load_file, save_file
+
+    weights = {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if not k.startswith("classifier")}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    from_pretrained_checked("sequence-classification", str(folder), base=True)
+    # A backbone layer that is missing is not.
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama_dir, broken)
+    _drop_and_add_weights(broken)
+    with pytest.raises(ModelError, match="weights do not match its config.json — 1 missing"):
+        from_pretrained_checked("causal-lm", str(broken), base=True)
+
+
+def test_a_save_that_does_not_reproduce_the_model_writes_nothing(tiny_llama_dir, tmp_path, monkeypatch):
+    """Break the property on purpose: a format whose saver loses a weight; the save must refuse."""
+    from compress import bundle as bundle_module
+
+    b = _bundle(tiny_llama_dir, "causal-lm")
+
+    def lossy_save(bundle, folder):
+        bundle.model.save_pretrained(folder)
+        bundle.model.model.layers[0].mlp.up_proj.weight.data.mul_(2)  # the in-memory model moves on
+
+    monkeypatch.setitem(bundle_module._FORMATS, "hf", bundle_module.ModelFormat("hf", lossy_save,
+                                                                              bundle_module._hf_load))
+    with pytest.raises(ModelError, match="the folder reloads with different outputs"):
+        b.save(tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from compress.bundle import ModelBundle, ModelFormat, auto_class, register_format
+from compress.bundle import ModelBundle, ModelFormat, from_pretrained_checked, register_format
 from compress.context import RunContext
 from compress.errors import StageError
 from compress.evaluate.accuracy import evaluate_accuracy
@@ -319,7 +319,7 @@ def _peft_load(folder: Path, meta: dict[str, Any]) -> Any:
 
     from compress.bundle import MASKS_FILE
 
-    base = auto_class(meta["task"]).from_pretrained(str(folder))
+    base = from_pretrained_checked(meta["task"], str(folder))
     model = PeftModel.from_pretrained(base, str(folder / "adapter"))
     if (folder / MASKS_FILE).exists():
         ad.enable_masked_lora(model, {k: v.bool() for k, v in load_file(str(folder / MASKS_FILE)).items()})
