@@ -91,8 +91,8 @@ def check_output_folder(out: Path, recipe: Recipe, resume: bool, overwrite: bool
     if marker is None or marker.get("kind") != "run":
         what = (f"holds a {RUN_FILE} that compress did not write (no compress-owned.json marker: another tool's, or "
                 f"a run from an older compress)" if (out / RUN_FILE).exists() else "holds no compress run")
-        raise RunFolderError(f"{where} is not empty and {what}; compress never writes into or replaces it, "
-                             f"--overwrite included — set output_dir to a new folder (nothing there was touched)")
+        raise RunFolderError(f"{where} is not empty and {what}; compress never writes into or replaces a folder "
+                             f"it did not create — set output_dir to a new folder (nothing there was touched)")
     foreign = foreign_entries(out, marker)
     keep_out = (f"; it also holds files compress did not write ({', '.join(foreign[:5])}), so move them out "
                 f"before --overwrite" if foreign else "")
