@@ -58,8 +58,10 @@ class LayerStats:
 def collect_stats(model: nn.Module, names: list[str], inputs: list[dict[str, torch.Tensor]], device: str,
                   hessian: bool = False) -> dict[str, LayerStats]:
     """Run `inputs` through `model` with hooks on the named linear layers; return their statistics."""
+    from compress.quant.select import in_out
+
     modules = dict(model.named_modules())
-    stats = {n: LayerStats(modules[n].in_features, hessian) for n in names}
+    stats = {n: LayerStats(in_out(modules[n])[0], hessian) for n in names}
     handles = [modules[n].register_forward_pre_hook(lambda _m, args, n=n: stats[n].add(args[0]))
                for n in names]
     was_training = model.training

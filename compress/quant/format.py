@@ -19,7 +19,7 @@ from compress.bundle import ModelBundle, ModelFormat, auto_class, register_forma
 from compress.errors import ModelError
 from compress.io import write_json_atomic
 from compress.quant.dynamic import DynamicInt8Linear
-from compress.quant.embedding import QuantEmbedding
+from compress.quant.embedding import QuantEmbedding, TiedQuantHead
 from compress.quant.weight_only import WeightOnlyLinear
 
 FORMAT = "quantized"
@@ -39,7 +39,7 @@ def build_layer(spec: dict[str, Any]) -> nn.Module:
                                  spec.get("per_token", False))
     if kind == QuantEmbedding.kind:
         return QuantEmbedding(spec["num_embeddings"], spec["embedding_dim"], spec["padding_idx"],
-                              spec["bits"], spec["group_size"])
+                              spec["bits"], spec["group_size"], spec.get("scale"))
     raise ModelError(f"{LAYER_MAP}: unknown quantized layer kind {kind!r} (written by a newer compress?)")
 
 
@@ -52,7 +52,7 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def _save(bundle: ModelBundle, folder: Path) -> None:
     model = bundle.model
     layers = {name: mod.spec() for name, mod in model.named_modules()
-              if isinstance(mod, WeightOnlyLinear | DynamicInt8Linear | QuantEmbedding)}
+              if isinstance(mod, WeightOnlyLinear | DynamicInt8Linear | QuantEmbedding | TiedQuantHead)}
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(folder)
@@ -67,11 +67,21 @@ def _load(folder: Path, meta: dict[str, Any]) -> Any:
     layer_map = json.loads((folder / LAYER_MAP).read_text())
     config = AutoConfig.from_pretrained(str(folder))
     model = auto_class(meta["task"]).from_config(config)
-    for name, spec in layer_map["layers"].items():
-        set_module(model, name, build_layer(spec))
+    layers = layer_map["layers"]
+    for name, spec in layers.items():
+        if spec["kind"] != TiedQuantHead.kind:
+            set_module(model, name, build_layer(spec))
+    # Tied heads last: they read the (now quantized) embedding they name.
+    for name, spec in layers.items():
+        if spec["kind"] == TiedQuantHead.kind:
+            source = model.get_submodule(spec["source"])
+            if not isinstance(source, QuantEmbedding):
+                raise ModelError(f"{LAYER_MAP}: {name} is tied to {spec['source']}, which is not a quantized "
+                                 f"embedding in this file")
+            set_module(model, name, TiedQuantHead(source, spec["source"], spec["bias"]))
     missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=False)
     # Tied duplicates are dropped on save and come back through tie_weights.
-    tied = {k for k in missing if _is_tied(model, k)}
+    tied = {k for k in missing if is_tied(model, k)}
     if set(missing) - tied or unexpected:
         raise ModelError(f"{folder}: saved tensors do not match the model (missing "
                          f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
@@ -81,7 +91,8 @@ def _load(folder: Path, meta: dict[str, Any]) -> Any:
     return model
 
 
-def _is_tied(model: nn.Module, key: str) -> bool:
+def is_tied(model: nn.Module, key: str) -> bool:
+    """Whether state-dict entry `key` shares its tensor with another entry (a tied weight)."""
     # A tensor is tied when another state-dict entry shares its storage.
     state = model.state_dict(keep_vars=True)
     target = state.get(key)

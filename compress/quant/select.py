@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cache
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
@@ -21,8 +23,78 @@ def matches(name: str, pattern: str) -> bool:
     return re.search(rf"(?:^|\.)(?:{pattern})$", name) is not None
 
 
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+@cache
+def behaves_linear(cls: type) -> bool:
+    """Whether an nn.Linear subclass computes exactly x @ W.T + b (Falcon's FalconLinear does, written
+    as a matmul). Tried once per class on a small instance, so quantized subclasses (bitsandbytes,
+    whose weights are not float) and layers with their own maths are told apart by behaviour, not
+    by a list of names that goes stale."""
+    if cls is nn.Linear:
+        return True
+    if not issubclass(cls, nn.Linear):
+        return False
+    try:
+        with torch.no_grad():
+            layer = cls(8, 4, bias=True)
+            if not layer.weight.is_floating_point():
+                return False
+            x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+            return bool(torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-6))
+    except Exception:  # noqa: BLE001 - another constructor signature or forward: not a plain linear
+        return False
+
+
+def linear_kind(module: nn.Module) -> str | None:
+    """"linear" for a layer computing x @ W.T + b with W (out, in); "conv1d" for GPT-2's Conv1D, the
+    same map with the weight stored transposed (in, out); None for anything else (quantized layers too)."""
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return "conv1d"
+    if isinstance(module, nn.Linear) and behaves_linear(type(module)):
+        return "linear"
+    return None
+
+
+def in_out(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear or Conv1D layer."""
+    if linear_kind(module) == "conv1d":
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The float weight as (out, in), whichever way the layer stores it."""
+    w = module.weight.detach()
+    return w.t() if linear_kind(module) == "conv1d" else w
+
+
+def as_linear(module: nn.Module) -> nn.Linear:
+    """A plain nn.Linear with the same map (the layer itself when it already is one): lets every
+    scheme and the SVD treat Conv1D and linear subclasses as the one thing they are."""
+    if type(module) is nn.Linear:
+        return module
+    n_in, n_out = in_out(module)
+    w = dense_weight(module)
+    linear = nn.Linear(n_in, n_out, bias=module.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+        if module.bias is not None:
+            linear.bias.copy_(module.bias.detach())
+    return linear
+
+
 def class_names(module: nn.Module) -> set[str]:
-    return {cls.__name__ for cls in type(module).__mro__}
+    names = {cls.__name__ for cls in type(module).__mro__}
+    # Conv1D is a linear map with a transposed weight: module_types "Linear" covers it.
+    return names | {"Linear"} if linear_kind(module) == "conv1d" else names
 
 
 def head_names(model: nn.Module) -> set[str]:
@@ -30,12 +102,11 @@ def head_names(model: nn.Module) -> set[str]:
     heads = set()
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, mod in model.named_modules():
-        if out is not None and mod is out:
+        named_head = name.rsplit(".", 1)[-1] in HEAD_NAMES or name.endswith(("classifier.out_proj",
+                                                                             "classifier.dense"))
+        if named_head or (out is not None and mod is out):
             heads.add(name)
-        elif name.rsplit(".", 1)[-1] in HEAD_NAMES or name.endswith(("classifier.out_proj",
-                                                                       "classifier.dense")):
-            heads.add(name)
-    return {h for h in heads if isinstance(model.get_submodule(h), nn.Linear)}
+    return {h for h in heads if linear_kind(model.get_submodule(h)) is not None}
 
 
 @dataclass
@@ -43,6 +114,8 @@ class Selection:
     linear: list[str] = field(default_factory=list)
     embeddings: list[str] = field(default_factory=list)
     skipped_head: list[str] = field(default_factory=list)
+    # Embeddings a quantized table cannot stand in for (name -> why), left in float.
+    embeddings_kept: dict[str, str] = field(default_factory=dict)
 
 
 def select_layers(model: nn.Module, include: list[str] | None, exclude: list[str], module_types: list[str],
@@ -57,9 +130,15 @@ def select_layers(model: nn.Module, include: list[str] | None, exclude: list[str
             continue
         if isinstance(mod, nn.Embedding):
             if embeddings and (include is None or any(matches(name, p) for p in include)):
-                sel.embeddings.append(name)
+                from compress.quant.embedding import embedding_problem
+
+                why = embedding_problem(mod)
+                if why is None:
+                    sel.embeddings.append(name)
+                else:
+                    sel.embeddings_kept[name] = why
             continue
-        if not isinstance(mod, nn.Linear) or not (class_names(mod) & set(module_types)):
+        if linear_kind(mod) is None or not (class_names(mod) & set(module_types)):
             continue
         if include is not None and not any(matches(name, p) for p in include):
             continue

@@ -1,5 +1,9 @@
 """Low-rank stage: truncated SVD of chosen linear layers, W (out x in) ~ B (out x r) @ A (r x in),
-each replaced by two smaller linears. Saved as a `lowrank` bundle format that compress reloads."""
+each replaced by two smaller linears. GPT-2's Conv1D is factorised as the linear it is (its weight
+is stored transposed), Falcon's FalconLinear like any linear. Saved as a `lowrank` bundle format:
+the config, the in-memory state dict under its own names (transformers 5 renames some keys on
+`save_pretrained`, e.g. GPT-NeoX's lm_head to `embed_out`, which a plain state-dict load then
+missed) and the map of factorised layers."""
 
 from __future__ import annotations
 
@@ -15,10 +19,11 @@ from pydantic import Field, model_validator
 from compress.bundle import ModelBundle, ModelFormat, auto_class, register_format
 from compress.context import RunContext
 from compress.errors import ModelError, StageError
-from compress.pruning.targets import bad_patterns, select_linears
+from compress.pruning.targets import bad_patterns, oriented, select_linears
 from compress.registry import StageConfig, register_stage
 
 LOWRANK_FILE = "lowrank.json"
+WEIGHTS = "model.safetensors"
 
 
 class LowRankLinear(torch.nn.Module):
@@ -61,20 +66,28 @@ class LowRank(StageConfig):
         return self
 
 
+def _select(model: Any, config: LowRank) -> dict[str, torch.nn.Module]:
+    return select_linears(model, config.targets, config.exclude, conv1d=True)
+
+
 def check_lowrank(bundle: ModelBundle, config: LowRank, ctx: RunContext) -> list[str]:
-    linears = select_linears(bundle.model, config.targets, config.exclude)
+    linears = _select(bundle.model, config)
     if not linears:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in bundle.model.named_modules()
-                        if isinstance(m, torch.nn.Linear)})
-        return [f"targets: no linear layer matches {config.targets}; linear layers here: {', '.join(names)}"]
+        every = select_linears(bundle.model, None, [], conv1d=True)
+        names = sorted({n.rsplit(".", 1)[-1] for n in every})
+        chosen = f"targets {config.targets}" if config.targets is not None else "all layers"
+        dropped = (f"exclude {config.exclude}" if config.exclude is not None
+                   else "the default exclude (heads, embeddings)")
+        rule = f"{chosen} minus {dropped}"
+        return [(f"targets: no layer is left to factorise by {rule}; factorisable layers here: "
+                 f"{', '.join(names) or 'none'}")]
     if config.rank is not None:
-        bad = [(n, min(m.in_features, m.out_features)) for n, m in linears.items()
-               if config.rank > min(m.in_features, m.out_features)]
+        bad = [(n, min(oriented(m).shape)) for n, m in linears.items() if config.rank > min(oriented(m).shape)]
         if bad:
             name, limit = min(bad, key=lambda b: b[1])
             others = f" and {len(bad) - 1} other layer(s)" if len(bad) > 1 else ""
-            return [f"rank: {config.rank} is larger than min(in, out) = {limit} of {name}{others}; "
-                    f"use rank <= {limit}, an energy threshold, or exclude those layers"]
+            return [(f"rank: {config.rank} is larger than min(in, out) = {limit} of {name}{others}; "
+                     f"use rank <= {limit}, an energy threshold, or exclude those layers")]
     return []
 
 
@@ -94,15 +107,17 @@ def _replace(model: Any, name: str, module: torch.nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def factorize(linear: torch.nn.Linear, rank: int | None, energy: float | None) -> tuple[LowRankLinear, float]:
-    """The SVD factors of `linear` at `rank` (or at the energy threshold) and the energy kept."""
-    weight = linear.weight.detach().float()
+def factorize(linear: torch.nn.Module, rank: int | None, energy: float | None) -> tuple[LowRankLinear, float]:
+    """The SVD factors of `linear` (a linear or Conv1D layer) at `rank` (or at the energy threshold)
+    and the energy kept."""
+    weight = oriented(linear).detach().float()
+    out_features, in_features = weight.shape
     u, s, vh = torch.linalg.svd(weight, full_matrices=False)
     share = (s * s).cumsum(0) / (s * s).sum()
     r = rank if rank is not None else int((share < energy - 1e-7).sum()) + 1
     r = min(r, len(s))
     root = s[:r].sqrt()  # split sqrt(S) across both factors so neither carries all the scale
-    lr = LowRankLinear(linear.in_features, linear.out_features, r, linear.bias is not None,
+    lr = LowRankLinear(in_features, out_features, r, linear.bias is not None,
                        device=linear.weight.device, dtype=linear.weight.dtype)
     with torch.no_grad():
         lr.first.weight.copy_(root[:, None] * vh[:r])
@@ -118,16 +133,16 @@ def run_lowrank(bundle: ModelBundle, config: LowRank, ctx: RunContext) -> ModelB
         raise StageError("lowrank." + "; lowrank.".join(problems))
     model = bundle.model
     rows, skipped = [], []
-    for name, linear in select_linears(model, config.targets, config.exclude).items():
+    for name, linear in _select(model, config).items():
         new, kept = factorize(linear, config.rank, config.energy)
         before = linear.weight.numel()
         after = new.first.weight.numel() + new.second.weight.numel()
         if config.skip_if_larger and after >= before:
             skipped.append(name)
             continue
-        probe = torch.randn(config.latency_tokens, linear.in_features, device=linear.weight.device,
+        probe = torch.randn(config.latency_tokens, new.in_features, device=linear.weight.device,
                             dtype=linear.weight.dtype)
-        rows.append({"layer": name, "shape": [linear.out_features, linear.in_features], "rank": new.rank,
+        rows.append({"layer": name, "shape": [new.out_features, new.in_features], "rank": new.rank,
                      "energy_kept": round(kept, 5), "params_before": before, "params_after": after,
                      "latency_before_ms": _median_ms(linear, probe),
                      "latency_after_ms": _median_ms(new, probe)})
@@ -158,7 +173,14 @@ def run_lowrank(bundle: ModelBundle, config: LowRank, ctx: RunContext) -> ModelB
 
 
 def _save(bundle: ModelBundle, folder: Path) -> None:
-    bundle.model.save_pretrained(folder)
+    from safetensors.torch import save_model
+
+    model = bundle.model
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    # save_model (not save_file) drops the duplicates of tied tensors, which safetensors refuses.
+    save_model(model, str(folder / WEIGHTS), metadata={"format": "pt"})
     layers = {name: {"in": m.in_features, "out": m.out_features, "rank": m.rank,
                      "bias": m.second.bias is not None}
               for name, m in bundle.model.named_modules() if isinstance(m, LowRankLinear)}
@@ -166,8 +188,10 @@ def _save(bundle: ModelBundle, folder: Path) -> None:
 
 
 def _load(folder: Path, meta: dict[str, Any]) -> Any:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_model
     from transformers import AutoConfig
+
+    from compress.quant.format import is_tied
 
     spec = json.loads((folder / LOWRANK_FILE).read_text())
     config = AutoConfig.from_pretrained(str(folder))
@@ -175,13 +199,9 @@ def _load(folder: Path, meta: dict[str, Any]) -> Any:
     for name, layer in spec["layers"].items():
         _replace(model, name, LowRankLinear(layer["in"], layer["out"], layer["rank"], layer["bias"],
                                             dtype=model.dtype))
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        if file.name != "masks.safetensors":
-            state.update(load_file(str(file)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied]
+    missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=False)
+    # Tied duplicates are dropped on save; they share storage with a tensor that was loaded.
+    missing = [k for k in missing if not is_tied(model, k)]
     if missing or unexpected:
         raise ModelError(f"{folder}: low-rank checkpoint does not match its model "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -22,9 +22,17 @@ from compress.quant import format as qformat
 from compress.quant.accounting import OWN_TYPES, quantized_modules, size_summary
 from compress.quant.calibration import calibration_inputs, collect_stats
 from compress.quant.dynamic import DynamicInt8Linear, kernel_available, smoothing_factors
-from compress.quant.embedding import QuantEmbedding
+from compress.quant.embedding import QuantEmbedding, TiedQuantHead
 from compress.quant.gptq import gptq_quantize
-from compress.quant.select import bad_patterns, select_layers, unmatched_patterns
+from compress.quant.select import (
+    as_linear,
+    bad_patterns,
+    dense_weight,
+    in_out,
+    select_layers,
+    unmatched_patterns,
+)
+from compress.quant.verify import check_embedding, check_layers, check_tied, dequantized, relative_error
 from compress.quant.weight_only import WeightOnlyLinear, group_problem
 from compress.registry import StageConfig, register_stage
 
@@ -58,11 +66,14 @@ class Quantize(StageConfig):
     exclude: list[str] = Field(default_factory=list,
                                description="Skip layers whose name matches one of these regexes.")
     module_types: list[str] = Field(["Linear"], min_length=1, description=(
-        "Layer classes to quantize (class or base-class names); only Linear layers can be quantized."))
+        "Layer classes to quantize (class or base-class names); only linear layers can be quantized "
+        "(GPT-2's Conv1D, a linear with a transposed weight, counts as Linear)."))
     quantize_head: bool = Field(False, description=(
         "Also quantize the output head (lm_head, classifier); off because it is the most sensitive layer."))
     embeddings: Literal["none", "int8", "int4"] = Field("none", description=(
-        "Quantize embedding tables too (about half of a small model such as MiniLM)."))
+        "Quantize embedding tables too (about half of a small model such as MiniLM). A table tied to "
+        "the output head is quantized once and the head reads it; embeddings with a forward of their "
+        "own (OPT's learned positions) stay float."))
     embedding_group_size: int | None = Field(None, ge=0, description=(
         "Values per scale along the embedding dimension; 0 = one per row. Default: 0 for int8, 64 for int4."))
     group_size: int | None = Field(None, ge=0, description=(
@@ -151,7 +162,7 @@ def _layer_problem(module: nn.Module, config: Quantize, device: str) -> str | No
         return bnb_quant.probe(module, config.scheme, device, config.compute_dtype, config.double_quant)
     if config.scheme in ("int8-weight", "int4-weight", "gptq"):
         bits = 8 if config.scheme == "int8-weight" else 4
-        return group_problem(module.in_features, bits, config.resolved_group_size())
+        return group_problem(in_out(module)[0], bits, config.resolved_group_size())
     return None
 
 
@@ -187,13 +198,18 @@ def check_quantize(bundle: ModelBundle, config: Quantize, ctx: RunContext) -> li
         if missing:
             some = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Embedding)][:4]
             problems.append(f"{field}: {missing} match no layer; layer names look like {', '.join(some)}")
-    present = set().union(*(set(t.__name__ for t in type(m).__mro__) for m in model.modules()))
+    present = set().union(*({t.__name__ for t in type(m).__mro__} for m in model.modules()))
     unknown = [t for t in config.module_types if t not in present]
     if unknown:
         problems.append(f"module_types: {unknown} are not in this model; linear layers are 'Linear'")
     sel = _selection(model, config)
     if not sel.linear and not sel.embeddings:
         problems.append("include: no layer is selected; loosen include/exclude or module_types")
+    tied = _tied_embedding(model)
+    if tied and tied[1] in sel.linear and tied[0] not in sel.embeddings:
+        problems.append(f"quantize_head: {tied[1]} shares its weight with {tied[0]} (tied embeddings); "
+                        f"quantizing the head alone would store the table twice. Set embeddings: int8 "
+                        f"(the shared table is quantized once) or quantize_head: false")
     if config.on_unsupported == "error" and config.scheme not in bnb_quant.BNB_SCHEMES:
         for name in sel.linear:
             why = _layer_problem(model.get_submodule(name), config, ctx.device)
@@ -210,8 +226,51 @@ def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
     qformat.set_module(model, name, module)
 
 
+def _tied_embedding(model: nn.Module) -> tuple[str, str] | None:
+    """(embedding name, head name) when the output head shares the input embedding's table."""
+    if not hasattr(model, "get_output_embeddings"):
+        return None
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or emb is None or getattr(head, "weight", None) is not emb.weight:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    return names[id(emb)], names[id(head)]
+
+
+def _quantize_embeddings(model: nn.Module, names: list[str], config: Quantize,
+                         skipped: list[dict[str, str]]) -> tuple[list[str], dict[str, Any]]:
+    """Swap in quantized tables, each checked against the float lookup; a tied head keeps reading its
+    table. Returns the names replaced and facts for the report."""
+    bits, group = (8 if config.embeddings == "int8" else 4), config.resolved_embedding_group()
+    tied = _tied_embedding(model)
+    done, errors, facts = [], {}, {}
+    for name in names:
+        emb = model.get_submodule(name)
+        why = group_problem(emb.embedding_dim, bits, group)
+        if why:
+            if config.on_unsupported == "error":
+                raise StageError(f"quantize.embeddings: cannot quantize {name}: {why}; set "
+                                 f"embedding_group_size, exclude it, or set on_unsupported: skip")
+            skipped.append({"layer": name, "reason": why})
+            continue
+        new = QuantEmbedding.from_embedding(emb, bits, group)
+        _swap(model, name, new)
+        errors[name] = check_embedding(name, emb, model.get_submodule(name), config.embeddings)
+        if tied and tied[0] == name:
+            head = model.get_submodule(tied[1])
+            _swap(model, tied[1], TiedQuantHead(new, name, getattr(head, "bias", None) is not None))
+            if getattr(head, "bias", None) is not None:
+                model.get_submodule(tied[1]).bias.data.copy_(head.bias.detach().float())
+            check_tied(model, name, emb.weight)
+            facts["tied_head"] = f"{tied[1]} reads {name}'s {config.embeddings} table (tied, stored once)"
+        done.append(name)
+    if errors:
+        facts["embedding_output_error_max"] = round(max(errors.values()), 5)
+    return done, facts
+
+
 def _quantize_own(model: nn.Module, names: list[str], config: Quantize, bundle: ModelBundle,
-                  ctx: RunContext) -> dict[str, Any]:
+                  ctx: RunContext, errors: dict[str, float]) -> dict[str, Any]:
     facts: dict[str, Any] = {}
     stats = None
     if config.uses_calibration():
@@ -225,7 +284,8 @@ def _quantize_own(model: nn.Module, names: list[str], config: Quantize, bundle: 
     if config.scheme == "int8-dynamic":
         facts["activation_scales"] = "per-token" if per_token else "per-tensor"
     for name in names:
-        linear = model.get_submodule(name)
+        original = model.get_submodule(name)
+        linear = as_linear(original)  # Conv1D / linear subclasses: the plain linear they compute
         if config.scheme == "int8-dynamic":
             smooth = None
             if stats is not None:
@@ -244,6 +304,8 @@ def _quantize_own(model: nn.Module, names: list[str], config: Quantize, bundle: 
         else:
             new = WeightOnlyLinear.from_linear(linear, 8 if config.scheme == "int8-weight" else 4, group)
         _swap(model, name, new.to(linear.weight.device))
+        # Measured on what the model now holds at that name, against the float weight it replaced.
+        errors[name] = relative_error(dequantized(model.get_submodule(name)), dense_weight(original))
     return facts
 
 
@@ -268,37 +330,43 @@ def run_quantize(bundle: ModelBundle, config: Quantize, ctx: RunContext) -> Mode
         skipped.append({"layer": name, "reason": why})
         ctx.logger.warning("quantize: skipped %s (%s)", name, why)
 
+    tied = _tied_embedding(model)
+    if tied and tied[1] in targets and tied[0] not in sel.embeddings:
+        raise StageError(f"quantize.quantize_head: {tied[1]} is tied to {tied[0]}; quantizing it alone would "
+                         f"store the table twice; set embeddings: int8 or quantize_head: false")
+    if tied and tied[0] in sel.embeddings and tied[1] in targets:
+        targets.remove(tied[1])  # the head is the table: quantized once, with the embedding
     facts: dict[str, Any] = {}
+    errors: dict[str, float] = {}
+    embedded: list[str] = []
     with torch.no_grad():
         if config.scheme in bnb_quant.BNB_SCHEMES:
             work = ctx.work_dir or ctx.output_dir / ".work-quantize"
+            fmt = bnb_quant.output_format(model)
+            dense = model
             model = bnb_quant.quantize_with_bnb(model, bundle.task, config.scheme, targets, work, ctx.device,
                                                 config.compute_dtype, config.double_quant,
                                                 config.int8_threshold)
-            fmt = "hf"
+            for name in targets:
+                layer = model.get_submodule(name)
+                errors[name] = relative_error(dequantized(layer), dense_weight(dense.get_submodule(name)))
         else:
-            facts = _quantize_own(model, targets, config, bundle, ctx)
-            bits, group = (8 if config.embeddings == "int8" else 4), config.resolved_embedding_group()
-            for name in sel.embeddings:
-                emb = model.get_submodule(name)
-                why = group_problem(emb.embedding_dim, bits, group)
-                if why is None and emb.max_norm is not None:
-                    why = "max_norm embeddings renormalise rows on lookup"
-                if why:
-                    if config.on_unsupported == "error":
-                        raise StageError(f"quantize.embeddings: cannot quantize {name}: {why}; set "
-                                         f"embedding_group_size, exclude it, or set on_unsupported: skip")
-                    skipped.append({"layer": name, "reason": why})
-                    continue
-                _swap(model, name, QuantEmbedding.from_embedding(emb, bits, group))
+            facts = _quantize_own(model, targets, config, bundle, ctx, errors)
+            embedded, emb_facts = _quantize_embeddings(model, sel.embeddings, config, skipped)
+            facts.update(emb_facts)
             fmt = qformat.FORMAT
+    facts.update(check_layers(model, config.scheme, targets, errors, embedded))
     sizes = size_summary(model)
+    for row in sizes["layers"]:
+        if row["layer"] in errors:
+            row["relative_error"] = round(errors[row["layer"]], 5)
     summary = sizes["summary"]
     info: dict[str, Any] = {
         "scheme": config.scheme,
         **{k: v for k, v in summary.items()},
         "skipped_unsupported": len(skipped),
-        "head_kept_float": ", ".join(sel.skipped_head) or "none",
+        "head_kept_float": ", ".join(h for h in sel.skipped_head if "tied_head" not in facts) or "none",
+        "embeddings_kept_float": {n: why for n, why in sel.embeddings_kept.items()} or "none",
         "seconds": round(time.perf_counter() - started, 3),
         **facts,
         "layers": sizes["layers"],
