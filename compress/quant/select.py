@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -31,19 +30,32 @@ def _conv1d_type() -> type | None:
     return Conv1D
 
 
-@cache
+_BEHAVES_LINEAR: dict[type, bool] = {}
+
+
 def behaves_linear(cls: type) -> bool:
     """Whether an nn.Linear subclass computes exactly x @ W.T + b (Falcon's FalconLinear does, written
-    as a matmul). Tried once per class on a small instance, so quantized subclasses (bitsandbytes,
+    as a matmul). Tried once per class on a small CPU instance, so quantized subclasses (bitsandbytes,
     whose weights are not float) and layers with their own maths are told apart by behaviour, not
     by a list of names that goes stale."""
     if cls is nn.Linear:
         return True
     if not issubclass(cls, nn.Linear):
         return False
+    if cls not in _BEHAVES_LINEAR:
+        answer = _probe_linear(cls)
+        if answer is None:  # could not run here (e.g. inside transformers' meta-device init): ask again later
+            return False
+        _BEHAVES_LINEAR[cls] = answer
+    return _BEHAVES_LINEAR[cls]
+
+
+def _probe_linear(cls: type) -> bool | None:
     try:
-        with torch.no_grad():
-            layer = cls(8, 4, bias=True)
+        with torch.no_grad(), torch.device("cpu"):
+            layer = cls(8, 4, bias=True, device="cpu")
+            if layer.weight.is_meta:
+                return None
             if not layer.weight.is_floating_point():
                 return False
             x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))

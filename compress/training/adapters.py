@@ -102,6 +102,7 @@ def load_4bit(model: Any, task: str, folder: Path, *, compute_dtype: str, double
     from transformers import BitsAndBytesConfig
 
     from compress.bundle import auto_class
+    from compress.quant.bnb import linear_subclasses_as_linear
 
     model.save_pretrained(folder)
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -109,8 +110,12 @@ def load_4bit(model: Any, task: str, folder: Path, *, compute_dtype: str, double
                                 bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
                                 llm_int8_skip_modules=skip)
     device = next(model.parameters()).device
-    quantized = auto_class(task).from_pretrained(str(folder), quantization_config=config,
-                                                 device_map={"": str(device) if device.type != "cpu" else "cpu"})
+    # Falcon's FalconLinear (an nn.Linear subclass) is left float by transformers' own loader; the
+    # context makes it quantize such layers too (a saved 4-bit base then loads in compress's hf-bnb
+    # format: compress.quant.bnb.output_format tells which).
+    with linear_subclasses_as_linear():
+        quantized = auto_class(task).from_pretrained(str(folder), quantization_config=config,
+                                                     device_map={"": str(device) if device.type != "cpu" else "cpu"})
     keep_canonical_layout(quantized)  # same numbers on every CPU (see quant/bnb_weights)
     return quantized
 
