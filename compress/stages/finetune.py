@@ -17,6 +17,7 @@ from compress.bundle import ModelBundle, ModelFormat, from_pretrained_checked, r
 from compress.context import RunContext
 from compress.errors import StageError
 from compress.evaluate.accuracy import evaluate_accuracy
+from compress.pruning.targets import is_conv1d
 from compress.quant.bnb_weights import unpack_cpu_layout
 from compress.registry import StageConfig, register_stage
 from compress.training import TrainingFields, train
@@ -82,6 +83,11 @@ def check_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> li
         if quantized:
             problems.append("method: the model is already quantized by an earlier stage; use method: lora "
                             "(it trains adapters on the quantized base)")
+        elif conv := sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_conv1d(m)}):
+            # transformers' 4-bit loader keeps Conv1D's (in, out) checkpoint layout against the
+            # (out, in) Linear4bit it builds, and refuses the size mismatch (transformers 5.24).
+            problems.append(f"method: qlora reloads the base in 4-bit, which transformers cannot do for "
+                            f"Conv1D layers ({', '.join(conv)}: weights stored transposed); use method: lora")
         elif (why := ad.bnb_4bit_problem(ctx.device)) is not None:
             problems.append(f"method: qlora needs bitsandbytes 4-bit on {ctx.device}, which fails here ({why}); "
                             f"install a bitsandbytes build for this device (>=0.46 for CPU) or use method: lora")
