@@ -177,13 +177,30 @@ def trim_tokenizer(tokenizer: Any, plan: TrimPlan) -> Any:
     return new
 
 
+def embedding_problem(embedding: Any) -> str | None:
+    """Why trim-vocab cannot cut rows out of this input embedding, or None when it can: a float
+    nn.Embedding, or a subclass that only scales its lookups (Gemma's scaled word embedding)."""
+    name = type(embedding).__name__
+    if not isinstance(embedding, torch.nn.Embedding) or not embedding.weight.is_floating_point():
+        return (f"the input embedding is a {name}, not a float nn.Embedding (already quantized?); "
+                f"put trim-vocab before quantize")
+    if type(embedding) is torch.nn.Embedding:
+        return None
+    only_scaled = (set(embedding._parameters) == {"weight"} and set(embedding._buffers) == {"embed_scale"}
+                   and not embedding._modules)
+    if only_scaled:
+        return None
+    return (f"the input embedding is a {name}, an nn.Embedding subclass with a forward of its own that "
+            f"trim-vocab cannot vouch for; trim-vocab supports nn.Embedding and scaled word embeddings")
+
+
 def trim_embeddings(model: Any, plan: TrimPlan) -> None:
     """Keep the planned rows of the input embedding (and of an untied output layer); update the config."""
     rows = torch.tensor(plan.keep, dtype=torch.long)
     old_in = model.get_input_embeddings()
-    if type(old_in) is not torch.nn.Embedding:
-        raise VocabError(f"the input embedding is a {type(old_in).__name__}, not a float nn.Embedding; "
-                         f"put trim-vocab before any stage that quantizes embeddings")
+    why = embedding_problem(old_in)
+    if why:
+        raise VocabError(why)
     if old_in.num_embeddings < plan.old_size:
         raise VocabError(f"the embedding has {old_in.num_embeddings} rows but the tokenizer {plan.old_size} "
                          f"tokens; the model and tokenizer do not match")
@@ -191,11 +208,14 @@ def trim_embeddings(model: Any, plan: TrimPlan) -> None:
     tied = out is not None and out.weight is old_in.weight
     remap = plan.old_to_new
     pad = old_in.padding_idx
-    new_in = torch.nn.Embedding(len(rows), old_in.embedding_dim, padding_idx=remap.get(pad) if pad is not None
-                                else None, dtype=old_in.weight.dtype, device=old_in.weight.device)
+    # Rows are cut in place, so a subclass keeps what it adds to the lookup (Gemma's sqrt(hidden)
+    # scale); a new nn.Embedding would silently drop it.
+    new_in = old_in
     with torch.no_grad():
-        new_in.weight.copy_(old_in.weight[rows.to(old_in.weight.device)])
-    model.set_input_embeddings(new_in)
+        new_in.weight = torch.nn.Parameter(old_in.weight[rows.to(old_in.weight.device)].clone(),
+                                           requires_grad=old_in.weight.requires_grad)
+    new_in.num_embeddings = len(rows)
+    new_in.padding_idx = remap.get(pad) if pad is not None else None
     if out is not None and not tied:
         if not isinstance(out, torch.nn.Linear):
             raise VocabError(f"the output layer is a {type(out).__name__}, not a float nn.Linear; "
@@ -228,5 +248,5 @@ def _remap_config(model: Any, remap: dict[int, int], size: int) -> None:
                 setattr(config, key, [remap[v] for v in value if v in remap] or None)
 
 
-__all__ = ["TrimPlan", "VocabError", "count_tokens", "plan_trim", "tokenizer_spec", "trim_embeddings",
+__all__ = ["TrimPlan", "VocabError", "count_tokens", "embedding_problem", "plan_trim", "tokenizer_spec", "trim_embeddings",
            "trim_tokenizer", "trimmed_tokenizer_json", "vocab_of"]

@@ -19,6 +19,9 @@ from compress.pruning import vocab as vt
 from compress.registry import StageConfig, register_stage
 
 _PROBE_TEXTS = 64
+# Largest logit change allowed on texts whose tokens were all kept, relative to the largest logit:
+# the kept rows are copied bit for bit, so only float summation order may differ (~1e-7 in fp32).
+LOGIT_TOLERANCE = 1e-5
 
 
 class TrimVocab(StageConfig):
@@ -52,10 +55,9 @@ def check_trim_vocab(bundle: ModelBundle, config: TrimVocab, ctx: RunContext) ->
     known = vt.vocab_of(spec)
     problems += [f"keep_tokens: {t!r} is not in the tokenizer's vocabulary" for t in config.keep_tokens
                  if t not in known]
-    embedding = bundle.model.get_input_embeddings()
-    if type(embedding) is not torch.nn.Embedding:
-        problems.append(f"trim-vocab: the input embedding is a {type(embedding).__name__} (already quantized?); "
-                        f"put trim-vocab before quantize")
+    why = vt.embedding_problem(bundle.model.get_input_embeddings())
+    if why:
+        problems.append(f"trim-vocab: {why}")
     if bundle.format != "hf":
         problems.append(f"trim-vocab: needs a plain Hugging Face model (this one is {bundle.format!r}); "
                         f"put it before quantize or merge adapters first")
@@ -96,15 +98,22 @@ def run_trim_vocab(bundle: ModelBundle, config: TrimVocab, ctx: RunContext) -> M
         bad = next(i for i, (a, b) in enumerate(zip(new_ids, expected, strict=True)) if a != b)
         raise StageError(f"trim-vocab: the trimmed tokenizer splits the training text {probe[bad]!r} "
                          f"differently; please report this with the tokenizer's name")
-    before = _logits(model, tokenizer, probe, ctx.device)
+    # Texts whose every token survived must give the same logits: same rows, same maths.
+    same = [text for text, ids in zip(probe, expected, strict=True) if -1 not in ids] or probe[:1]
+    before = _logits(model, tokenizer, same, ctx.device)
     try:
         vt.trim_embeddings(model, plan)
     except vt.VocabError as exc:
         raise StageError(f"trim-vocab: {exc}") from exc
-    after = _logits(model, new_tokenizer, probe, ctx.device)
+    after = _logits(model, new_tokenizer, same, ctx.device)
     if after.shape[-1] != before.shape[-1]:  # a language model's logits cover the vocabulary
         before = before[..., plan.keep]
-    change = float((after - before).abs().max())
+    change = float((after - before).abs().max()) if after.shape == before.shape else float("inf")
+    scale = float(before.abs().max()) or 1.0
+    if not change <= LOGIT_TOLERANCE * scale:
+        raise StageError(f"trim-vocab: on {len(same)} training texts whose tokens were all kept, the logits "
+                         f"changed by {change:.4g} ({change / scale:.3g} of the largest logit; allowed "
+                         f"{LOGIT_TOLERANCE:g}): the trimmed embedding does not compute what the old one did")
 
     eval_ids = tokenizer(_texts(data, "eval"), add_special_tokens=False)["input_ids"] if len(data.eval) else []
     eval_tokens = sum(len(ids) for ids in eval_ids)
