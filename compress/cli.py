@@ -25,10 +25,11 @@ def _setup_logging(quiet: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
-    # Library chatter (weight-init notices, tokenizer hints) drowns the run's own log.
-    import transformers
+    # Library chatter (kernel notices, deprecation warnings, progress bars) drowns the run's own log:
+    # it goes to compress's DEBUG level instead (compress/console.py).
+    from compress.console import route_library_output
 
-    transformers.logging.set_verbosity_error()
+    route_library_output()
 
 
 def _graceful_sigint() -> threading.Event:
@@ -94,9 +95,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _describe_field(name: str, field: Any) -> str:
-    from pydantic_core import PydanticUndefined
-
     from typing import Literal, get_args, get_origin
+
+    from pydantic_core import PydanticUndefined
 
     if get_origin(field.annotation) is Literal:
         annotation = " | ".join(repr(a) for a in get_args(field.annotation))
@@ -231,7 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `compress run r.yaml --overwrite seed=3`: argparse ends the positional list at the first flag,
+    # so key=value words after a flag come back unparsed; they are overrides all the same.
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in word and not word.startswith("-") for word in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(getattr(args, "quiet", False))
     try:
         return args.func(args)

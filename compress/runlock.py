@@ -36,7 +36,11 @@ class RunLock:
         if self.fd is not None:
             return
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes
+            except OSError as exc:
+                raise RunFolderError(f"cannot lock the output folder {str(self.path.parent)!r} ({exc.strerror}); "
+                                     f"make it writable or set output_dir to another folder") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
