@@ -25,11 +25,10 @@ def _setup_logging(quiet: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
-    # Library chatter (kernel notices, deprecation warnings, progress bars) drowns the run's own log:
-    # it goes to compress's DEBUG level instead (compress/console.py).
-    from compress.console import route_library_output
+    # Library chatter (weight-init notices, tokenizer hints) drowns the run's own log.
+    import transformers
 
-    route_library_output()
+    transformers.logging.set_verbosity_error()
 
 
 def _graceful_sigint() -> threading.Event:
@@ -232,15 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    # `compress run r.yaml --overwrite seed=3`: argparse ends the positional list at the first flag,
-    # so key=value words after a flag come back unparsed; they are overrides all the same.
-    args, extra = parser.parse_known_args(argv)
-    if extra and isinstance(getattr(args, "overrides", None), list) and all(
-            "=" in word and not word.startswith("-") for word in extra):
-        args.overrides += extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "quiet", False))
     try:
         return args.func(args)

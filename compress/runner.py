@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from compress.bundle import ModelBundle
@@ -31,8 +32,8 @@ from compress.environment import collect_environment
 from compress.errors import CompressError, Interrupted, RecipeError, RunFolderError
 from compress.evaluate.point import evaluate_bundle
 from compress.io import write_json_atomic
-from compress.ownership import LOCK_FILE, clear_run_folder, foreign_entries, is_empty, read_marker, write_marker
 from compress.loading import load_base_model, resolve_task
+from compress.ownership import clear_run_folder, foreign_entries, is_empty, read_marker, write_marker
 from compress.recipe import Recipe, load_recipe
 from compress.registry import get_stage
 from compress.report.render import write_report
@@ -461,12 +462,14 @@ def _quiet_json(path: Path) -> dict[str, Any] | None:
 
 def _describe_change(old: dict[str, Any], new: dict[str, Any], index: int) -> str:
     diffs = []
+    old = old if isinstance(old, dict) else {}  # from a run.json that may be damaged
     for key in ("model", "data", "seed"):
         if old.get(key) != new.get(key):
             diffs.append(key)
     old_stages, new_stages = old.get("stages", []), new.get("stages", [])
+    old_stages = old_stages if isinstance(old_stages, list) else []
     for i in range(index + 1):
-        a = old_stages[i] if i < len(old_stages) else {}
+        a = old_stages[i] if i < len(old_stages) and isinstance(old_stages[i], dict) else {}
         b = new_stages[i] if i < len(new_stages) else {}
         for field in sorted(set(a) | set(b)):
             if field not in ("evaluate", "name") and a.get(field) != b.get(field):
@@ -542,7 +545,7 @@ def _recorded_baseline(folder: Path) -> tuple[EvalPoint, torch.Tensor | None] | 
     if problem is None:
         try:
             return point, load_file(str(folder / PREDICTIONS_FILE))["preds"]
-        except Exception as exc:  # safetensors raises its own error types for damaged files
+        except (OSError, KeyError, SafetensorError) as exc:
             problem = f"{PREDICTIONS_FILE} cannot be read ({type(exc).__name__})"
     log.warning("%s: %s; %s", folder.name, problem, again)
     return None

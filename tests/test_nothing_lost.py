@@ -227,19 +227,28 @@ def _damage(path):
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
 
 
+def _flip_last_byte(path):
+    """Still a readable file, with one changed value: only a checksum can tell."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize(("target", "says", "reruns"), [
     ("02-finetune/eval.json", "02-finetune/eval.json is damaged", []),
     ("01-finetune/stage.json", "01-finetune/stage.json is damaged", [5e-3, 1e-3]),
     ("run.json", "run.json is damaged", []),
     ("report.json", "report.json is damaged", []),
     ("00-baseline/predictions.safetensors", "predictions.safetensors is truncated or changed", []),
+    ("00-baseline/predictions.safetensors:flip", "predictions.safetensors is corrupted (checksum mismatch)", []),
     ("00-baseline/eval.json", "00-baseline/eval.json is damaged", []),
 ])
 def test_damaged_records_are_named_and_what_they_describe_is_redone(run_copy, monkeypatch, capsys, target, says,
                                                                       reruns):
     path, out = run_copy
     expected = json.loads((out / "report.json").read_text())
-    _damage(out / target)
+    target, _, how = target.partition(":")
+    (_flip_last_byte if how == "flip" else _damage)(out / target)
     calls = _count_stage_runs(monkeypatch)
     assert main(["run", str(path), "--quiet", "--resume"]) == 0
     err = capsys.readouterr().err
