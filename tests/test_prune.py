@@ -120,3 +120,27 @@ def test_wanda_without_calibration_data(tiny_llama_dir, tmp_path):
         "section; add one or use method: magnitude"]
     with pytest.raises(StageError, match="prune.method: wanda needs calibration data"):
         run_prune(bundle, config, _ctx(tmp_path))
+
+
+def test_targets_matching_nothing_name_the_layers_including_conv1d(tmp_path):
+    """GPT-2's projections are Conv1D and Falcon's FalconLinear: both are listed and prunable."""
+    from compress.testing import make_tiny_model
+
+    for arch, expected in (("gpt2", "c_attn, c_fc, c_proj"), ("falcon", "dense, dense_4h_to_h")):
+        bundle = ModelBundle.load(make_tiny_model(arch, tmp_path / arch))
+        assert check_prune(bundle, Prune(sparsity=0.5), _ctx(tmp_path)) == []
+        problems = check_prune(bundle, Prune(sparsity=0.5, targets=["nothing"]), _ctx(tmp_path))
+        assert len(problems) == 1 and "no linear layer matches targets ['nothing']" in problems[0], problems
+        assert expected in problems[0], problems
+
+
+def test_conv1d_masks_are_kept_in_the_parameters_layout(tmp_path, lm_data):
+    """Conv1D stores (in, out): N:M groups must run along the inputs, i.e. down its columns."""
+    from compress.pruning.targets import oriented
+    from compress.testing import make_tiny_model
+
+    bundle = ModelBundle.load(make_tiny_model("gpt2", tmp_path / "gpt2"))
+    out = run_prune(bundle, Prune(structure="n:m", method="wanda"), _ctx(tmp_path, lm_data))
+    layer = out.model.transformer.h[0].mlp.c_proj  # Conv1D(128 -> 64): weight (128, 64)
+    assert out.masks["transformer.h.0.mlp.c_proj.weight"].shape == layer.weight.shape == (128, 64)
+    assert check_nm(oriented(layer), 2, 4) and not check_nm(layer.weight, 2, 4)

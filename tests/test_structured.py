@@ -144,7 +144,7 @@ def test_masks_follow_ffn_removal(tiny_bert_dir, tmp_path):
     ("bert", {"structure": "ffn", "sparsity": 0.001},
      "stages[0].sparsity: 0.001 of 128 FFN channels removes none; raise it to at least 0.00781"),
     ("bert", {"structure": "heads", "count": 2},
-     "stages[0].structure: BERT configs derive the head size from hidden_size / num_attention_heads"),
+     "stages[0].structure: BertConfig derives the head size from hidden_size / num_attention_heads"),
 ])
 def test_impossible_structured_pruning_fails_before_work(model, stage, message, cls_recipe, lm_recipe):
     recipe = lm_recipe if model == "llama" else cls_recipe
