@@ -233,7 +233,7 @@ def test_falcon_without_the_loader_fix_fails_instead_of_quantizing_nothing(asset
 def test_a_scheme_that_quantizes_nothing_fails(assets, tmp_path, monkeypatch):
     path, task, data = assets("llama")
     monkeypatch.setattr(bnb_quant, "probe", lambda *a: "rejected by this CPU's kernel")
-    with pytest.raises(StageError, match=r"quantize: scheme nf4 quantized no layer"):
+    with pytest.raises(StageError, match=r"quantize: scheme nf4 quantized no layer \(14 selected, 14 skipped as unsupported\)"):
         run_quantize(_bundle(path, task), Quantize(scheme="nf4", on_unsupported="skip"), _ctx(tmp_path, data))
 
 
@@ -295,3 +295,16 @@ def test_nothing_in_the_model_escapes_the_count(assets, tmp_path):
     out = run_quantize(_bundle(path, task), Quantize(scheme="int8-dynamic"), _ctx(tmp_path, data))
     kinds = {type(m).__name__ for m in out.model.modules() if not isinstance(m, nn.Embedding)}
     assert "Conv1D" not in kinds and out.info["last_stage"]["quantized_layers"] == 8
+
+
+def test_a_float_copy_of_a_tied_table_fails(assets, tmp_path):
+    from compress.quant.verify import check_tied
+
+    path, task, data = assets("qwen2")
+    dense_table = _bundle(path, task).model.get_input_embeddings().weight
+    out = run_quantize(_bundle(path, task), Quantize(scheme="int8-dynamic", embeddings="int8"), _ctx(tmp_path, data))
+    check_tied(out.model, "model.embed_tokens", dense_table)  # tied, stored once: passes
+    out.model.leftover = nn.Parameter(dense_table, requires_grad=False)  # as an untied float head would keep it
+    with pytest.raises(StageError, match=r"layer model\.embed_tokens: the float table \(3776 weights\) is still in "
+                                         r"the model as leftover"):
+        check_tied(out.model, "model.embed_tokens", dense_table)

@@ -64,12 +64,14 @@ def dequantized(module: nn.Module) -> torch.Tensor:
 
 
 def check_layers(model: nn.Module, scheme: str, targets: list[str], errors: dict[str, float],
-                 embeddings: list[str]) -> dict[str, Any]:
-    """Promises 1 and 2 for the linear layers `targets`; returns the facts for the report."""
+                 embeddings: list[str], selected: int) -> dict[str, Any]:
+    """Promises 1 and 2 for the linear layers `targets` and the embeddings replaced (`selected` layers
+    were chosen before unsupported ones were skipped); returns the facts for the report."""
     quantized = quantized_modules(model)
     if not targets and not embeddings:
-        raise StageError(f"quantize: scheme {scheme} quantized no layer (0 of 0 selected); nothing was "
-                         f"compressed. Loosen include/exclude or module_types")
+        raise StageError(f"quantize: scheme {scheme} quantized no layer ({selected} selected, "
+                         f"{selected} skipped as unsupported); nothing was compressed. Use another scheme, "
+                         f"or loosen include/exclude")
     for name in targets + embeddings:
         if name not in quantized:
             kind = type(model.get_submodule(name)).__name__

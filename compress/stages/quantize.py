@@ -355,7 +355,8 @@ def run_quantize(bundle: ModelBundle, config: Quantize, ctx: RunContext) -> Mode
             embedded, emb_facts = _quantize_embeddings(model, sel.embeddings, config, skipped)
             facts.update(emb_facts)
             fmt = qformat.FORMAT
-    facts.update(check_layers(model, config.scheme, targets, errors, embedded))
+    selected = len(sel.linear) + len(sel.embeddings)
+    facts.update(check_layers(model, config.scheme, targets, errors, embedded, selected))
     sizes = size_summary(model)
     for row in sizes["layers"]:
         if row["layer"] in errors:
