@@ -317,3 +317,21 @@ def test_distillation_runs_on_two_processes_with_one_shared_teacher_cache(tiny_b
     assert ranks[0]["processes"] == ranks[1]["processes"] == 2
     assert ranks[0]["weights"] == ranks[1]["weights"] and ranks[0]["curve"] == ranks[1]["curve"]
     assert len(list((tmp_path / "work" / "teacher-cache").glob("*.safetensors"))) == 1
+
+
+def test_layers_unlike_the_others_are_refused_with_the_reason(tmp_path):
+    """ModernBERT builds layer 0 without an attention norm: keep_every: 2 would move layer 1 (which has
+    one) into that place. The check says so before any work; keeping layer 0 works and reloads."""
+    from compress.stages.distill import check_distill
+    from compress.testing import make_tiny_model
+
+    bundle = ModelBundle.load(make_tiny_model("modernbert", tmp_path / "modernbert"))
+    ctx = RunContext(output_dir=tmp_path, seed=0, device="cpu", show_progress=False)
+    problems = check_distill(bundle, Distill(keep_every=2), ctx)
+    assert any(p.startswith("keep_every: ModernBertForSequenceClassification's layers are not all alike")
+               and "model.layers.0.attn_norm.weight" in p for p in problems), problems
+    with pytest.raises(ValueError, match="layers are not all alike"):
+        st.student_from_layers(bundle.model, [1], bundle.task)
+    student = st.student_from_layers(bundle.model, [0], bundle.task)
+    assert st.layers_mismatch(bundle.model, [0], bundle.task) is None
+    assert student.config.num_hidden_layers == 1
