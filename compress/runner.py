@@ -33,7 +33,7 @@ from compress.errors import CompressError, Interrupted, RecipeError, RunFolderEr
 from compress.evaluate.point import evaluate_bundle
 from compress.io import write_json_atomic
 from compress.loading import load_base_model, resolve_task
-from compress.ownership import clear_run_folder, foreign_entries, is_empty, read_marker, write_marker
+from compress.ownership import MARKER, clear_run_folder, foreign_entries, is_empty, read_marker, write_marker
 from compress.recipe import Recipe, load_recipe
 from compress.registry import get_stage
 from compress.report.render import write_report
@@ -141,11 +141,20 @@ class Runner:
 
     def _write_manifest(self, **changes: Any) -> None:
         self.manifest.update(changes)
+        self._check_folder_kept()
         write_json_atomic(self.out / RUN_FILE, self.manifest)
 
     def _write_report(self, plots: bool = True) -> None:
         assert self.report is not None
+        self._check_folder_kept()
         write_report(self.report, self.out, plots=plots)
+
+    def _check_folder_kept(self) -> None:
+        """The writers create missing parents: without this, a run folder deleted mid-run would be
+        silently re-created, unmarked and unlocked, holding half a run."""
+        if not (self.out / MARKER).is_file():
+            raise FolderVanished(f"the output folder {str(self.out)!r} was deleted or emptied during the run; "
+                                 f"nothing was written back into it — run the recipe again")
 
     def _add_point(self, point: EvalPoint) -> None:
         assert self.report is not None
@@ -234,6 +243,8 @@ class Runner:
                 self._write_report()
                 self._write_manifest(status=status, error=message, failed_stage=self.current_stage,
                                      finished=_now())
+            except FolderVanished:
+                pass
             except OSError as write_error:
                 log.error("could not record the failure in %s: %s", self.out, write_error)
             if wrapped is not None:
@@ -331,6 +342,7 @@ class Runner:
             bundle.info.pop("last_stage", None)
             bundle = entry.run(bundle, stage, ctx)
             seconds = round(time.perf_counter() - started, 3)
+            self._check_folder_kept()
             bundle.save(folder)
             shutil.rmtree(ctx.work_dir, ignore_errors=True)
             record = {"index": index, "type": entry.type, "dir": folder.name, "seconds": seconds,
@@ -449,6 +461,12 @@ class Runner:
                     f"{folder.name} was written ({changed}); pass --overwrite to start again, "
                     f"or restore the recipe"
                 )
+
+
+class FolderVanished(CompressError):
+    """The run folder disappeared while the run was writing into it."""
+
+    exit_code = 1
 
 
 def _quiet_json(path: Path) -> dict[str, Any] | None:

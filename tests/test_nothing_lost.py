@@ -380,3 +380,20 @@ def test_sigterm_marks_the_run_interrupted_and_exits_130(cls_recipe, tmp_path):
     assert "SIGTERM: stopping at the next step boundary" in err and "--resume" in err
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     assert json.loads((out / "report.json").read_text())["status"] == "interrupted"
+
+
+def test_run_folder_deleted_mid_run_is_not_silently_recreated(cls_recipe, tmp_path, monkeypatch, capsys):
+    cls_recipe["stages"] = [FAST]
+    cls_recipe["eval"]["speed"] = False
+    entry = registry.get_stage("finetune")
+
+    def delete_folder(bundle, config, ctx):
+        shutil.rmtree(ctx.output_dir)  # the user cleans up runs/ while the run is in a stage
+        return bundle
+
+    monkeypatch.setitem(registry._STAGES, "finetune", dataclasses.replace(entry, run=delete_folder))
+    assert main(["run", str(_recipe_file(tmp_path, cls_recipe)), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "was deleted or emptied during the run" in err and "run the recipe again" in err
+    assert "Traceback" not in err
+    assert not Path(cls_recipe["output_dir"]).exists()
