@@ -331,3 +331,15 @@ def test_smollm2_int8_embeddings_store_the_tied_table_once(lm_text, tmp_path):
     mib = (tmp_path / "q" / "model.safetensors").stat().st_size / 2**20
     assert 120 < mib < 135  # a float copy of the table would add 4 * table bytes = 108 MiB
     assert 4 * table / 2**20 > 100
+
+
+@pytest.mark.parametrize("arch,names", [("falcon", "dense, dense_4h_to_h, dense_h_to_4h, lm_head, query_key_value"),
+                                        ("gpt2", "c_attn, c_fc, c_proj, lm_head")])
+def test_lowrank_names_what_it_could_factorise(arch, names, assets, tmp_path):
+    from compress.stages.lowrank import check_lowrank
+
+    path, task, data = assets(arch)
+    problems = check_lowrank(_bundle(path, task), LowRank(rank=8, targets=["nothing"]), _ctx(tmp_path, data))
+    expected = (f"targets: no layer is left to factorise by targets ['nothing'] minus the default exclude "
+                f"(heads, embeddings); factorisable layers here: {names}")
+    assert problems == [expected]

@@ -29,6 +29,7 @@ from compress.quant.select import (
     bad_patterns,
     dense_weight,
     in_out,
+    linear_kind,
     select_layers,
     unmatched_patterns,
 )
@@ -196,7 +197,8 @@ def check_quantize(bundle: ModelBundle, config: Quantize, ctx: RunContext) -> li
     for field in ("include", "exclude"):
         missing = unmatched_patterns(model, getattr(config, field) or [])
         if missing:
-            some = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Embedding)][:4]
+            some = [n for n, m in model.named_modules()
+                    if linear_kind(m) is not None or isinstance(m, nn.Embedding)][:4]
             problems.append(f"{field}: {missing} match no layer; layer names look like {', '.join(some)}")
     present = set().union(*({t.__name__ for t in type(m).__mro__} for m in model.modules()))
     unknown = [t for t in config.module_types if t not in present]
