@@ -10,7 +10,7 @@ knows nothing of Hugging Face configs, which is the part that makes the output r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,18 +21,19 @@ class Block:
     """One transformer layer's prunable pieces, whatever the family names them."""
 
     layer: torch.nn.Module
-    q: torch.nn.Linear
-    k: torch.nn.Linear
-    v: torch.nn.Linear
-    o: torch.nn.Linear
-    attn: torch.nn.Module
-    ffn_in: list[torch.nn.Linear]  # rows are intermediate channels
-    ffn_out: torch.nn.Linear  # columns are intermediate channels
+    # None for a "layers" architecture: whole-layer removal needs only the layer itself.
+    q: torch.nn.Linear | None = None
+    k: torch.nn.Linear | None = None
+    v: torch.nn.Linear | None = None
+    o: torch.nn.Linear | None = None
+    attn: torch.nn.Module | None = None
+    ffn_in: list[torch.nn.Linear] = field(default_factory=list)  # rows are intermediate channels
+    ffn_out: torch.nn.Linear | None = None  # columns are intermediate channels
 
 
 @dataclass
 class Arch:
-    family: str  # "bert" or "llama"
+    family: str  # "bert", "llama", or "layers" (any layer list: whole layers only)
     owner: torch.nn.Module  # the module holding the layer list
     attr: str  # its attribute name
     blocks: list[Block]
@@ -83,6 +84,37 @@ def detect(model: Any) -> Arch | None:
                             lay.self_attn.o_proj, lay.self_attn, [lay.mlp.gate_proj, lay.mlp.up_proj],
                             lay.mlp.down_proj) for lay in layers]
             return Arch("llama", base, "layers", blocks, model.config)
+    return None
+
+
+def detect_layers(model: Any) -> Arch | None:
+    """Any model whose blocks sit in one layer list sized by config.num_hidden_layers (GPT-2, OPT, Phi-3,
+    Falcon, GPT-NeoX, DistilBERT, ...): enough to remove whole layers, nothing finer."""
+    from compress.distill.student import layer_list_name
+
+    try:
+        name = layer_list_name(model)
+    except ValueError:
+        return None
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    return Arch("layers", owner, attr, [Block(lay) for lay in getattr(owner, attr)], model.config)
+
+
+def unlike_layers(arch: Arch) -> str | None:
+    """Why layers cannot be renumbered, or None: a layer whose parameters differ from the first's (e.g.
+    ModernBERT builds layer 0 without an attention norm) would not fit the place it moves to."""
+    def shapes(layer: torch.nn.Module) -> dict[str, tuple]:
+        return {n: tuple(p.shape) for n, p in layer.named_parameters()}
+
+    first = shapes(arch.blocks[0].layer)
+    for i, block in enumerate(arch.blocks[1:], start=1):
+        other = shapes(block.layer)
+        if other != first:
+            diff = sorted(set(other).symmetric_difference(first)) or sorted(
+                n for n in first if first[n] != other[n])
+            return (f"layer {i} differs from layer 0 ({diff[0]}), so layers cannot be renumbered into "
+                    f"each other's places")
     return None
 
 

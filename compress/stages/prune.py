@@ -131,22 +131,31 @@ def _removal_count(config: Prune, total: int) -> int:
     return config.count if config.count is not None else round(config.sparsity * total)
 
 
+def _arch(model: Any, structure: str) -> st.Arch | None:
+    arch = st.detect(model)
+    return arch if arch is not None or structure != "layers" else st.detect_layers(model)
+
+
 def _structured_problems(bundle: ModelBundle, config: Prune) -> list[str]:
-    arch = st.detect(bundle.model)
+    arch = _arch(bundle.model, config.structure)
+    if arch is not None and arch.family == "layers" and (why := st.unlike_layers(arch)):
+        return [f"structure: layers removal of {type(bundle.model).__name__} is not possible: {why}"]
     if arch is None:
         conv = " (its attention and MLP are fused Conv1D layers)" if any(
             is_conv1d(m) for m in bundle.model.modules()) else ""
         return [(f"structure: {config.structure} pruning supports BERT-like encoders (BERT, RoBERTa, "
                 f"DeBERTa-v2) and Llama-like decoders (Llama, Mistral, Qwen, Gemma); "
-                f"{type(bundle.model).__name__}{conv} is neither; use structure: unstructured or n:m")]
+                f"{type(bundle.model).__name__}{conv} is neither; use structure: layers, unstructured or n:m")]
     odd = sorted({type(m).__name__ for b in arch.blocks for m in (b.q, b.k, b.v, b.o, b.ffn_out, *b.ffn_in)
-                  if type(m) is not torch.nn.Linear})
+                  if m is not None and type(m) is not torch.nn.Linear})
     if odd:
         return [(f"structure: {config.structure} pruning needs plain linear layers, but this model holds "
                 f"{', '.join(odd)}; put the prune stage before quantize or lowrank stages")]
     field = "count" if config.count is not None else "sparsity"
-    unit, total = {"heads": ("attention heads", arch.num_heads), "ffn": ("FFN channels", arch.intermediate),
-                   "layers": ("layers", arch.num_layers)}[config.structure]
+    unit, total = {"heads": ("attention heads", lambda: arch.num_heads),  # lazily: GPT-2 has no
+                   "ffn": ("FFN channels", lambda: arch.intermediate),    # intermediate_size
+                   "layers": ("layers", lambda: arch.num_layers)}[config.structure]
+    total = total()
     remove = _removal_count(config, total)
     where = "" if config.structure == "layers" else " per layer"
     if remove < 1:
@@ -306,7 +315,7 @@ def _carry_masks(model: Any, masks: dict[str, torch.Tensor], layer_prefix: str,
 
 def _prune_structured(bundle: ModelBundle, config: Prune, ctx: RunContext) -> ModelBundle:
     model = bundle.model
-    arch = st.detect(model)
+    arch = _arch(model, config.structure)
     ranking = config.ranking()
     batches = (calibration_batches(bundle, ctx.data, config.calibration_samples, ctx.seed)
                if config.needs_data() else None)
