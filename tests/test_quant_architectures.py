@@ -20,7 +20,7 @@ from compress.errors import StageError
 from compress.quant import bnb as bnb_quant
 from compress.quant.embedding import QuantEmbedding, TiedQuantHead
 from compress.quant.select import dense_weight, linear_kind
-from compress.quant.verify import EMBEDDING_ERROR_BOUND, WEIGHT_ERROR_BOUND, dequantized, relative_error
+from compress.quant.verify import EMBEDDING_ERROR_BOUND, WEIGHT_ERROR_BOUND, relative_error, weight_error
 from compress.stages import quantize as qstage
 from compress.stages.lowrank import LowRank, LowRankLinear, run_lowrank
 from compress.stages.quantize import Quantize, run_quantize
@@ -39,6 +39,7 @@ SCHEMES = {
     "int4-weight": {"scheme": "int4-weight"},
     "gptq": {"scheme": "gptq", "calibration_samples": 8},
     "int8-dynamic+emb": {"scheme": "int8-dynamic", "embeddings": "int8"},
+    "int8-dynamic+smooth": {"scheme": "int8-dynamic", "smooth_alpha": 0.5, "calibration_samples": 8},
 }
 ALWAYS = ("int8", "nf4", "int8-dynamic+emb")
 
@@ -127,8 +128,7 @@ def test_quantize_keeps_its_promises(arch, case, assets, tmp_path):
 
     # Each layer's dequantized weight is within the scheme's bound of the float weight.
     bound = WEIGHT_ERROR_BOUND[config.scheme]
-    errors = {n: relative_error(dequantized(model.get_submodule(n)), dense_weight(dense.get_submodule(n)))
-              for n in linears}
+    errors = {n: weight_error(model.get_submodule(n), dense_weight(dense.get_submodule(n))) for n in linears}
     assert 0 < max(errors.values()) <= bound, errors
     assert info["weight_error_max"] == pytest.approx(max(errors.values()), abs=1e-5)
 

@@ -33,7 +33,7 @@ from compress.quant.select import (
     select_layers,
     unmatched_patterns,
 )
-from compress.quant.verify import check_embedding, check_layers, check_tied, dequantized, relative_error
+from compress.quant.verify import check_embedding, check_layers, check_tied, weight_error
 from compress.quant.weight_only import WeightOnlyLinear, group_problem
 from compress.registry import StageConfig, register_stage
 
@@ -307,7 +307,7 @@ def _quantize_own(model: nn.Module, names: list[str], config: Quantize, bundle: 
             new = WeightOnlyLinear.from_linear(linear, 8 if config.scheme == "int8-weight" else 4, group)
         _swap(model, name, new.to(linear.weight.device))
         # Measured on what the model now holds at that name, against the float weight it replaced.
-        errors[name] = relative_error(dequantized(model.get_submodule(name)), dense_weight(original))
+        errors[name] = weight_error(model.get_submodule(name), dense_weight(original))
     return facts
 
 
@@ -351,7 +351,7 @@ def run_quantize(bundle: ModelBundle, config: Quantize, ctx: RunContext) -> Mode
                                                 config.int8_threshold)
             for name in targets:
                 layer = model.get_submodule(name)
-                errors[name] = relative_error(dequantized(layer), dense_weight(dense.get_submodule(name)))
+                errors[name] = weight_error(layer, dense_weight(dense.get_submodule(name)))
         else:
             facts = _quantize_own(model, targets, config, bundle, ctx, errors)
             embedded, emb_facts = _quantize_embeddings(model, sel.embeddings, config, skipped)
