@@ -71,10 +71,11 @@ def is_empty(folder: Path) -> bool:
 
 
 def enclosing_run(path: Path) -> Path | None:
-    """The compress run folder that `path` is inside of (or is), if any."""
+    """The compress run folder that `path` is inside of (or is), if any. Known by its marker only: a
+    `run.json` of another tool higher up (a project root) must not make every path below it a run."""
     for parent in [path, *path.parents]:
         marker = read_marker(parent) if parent.is_dir() else None
-        if (marker and marker.get("kind") == "run") or (parent / "run.json").is_file():
+        if marker and marker.get("kind") == "run":
             return parent
     return None
 

@@ -344,6 +344,7 @@ class Runner:
             seconds = round(time.perf_counter() - started, 3)
             self._check_folder_kept()
             bundle.save(folder)
+            _fault("after_stage_save")
             shutil.rmtree(ctx.work_dir, ignore_errors=True)
             record = {"index": index, "type": entry.type, "dir": folder.name, "seconds": seconds,
                       "fingerprint": self.fingerprints[index], "finished": _now(), "files": _file_digests(folder)}
@@ -366,6 +367,7 @@ class Runner:
         point.stage_seconds = seconds
         point.stage_info = bundle.info.get("last_stage", {})
         write_json_atomic(folder / "eval.json", point.model_dump(mode="json"))
+        _fault("after_eval_json")
         return point
 
     def _context(self, index: int, data: DataBundle, device: str) -> RunContext:
@@ -570,8 +572,10 @@ def _recorded_baseline(folder: Path) -> tuple[EvalPoint, torch.Tensor | None] | 
 
 
 def _fault(point: str) -> None:
-    """Fault injection for the kill-timing tests: COMPRESS_FAULT=after_stage_json kills this process
-    (SIGKILL, nothing can run after it) right after a stage's stage.json is written, before its eval.json."""
+    """Fault injection for the kill-timing tests (tests/test_nothing_lost.py): COMPRESS_FAULT=<point>
+    kills this process with SIGKILL (nothing runs after it) at that point of the first stage that
+    reaches it: after_stage_save (output saved, no stage.json), after_stage_json (no eval.json yet),
+    after_eval_json (eval.json written, report.json not yet updated)."""
     if os.environ.get("COMPRESS_FAULT") == point:
         os.kill(os.getpid(), signal.SIGKILL)
 

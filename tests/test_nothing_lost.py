@@ -364,6 +364,28 @@ def test_sigkill_between_stage_json_and_eval_json_then_resume(cls_recipe, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fault", ["after_stage_save", "after_eval_json"])
+def test_sigkill_around_a_stage_record_then_resume_completes_every_point(cls_recipe, tmp_path, fault):
+    cls_recipe["stages"] = [FAST, {**FAST, "lr": 1e-3}]
+    cls_recipe["eval"]["speed"] = False
+    path = _recipe_file(tmp_path, cls_recipe)
+    out = Path(cls_recipe["output_dir"])
+    proc = _cli(path, env={"COMPRESS_FAULT": fault})
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert (out / "01-finetune" / "stage.json").exists() == (fault == "after_eval_json")
+    resumed = _cli(path, "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert [p["name"] for p in report["points"]] == ["baseline", "01-finetune", "02-finetune"]
+    assert report["status"] == "complete"
+    for stage in ("01-finetune", "02-finetune"):
+        assert (out / stage / "stage.json").exists() and (out / stage / "eval.json").exists()
+    assert not [p.name for p in out.rglob(".*") if ".tmp" in p.name]
+
+
+@pytest.mark.slow
 def test_sigterm_marks_the_run_interrupted_and_exits_130(cls_recipe, tmp_path):
     cls_recipe["stages"] = [{**FAST, "max_steps": 400, "checkpoint_every": 1}]
     cls_recipe["eval"]["speed"] = False
