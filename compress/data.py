@@ -6,8 +6,9 @@ empty splits name the split, undecodable text suggests `data.encoding`.
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,14 @@ import torch
 from compress.errors import DataError
 from compress.paths import looks_like_local_path, resolve_path
 from compress.recipe import DataSpec
+
+log = logging.getLogger("compress")
+
+# Below this many held-out examples one example moves accuracy by more than 3 points: warn.
+SMALL_EVAL = 30
+# Integer label ids are class indices 0..N-1; ids far above the number of distinct ones would build
+# a head with that many (mostly empty) classes, or exhaust memory naming them.
+MAX_LABEL_GAP = 10
 
 _EXT_FORMAT = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
                ".txt": "text", ".text": "text"}
@@ -76,7 +85,7 @@ def _load_raw(spec: DataSpec) -> Any:
         return datasets.load_dataset(source)
     except DataError:
         raise
-    except Exception as exc:  # datasets wraps decode errors several layers deep
+    except Exception as exc:  # noqa: BLE001 - datasets wraps decode errors several layers deep
         text = f"{exc} {exc.__cause__ or ''} {getattr(exc.__cause__, '__cause__', '') or ''}"
         if "corresponds to no data" in text or "No columns to parse" in text:
             raise DataError(f"data.source: {source!r} holds no rows; the split is empty") from None
@@ -93,11 +102,13 @@ def load_data(spec: DataSpec, task: str, seed: int = 0) -> DataBundle:
         raise DataError(f"data.train_split: no split {spec.train_split!r}; available: {', '.join(raw)}")
     train = raw[spec.train_split]
     _check_columns(train, spec, task, spec.train_split)
+    _check_text_columns(train, spec, task, spec.train_split)
     if spec.eval_split is not None:
         if spec.eval_split not in raw:
             raise DataError(f"data.eval_split: no split {spec.eval_split!r}; available: {', '.join(raw)}")
         evaluation = raw[spec.eval_split]
         _check_columns(evaluation, spec, task, spec.eval_split)
+        _check_text_columns(evaluation, spec, task, spec.eval_split)
     else:
         evaluation = None
     train = _drop_missing(train, spec, task)
@@ -110,16 +121,7 @@ def load_data(spec: DataSpec, task: str, seed: int = 0) -> DataBundle:
         train = _encode_labels(train, spec.label_column, label_names)
 
     if evaluation is None:
-        size = int(spec.eval_size) if spec.eval_size >= 1 else spec.eval_size
-        if isinstance(size, int) and size >= len(train):
-            raise DataError(f"data.eval_size: {size} held-out examples leaves nothing to train on "
-                            f"({len(train)} rows); lower it or set data.eval_split")
-        stratify = spec.label_column if task == "sequence-classification" else None
-        try:
-            parts = train.train_test_split(test_size=size, seed=seed, stratify_by_column=stratify)
-        except ValueError:  # too few examples per class to stratify
-            parts = train.train_test_split(test_size=size, seed=seed)
-        train, evaluation = parts["train"], parts["test"]
+        train, evaluation = _split(train, spec, task, seed)
     else:
         evaluation = _drop_missing(evaluation, spec, task)
         if task == "sequence-classification":
@@ -132,7 +134,38 @@ def load_data(spec: DataSpec, task: str, seed: int = 0) -> DataBundle:
         train = train.select(range(min(spec.max_train_samples, len(train))))
     if spec.max_eval_samples:
         evaluation = evaluation.select(range(min(spec.max_eval_samples, len(evaluation))))
+    if len(evaluation) < SMALL_EVAL:
+        log.warning("the held-out split has only %d example(s): one example moves accuracy by %.0f points, "
+                    "so small differences between eval points are noise; raise data.eval_size%s or set "
+                    "data.eval_split", len(evaluation), 100 / len(evaluation),
+                    " / data.max_eval_samples" if spec.max_eval_samples else "")
     return DataBundle(spec=spec, task=task, train=train, eval=evaluation, label_names=label_names)
+
+
+def _split(train: Any, spec: DataSpec, task: str, seed: int) -> tuple[Any, Any]:
+    """Cut `eval_size` from train (stratified when every class allows it)."""
+    rows = len(train)
+    if rows < 2:
+        raise DataError(f"data.source: {spec.source!r} has {rows} usable row after dropping empty ones; a run "
+                        f"needs at least 2 (one to train on, one to hold out), and many more to measure anything")
+    size = int(spec.eval_size) if spec.eval_size >= 1 else spec.eval_size
+    if isinstance(size, int) and size >= rows:
+        raise DataError(f"data.eval_size: {size} held-out examples leaves nothing to train on "
+                        f"({rows} rows); lower it or set data.eval_split")
+    # datasets rounds the held-out part up and the training part down
+    if isinstance(size, float) and math.floor((1 - size) * rows) < 1:
+        raise DataError(f"data.eval_size: a share of {size} of {rows} rows leaves nothing to train on; "
+                        f"give a smaller share or a count, e.g. data.eval_size: {max(1, rows // 10)}")
+    stratify = spec.label_column if task == "sequence-classification" else None
+    try:
+        parts = train.train_test_split(test_size=size, seed=seed, stratify_by_column=stratify)
+    except ValueError:  # too few examples per class to stratify
+        try:
+            parts = train.train_test_split(test_size=size, seed=seed)
+        except ValueError as exc:
+            raise DataError(f"data.eval_size: cannot hold out {size} of {rows} rows ({exc}); "
+                            f"give a count between 1 and {rows - 1}") from None
+    return parts["train"], parts["test"]
 
 
 def _required_columns(spec: DataSpec, task: str) -> dict[str, str]:
@@ -160,26 +193,90 @@ def _check_columns(ds: Any, spec: DataSpec, task: str, split: str) -> None:
         raise DataError("; ".join(missing) + f" (columns: {', '.join(ds.column_names)})")
 
 
+_TEXT_DTYPES = ("string", "large_string")
+
+
+def _check_text_columns(ds: Any, spec: DataSpec, task: str, split: str) -> None:
+    """Text columns must hold text: a column of numbers is almost always the wrong column."""
+    label_field = "data.label_column"
+    for field_name, col in _required_columns(spec, task).items():
+        if field_name == label_field:
+            continue
+        dtype = getattr(ds.features[col], "dtype", type(ds.features[col]).__name__)
+        if dtype not in _TEXT_DTYPES:
+            others = [c for c in ds.column_names
+                      if getattr(ds.features[c], "dtype", None) in _TEXT_DTYPES and c != col]
+            hint = f" (text columns: {', '.join(others)})" if others else " (the file has no text column)"
+            raise DataError(f"{field_name}: column {col!r} of split {split!r} holds {dtype} values, not text; "
+                            f"set {field_name} to the column with the text{hint}")
+
+
 def _drop_missing(ds: Any, spec: DataSpec, task: str) -> Any:
     cols = list(_required_columns(spec, task).values())
     return ds.filter(lambda row: all(row[c] is not None and row[c] != "" for c in cols))
 
 
 def _label_names(ds: Any, column: str) -> list[str]:
-    values = ds.unique(column)
-    if all(isinstance(v, int) for v in values):
-        return [str(i) for i in range(max(values) + 1)]
+    """Class names from the training labels: ids 0..max for integer labels, else the sorted names."""
+    field_name = f"data.label_column: column {column!r}"
+    if getattr(ds.features[column], "dtype", None) in ("int64", "int32", "int16", "int8", *_TEXT_DTYPES):
+        values = ds.unique(column)
+    else:  # floats or mixed JSON values: arrow's unique() cannot compare them
+        raw = ds[column]
+        odd = [v for v in raw if isinstance(v, bool) or not isinstance(v, (int, float, str))]
+        if odd:
+            raise DataError(f"{field_name} holds values that are not labels (e.g. {odd[0]!r}); "
+                            f"each row needs one class name or integer id")
+        values = list(set(raw))
+    real = [v for v in values if isinstance(v, float) and not (math.isfinite(v) and v.is_integer())]
+    if real:
+        raise DataError(f"{field_name} holds real numbers (e.g. {real[0]}); compress trains classifiers, "
+                        f"which need class names or integer ids 0..N-1 — bin the values into classes first")
+    values = [int(v) if isinstance(v, float) else v for v in values]
+    numbers = [v for v in values if isinstance(v, int)]
+    digits = [v for v in values if isinstance(v, str) and v.lstrip("-").isdigit()]
+    names = [v for v in values if isinstance(v, str) and v not in digits]
+    if (numbers or digits) and names:
+        raise DataError(f"{field_name} mixes numbers ({', '.join(map(str, sorted(numbers or digits)[:3]))}) "
+                        f"and names ({', '.join(sorted(names)[:3])}); use one kind for every row: all class "
+                        f"names, or all integer ids 0..N-1")
+    if len(values) < 2:
+        raise DataError(f"{field_name} holds a single class ({values[0]!r}) in {len(ds)} row(s); a classifier "
+                        f"needs at least 2 — check data.label_column and data.source (or the rows kept)")
+    if len(values) > max(100, len(ds) // 2):
+        raise DataError(f"{field_name} has {len(values)} distinct values in {len(ds)} rows, which looks like "
+                        f"an id or text column, not classes; set data.label_column to the class column")
+    if numbers and not names:
+        if min(numbers) < 0:
+            raise DataError(f"{field_name} holds negative ids ({min(numbers)}); ids are classes 0..N-1 "
+                            f"(-1 usually marks unlabelled rows, e.g. a test split): drop those rows or use a "
+                            f"labelled split")
+        if max(numbers) + 1 > max(1000, MAX_LABEL_GAP * len(numbers)):
+            raise DataError(f"{field_name} holds ids up to {max(numbers)} but only {len(numbers)} distinct "
+                            f"ones; ids are class indices 0..N-1, so renumber them, or store the labels as "
+                            f"text names (they are then numbered in sorted order)")
+        return [str(i) for i in range(max(numbers) + 1)]
     return sorted(str(v) for v in values)
+
+
+def _label_key(value: Any) -> str:
+    # 2.0 (a float column, or JSON) names the same class as 2
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def _encode_labels(ds: Any, column: str, names: list[str]) -> Any:
     import datasets
 
     index = {name: i for i, name in enumerate(names)}
-    unknown = sorted({str(v) for v in ds.unique(column)} - set(index))
+    try:
+        present = ds.unique(column)
+    except Exception:  # noqa: BLE001 - arrow has no unique() for JSON-typed columns
+        present = [v for v in ds[column] if isinstance(v, (int, float, str))]
+    unknown = sorted({_label_key(v) for v in present} - set(index))
     if unknown:
-        raise DataError(f"data.label_column: labels {unknown} of the held-out split are not in the training split")
-    ds = ds.map(lambda row: {column: index[str(row[column])]})
+        raise DataError(f"data.label_column: labels {unknown[:10]} of the held-out split are not in the training "
+                        f"split ({', '.join(names[:10])}); hold out from the same label set")
+    ds = ds.map(lambda row: {column: index[_label_key(row[column])]})
     return ds.cast_column(column, datasets.ClassLabel(names=names))
 
 

@@ -39,7 +39,7 @@ def load_config(spec: ModelSpec) -> Any:
     try:
         return AutoConfig.from_pretrained(model_location(spec), revision=spec.revision,
                                           trust_remote_code=spec.trust_remote_code, **gguf_kwargs(spec))
-    except Exception as exc:  # OSError offline, ValueError for unknown model types
+    except Exception as exc:  # noqa: BLE001 - OSError offline, ValueError for unknown model types
         if "trust_remote_code" in str(exc) and not spec.trust_remote_code:
             raise ModelError(
                 f"model.path: {spec.path!r} ships its own model code, which compress does not run by default; "

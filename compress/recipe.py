@@ -13,15 +13,16 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from compress.errors import RecipeError
-from compress.recipe_text import apply_overrides, expand_env, find_secrets, parse_yaml
 from compress.autotune import AutotuneSpec
+from compress.errors import RecipeError
 from compress.goals import Goal
 from compress.hub import PublishSpec
 from compress.paths import looks_like_local_path, resolve_path
+from compress.recipe_text import apply_overrides, expand_env, find_secrets, parse_yaml
 from compress.registry import StageConfig, stage_entries
 
 TASKS = ("causal-lm", "sequence-classification")
+MAX_SEED = 2**32 - 1  # numpy's and transformers.set_seed's limit
 
 
 class _Strict(BaseModel):
@@ -93,11 +94,21 @@ class DataSpec(_Strict):
     completion_column: str | None = Field(None, description="Causal LM: completion column (with prompt_column).")
     train_split: str = Field("train", description="Split used for training and calibration.")
     eval_split: str | None = Field(None, description="Held-out split; if unset, `eval_size` is cut from train.")
-    eval_size: float = Field(0.1, gt=0, description="Held-out share (<1) or count (>=1) cut from train.")
+    eval_size: float = Field(0.1, gt=0, allow_inf_nan=False,
+                             description="Held-out share (<1) or count (>=1) cut from train.")
     max_train_samples: int | None = Field(None, gt=0, description="Cap on training examples.")
     max_eval_samples: int | None = Field(None, gt=0, description="Cap on held-out examples.")
     max_length: int = Field(128, gt=0, le=32768, description="Tokens per example (truncation / LM block size).")
     calibration_samples: int = Field(128, gt=0, description="Examples drawn from train for calibration.")
+
+
+    @field_validator("eval_size")
+    @classmethod
+    def _whole_count(cls, value: float) -> float:
+        if value >= 1 and not value.is_integer():
+            raise ValueError(f"{value} is neither a share (below 1, e.g. 0.1) nor a whole count of examples "
+                             f"(e.g. {int(value)}); write one of those")
+        return value
 
 
 class LmEvalSpec(_Strict):
@@ -127,7 +138,7 @@ class EvalSpec(_Strict):
 class Recipe(_Strict):
     name: str = Field(description="Run name; the default output folder is runs/<name>.")
     description: str | None = None
-    seed: int = Field(0, ge=0, description="Seed for data splits, initialisation and training.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for data splits, initialisation and training.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` uses a GPU when present.")
     output_dir: str | None = Field(None, description="Run folder; default runs/<name>.")
     model: ModelSpec
@@ -139,6 +150,14 @@ class Recipe(_Strict):
     goals: dict[str, Goal] = Field(
         default_factory=dict, description="Targets for the final model against the baseline, e.g. "
         "{accuracy: {max_drop: 0.01}, latency_b32: {min_speedup: 2.0}}.")
+
+    @model_validator(mode="after")
+    def _stage_seeds_in_range(self) -> Recipe:
+        # Stage i runs with seed + i + 1, which must stay within numpy's range too.
+        if self.seed + len(self.stages) > MAX_SEED:
+            raise ValueError(f"seed: stage {len(self.stages)} runs with seed + {len(self.stages)}, above "
+                             f"{MAX_SEED} (2**32-1); use a seed <= {MAX_SEED - len(self.stages)}")
+        return self
 
     @model_validator(mode="after")
     def _lm_eval_needs_causal_lm(self) -> Recipe:
@@ -217,9 +236,11 @@ def load_recipe(
     if isinstance(source, (str, Path)):
         label = str(source)
         path = Path(source)
+        if path.is_dir():
+            raise RecipeError(f"recipe file {label!r} is a folder; give the recipe's .yaml file")
         if not path.is_file():
             raise RecipeError(f"recipe file {label!r} does not exist")
-        data = parse_yaml(path.read_text(encoding="utf-8"), label)
+        data = parse_yaml(_read_utf8(path, label), label)
     else:
         data = copy.deepcopy(source)
     try:
@@ -245,6 +266,27 @@ def load_recipe(
     return recipe
 
 
+def _read_utf8(path: Path, label: str) -> str:
+    """The recipe's text; a file in another encoding is named with what is wrong and how to fix it."""
+    raw = path.read_bytes()
+    boms = {b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}
+    for bom, name in boms.items():
+        if raw.startswith(bom):
+            raise RecipeError(f"the file is {name} text; recipes are UTF-8: save it as UTF-8 "
+                              f"(e.g. `iconv -f UTF-16 -t UTF-8`)", label)
+    try:
+        return raw.decode("utf-8-sig")  # a UTF-8 byte-order mark (Windows editors) is harmless
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise RecipeError(f"line {line}: byte 0x{raw[exc.start]:02x} at offset {exc.start} is not UTF-8 "
+                          f"(the file looks like {_guess_encoding(raw)}); recipes are UTF-8: save it as UTF-8, "
+                          f"e.g. `iconv -f latin-1 -t UTF-8`", label) from None
+
+
+def _guess_encoding(raw: bytes) -> str:
+    return "UTF-16 without a byte-order mark" if raw.count(b"\x00") > len(raw) // 4 else "latin-1 or cp1252"
+
+
 # --------------------------------------------------------------------------- error messages
 
 
@@ -264,7 +306,7 @@ def format_validation_errors(exc: ValidationError, data: Any = None) -> list[str
             clean.append("type")
         message = _message(err, clean, data)
         # A whole-model validator names its field at the start ("pattern: ..."): make it part of the path.
-        named = re.match(r"([a-z_][a-z0-9_]*): (.*)", message, re.S) if err["type"] == "value_error" else None
+        named = re.match(r"([a-z_][a-z0-9_]*): (.*)", message, re.DOTALL) if err["type"] == "value_error" else None
         if named and clean and named.group(1) in _valid_keys(clean, data):
             clean.append(named.group(1))
             message = named.group(2)
@@ -359,4 +401,4 @@ def _stage_model(node: Any) -> type[BaseModel] | None:
 
 
 # Register the built-in stages (explicit imports inside compress.stages).
-import compress.stages  # noqa: E402,F401
+import compress.stages  # noqa: F401

@@ -11,10 +11,10 @@ import yaml
 
 from compress.errors import RecipeError
 
-
 MAX_RECIPE_BYTES = 1 << 20
 MAX_ALIASES = 100
 MAX_DEPTH = 32
+MAX_NODES = 100_000
 _TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
 
 
@@ -46,13 +46,35 @@ class _LimitedLoader(yaml.SafeLoader):
             self._depth -= 1
 
 
-def parse_yaml(text: str, source: str = "<recipe>") -> dict[str, Any]:
+def _expanded_size(node: Any, memo: dict[int, int]) -> int:
+    """Values in the document once every alias is written out. The alias count alone does not bound
+    this: 14 levels of 7 aliases each (98 aliases) expand to 7**14 values."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a recursive alias counts once instead of looping
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = size
+    return size
+
+
+def _load_limited(text: str, source: str | None) -> Any:
+    """One YAML document through the bounded loader; tags and limits give a RecipeError naming `source`."""
     if len(text.encode("utf-8", "replace")) > MAX_RECIPE_BYTES:
         raise RecipeError(f"the recipe is larger than {MAX_RECIPE_BYTES // 1024} KiB; recipes are small files", source)
     try:
         loader = _LimitedLoader(text)  # a SafeLoader: python tags are refused
         try:
-            data = loader.get_single_data()
+            node = loader.get_single_node()
+            if node is not None and _expanded_size(node, {}) > MAX_NODES:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the aliases (*name) expand to more than {MAX_NODES:,} values; write the values out",
+                    node.start_mark)
+            return loader.construct_document(node) if node is not None else None
         finally:
             loader.dispose()
     except yaml.constructor.ConstructorError as exc:
@@ -63,6 +85,11 @@ def parse_yaml(text: str, source: str = "<recipe>") -> dict[str, Any]:
             f"tags such as !!python/... are refused, nesting and aliases are bounded",
             source,
         ) from None
+
+
+def parse_yaml(text: str, source: str = "<recipe>") -> dict[str, Any]:
+    try:
+        data = _load_limited(text, source)
     except yaml.YAMLError as exc:
         raise RecipeError(f"not valid YAML: {exc}", source) from None
     if not isinstance(data, dict):
@@ -106,12 +133,15 @@ def find_secrets(data: Any, where: str = "") -> list[str]:
     if isinstance(data, list):
         return [p for i, v in enumerate(data) for p in find_secrets(v, f"{where}[{i}]")]
     if isinstance(data, str) and _TOKEN.search(data):
-        return [f"{where}: looks like a Hugging Face token; recipes are saved with every run and published "
-                f"with the model, so pass tokens through the HF_TOKEN environment variable instead"]
+        return [(f"{where}: looks like a Hugging Face token; recipes are saved with every run and published "
+                 f"with the model, so pass tokens through the HF_TOKEN environment variable instead")]
     return []
 
 
 _KEY_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+# A whole key: a name, then `.name`, `.3` or `[3]` parts. Anything else (`.`, `a..b`, `[0]` first,
+# spaces) is refused rather than guessed at, since a guessed path silently sets the wrong field.
+_KEY = re.compile(r"[A-Za-z_][\w-]*(?:\.[\w-]+|\[\d+\])*")
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
@@ -121,8 +151,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] 
     items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
     problems: list[str] = []
     for key, value in items:
+        if not isinstance(key, str) or not _KEY.fullmatch(key):
+            problems.append(f"override {key!r}: not a field path; write it like seed, data.max_length, "
+                            f"stages[0].lr or stages.0.lr")
+            continue
         if isinstance(value, str) and not isinstance(overrides, dict):
-            value = _parse_scalar(value)
+            try:
+                value = _parse_scalar(value)
+            except RecipeError as exc:
+                problems += [f"override {key}: {p}" for p in exc.problems]
+                continue
         parts = [m.group(1) if m.group(1) is not None else int(m.group(2)) for m in _KEY_PART.finditer(key)]
         parts = [int(p) if isinstance(p, str) and p.isdigit() else p for p in parts]
         node: Any = data
@@ -162,7 +200,11 @@ def _split_override(text: str) -> tuple[str, str]:
 
 
 def _parse_scalar(value: str) -> Any:
+    """An override's value through the same bounded loader as recipe files (no tags, aliases and
+    nesting bounded), so `key=value` cannot smuggle in what a recipe file may not hold."""
+    if not value.strip():
+        return ""
     try:
-        return yaml.safe_load(value) if value.strip() else ""
+        return _load_limited(value, None)
     except yaml.YAMLError:
-        return value
+        return value  # not YAML (e.g. `a: b: c`): the text itself, as a string

@@ -192,6 +192,10 @@ class Runner:
         device = resolve_device(recipe)
         task = resolve_task(recipe.model)
         data = load_data(recipe.data, task, recipe.seed)  # cheap checks before the model loads
+        # Limits the model's config sets (positions, head, memory): before weights load or folders exist.
+        from compress.preflight import check_before_loading
+
+        check_before_loading(recipe, task, data, device)
         bundle = None
         if not self.resume or not all(self._stage_done(self.out / stage_dir_name(i, s.stage_type()), i)
                                       for i, s in enumerate(recipe.stages)):

@@ -71,3 +71,27 @@ def test_lm_blocks_and_padding(lm_text):
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, tok.pad_token_id, tok.pad_token_id]]
     assert batch["labels"].tolist()[1] == [8, -100, -100]
     assert batch["attention_mask"].tolist()[1] == [1, 0, 0]
+
+
+def test_a_small_held_out_split_is_warned_about_with_its_size(sentiment_csv, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="compress"):
+        load_data(DataSpec(source=str(sentiment_csv), eval_size=5), "sequence-classification")
+    assert "the held-out split has only 5 example(s): one example moves accuracy by 20 points" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="compress"):
+        load_data(DataSpec(source=str(sentiment_csv), eval_size=60), "sequence-classification")
+    assert "held-out split" not in caplog.text
+
+
+def test_whole_float_labels_are_class_ids(tmp_path):
+    import csv
+
+    with open(tmp_path / "f.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        writer.writerows([[f"good day {i}", float(i % 3)] for i in range(30)])
+    data = load_data(DataSpec(source=str(tmp_path / "f.csv"), eval_size=6), "sequence-classification")
+    assert data.label_names == ["0", "1", "2"]
+    assert sorted(set(data.train["label"])) == [0, 1, 2]
