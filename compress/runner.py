@@ -104,6 +104,9 @@ def check_output_folder(out: Path, recipe: Recipe, resume: bool, overwrite: bool
                                  f"folder (nothing there was touched)")
         return
     previous = read_json(out / RUN_FILE, "the run is rebuilt from its stage folders")
+    if previous is not None and not isinstance(previous.get("name"), str):
+        log.warning("%s is damaged (no run name); the run is rebuilt from its stage folders", out / RUN_FILE)
+        previous = None
     if previous is None:
         if resume:
             return
@@ -223,7 +226,8 @@ class Runner:
             "device": device,
             "recipe": recipe.to_dict(),
             "environment": env.model_dump(),
-            "stages": previous.get("stages", []),
+            "stages": [s for s in previous.get("stages") or [] if isinstance(s, dict)]
+            if isinstance(previous.get("stages"), list) else [],
         }
         self.report = self._previous_report() or Report(
             name=recipe.name, created=_now(), seed=recipe.seed, recipe=recipe.to_dict(), environment=env)
@@ -426,7 +430,8 @@ class Runner:
     def _previous_manifest(self) -> dict[str, Any]:
         if not self.resume:
             return {}
-        return read_json(self.out / RUN_FILE, "it is rebuilt from the stage folders") or {}
+        previous = _quiet_json(self.out / RUN_FILE) or {}  # damage was said by check_output_folder
+        return previous if isinstance(previous.get("name"), str) else {}
 
     def _previous_report(self) -> Report | None:
         if not self.resume:
@@ -440,11 +445,11 @@ class Runner:
             return False
         if folder.is_symlink():
             raise RunFolderError(f"{folder} is a symbolic link; stage folders must be real folders")
-        record = read_json(record_path, f"stage {index + 1} runs again") if verify else _quiet_json(record_path)
-        if record is None or record.get("fingerprint") != self.fingerprints[index]:
+        record = _stage_record(record_path, f"stage {index + 1} runs again" if verify else None)
+        if record is None or record["fingerprint"] != self.fingerprints[index]:
             return False
         if verify:
-            problem = _verify_files(folder, record.get("files", {}))
+            problem = _verify_files(folder, record["files"])
             if problem:
                 log.warning("%s: %s; stage %d runs again", folder.name, problem, index + 1)
                 return False
@@ -456,10 +461,10 @@ class Runner:
             return
         for index, stage in enumerate(self.recipe.stages):
             folder = self.out / stage_dir_name(index, stage.stage_type())
-            record = _quiet_json(folder / STAGE_FILE)
+            record = _stage_record(folder / STAGE_FILE)
             if record is None:  # not finished, or damaged (said, and re-run, when the stage is reached)
                 break
-            if record.get("fingerprint") != self.fingerprints[index]:
+            if record["fingerprint"] != self.fingerprints[index]:
                 old = (_quiet_json(self.out / RUN_FILE) or {}).get("recipe", {})
                 changed = _describe_change(old, self.recipe.to_dict(), index)
                 raise RunFolderError(
@@ -473,6 +478,20 @@ class FolderVanished(CompressError):
     """The run folder disappeared while the run was writing into it."""
 
     exit_code = 1
+
+
+def _stage_record(path: Path, consequence: str | None = None) -> dict[str, Any] | None:
+    """stage.json when whole (a fingerprint and the list of files with their checksums); None when
+    missing or damaged, with a warning naming it when `consequence` says what happens instead."""
+    record = read_json(path, consequence) if consequence else _quiet_json(path)
+    files = record.get("files") if record else None
+    if record is not None and not (isinstance(record.get("fingerprint"), str) and isinstance(files, dict) and all(
+            isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str)
+            for m in files.values())):
+        if consequence:
+            log.warning("%s is damaged (fields missing or of the wrong type); %s", path, consequence)
+        return None
+    return record
 
 
 def _quiet_json(path: Path) -> dict[str, Any] | None:

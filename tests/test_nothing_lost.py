@@ -237,6 +237,8 @@ def _flip_last_byte(path):
 @pytest.mark.parametrize(("target", "says", "reruns"), [
     ("02-finetune/eval.json", "02-finetune/eval.json is damaged", []),
     ("01-finetune/stage.json", "01-finetune/stage.json is damaged", [5e-3, 1e-3]),
+    ("02-finetune/stage.json:{}", "02-finetune/stage.json is damaged (fields missing", [1e-3]),
+    ('run.json:{"stages": "x", "recipe": 3}', "run.json is damaged (no run name)", []),
     ("run.json", "run.json is damaged", []),
     ("report.json", "report.json is damaged", []),
     ("00-baseline/predictions.safetensors", "predictions.safetensors is truncated or changed", []),
@@ -248,7 +250,12 @@ def test_damaged_records_are_named_and_what_they_describe_is_redone(run_copy, mo
     path, out = run_copy
     expected = json.loads((out / "report.json").read_text())
     target, _, how = target.partition(":")
-    (_flip_last_byte if how == "flip" else _damage)(out / target)
+    if how == "flip":
+        _flip_last_byte(out / target)
+    elif how:  # valid JSON of the wrong shape
+        (out / target).write_text(how)
+    else:
+        _damage(out / target)
     calls = _count_stage_runs(monkeypatch)
     assert main(["run", str(path), "--quiet", "--resume"]) == 0
     err = capsys.readouterr().err
