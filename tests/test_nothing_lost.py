@@ -340,6 +340,28 @@ def test_damaged_report_given_to_compare_and_push_is_a_clear_error(run_copy, cap
     assert "run.json: damaged or not a compress manifest" in err and "--resume" in err
 
 
+def test_sigterm_is_handled_like_ctrl_c(capsys):
+    """The fast half of the SIGTERM guarantee (the slow test below sends it to a real run)."""
+    from compress.cli import _graceful_sigint
+
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGTERM, lambda *_: None)  # if compress left SIGTERM alone, this test fails cleanly
+        stop = _graceful_sigint()
+        os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler at the next bytecode boundary
+        deadline = time.time() + 5
+        while not stop.is_set() and time.time() < deadline:
+            time.sleep(0.01)
+        assert stop.is_set()
+        assert "SIGTERM: stopping at the next step boundary to save progress" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):  # a second one aborts at once
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+
+
 # ------------------------------------------------------------------ real processes, real signals (slow)
 
 
