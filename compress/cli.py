@@ -21,14 +21,16 @@ def _setup_logging(quiet: bool) -> None:
     else:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("compress: %(message)s"))
+    handler.setLevel(level)  # the console's level; a run's log file may listen at DEBUG
     logger = logging.getLogger("compress")
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
-    # Library chatter (weight-init notices, tokenizer hints) drowns the run's own log.
-    import transformers
+    # Library chatter (kernel notices, deprecation warnings, progress bars) drowns the run's own log:
+    # it goes to compress's DEBUG level instead (compress/console.py).
+    from compress.console import route_library_output
 
-    transformers.logging.set_verbosity_error()
+    route_library_output()
 
 
 def _graceful_sigint() -> threading.Event:

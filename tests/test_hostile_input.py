@@ -391,3 +391,40 @@ def test_a_utf8_byte_order_mark_is_fine(capsys, tmp_path, cls_recipe):
 def test_a_folder_given_as_the_recipe(capsys, tmp_path):
     assert main(["validate", str(tmp_path)]) == 2
     assert "is a folder; give the recipe's .yaml file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the console
+
+
+def test_library_chatter_stays_off_the_console_and_reaches_debug(capsys):
+    import logging
+    import warnings
+
+    import transformers
+
+    from compress.cli import _setup_logging
+
+    logging.captureWarnings(False)  # an earlier test's setup: start from Python's default
+    _setup_logging(False)
+    records: list[str] = []
+    listener = logging.Handler(logging.DEBUG)
+    listener.emit = lambda record: records.append(record.getMessage())  # a run's log file, say
+    logging.getLogger("compress").addHandler(listener)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            logging.captureWarnings(True)
+            logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
+                "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'")
+            warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning, stacklevel=1)
+            transformers.utils.logging.get_logger("transformers.modeling_utils").warning("Some weights were not used")
+            logging.getLogger("compress").info("stage 1/1: finetune")
+    finally:
+        logging.getLogger("compress").removeHandler(listener)
+        logging.captureWarnings(False)
+    err = capsys.readouterr().err
+    assert err.strip() == "compress: stage 1/1: finetune"
+    assert any(m.startswith("bitsandbytes.backends.cpu.ops: Failed to load CPU gemm_4bit_forward") for m in records)
+    assert any("py.warnings:" in m and "is_gradient_checkpointing" in m for m in records)
+    assert any(m == "transformers.modeling_utils: Some weights were not used" for m in records)
+    assert not transformers.utils.logging.is_progress_bar_enabled()  # "Loading weights", "Writing model shards"
