@@ -46,6 +46,22 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("created_by") == "compress" else None
 
 
+def run_marker(folder: Path) -> dict[str, Any] | None:
+    """The folder's marker; for a run written before compress marked its folders, a stand-in when its
+    run.json has compress's manifest fields and the folder holds nothing but run files."""
+    marker = read_marker(folder)
+    if marker is not None or not folder.is_dir():
+        return marker
+    try:
+        manifest = json.loads((folder / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    legacy = {"created_by": "compress", "kind": "run", "legacy": True}
+    looks_like_ours = isinstance(manifest, dict) and manifest.get("schema") == 1 and all(
+        isinstance(manifest.get(k), t) for k, t in (("name", str), ("recipe", dict), ("environment", dict)))
+    return legacy if looks_like_ours and not foreign_entries(folder, legacy) else None
+
+
 def write_marker(folder: Path, kind: str, entries: list[str] | None = None) -> None:
     assert kind in KINDS, kind
     data: dict[str, Any] = {"created_by": "compress", "kind": kind,
@@ -129,7 +145,7 @@ def clear_run_folder(folder: Path) -> None:
     Only reached after check_output_folder has seen the run marker and no foreign entries."""
     import shutil
 
-    marker = read_marker(folder) if folder.is_dir() else None
+    marker = run_marker(folder) if folder.is_dir() else None
     if marker is None:
         return  # new or empty folder: nothing to clear
     if marker.get("kind") != "run" or foreign_entries(folder, marker):  # checked before; re-checked at the delete

@@ -33,7 +33,15 @@ from compress.errors import CompressError, Interrupted, RecipeError, RunFolderEr
 from compress.evaluate.point import evaluate_bundle
 from compress.io import write_json_atomic
 from compress.loading import load_base_model, resolve_task
-from compress.ownership import MARKER, clear_run_folder, foreign_entries, is_empty, read_marker, write_marker
+from compress.ownership import (
+    MARKER,
+    clear_run_folder,
+    foreign_entries,
+    is_empty,
+    read_marker,
+    run_marker,
+    write_marker,
+)
 from compress.recipe import Recipe, load_recipe
 from compress.registry import get_stage
 from compress.report.render import write_report
@@ -88,10 +96,10 @@ def check_output_folder(out: Path, recipe: Recipe, resume: bool, overwrite: bool
                              f"not write — set output_dir to a new folder (nothing was touched)")
     if not out.exists() or is_empty(out):
         return
-    marker = read_marker(out)
+    marker = run_marker(out)  # runs from before the marker are recognised by their manifest
     if marker is None or marker.get("kind") != "run":
-        what = (f"holds a {RUN_FILE} that compress did not write (no compress-owned.json marker: another tool's, or "
-                f"a run from an older compress)" if (out / RUN_FILE).exists() else "holds no compress run")
+        what = (f"holds a {RUN_FILE} that compress did not write (no compress-owned.json marker, not compress's "
+                f"manifest alone)" if (out / RUN_FILE).exists() else "holds no compress run")
         raise RunFolderError(f"{where} is not empty and {what}; compress never writes into or replaces a folder "
                              f"it did not create — set output_dir to a new folder (nothing there was touched)")
     foreign = foreign_entries(out, marker)

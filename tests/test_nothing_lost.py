@@ -182,6 +182,20 @@ def test_overwrite_replaces_a_compress_run(run_copy, capsys):
     assert not (out / LOCK_FILE).exists()  # released at the end
 
 
+def test_a_run_from_before_the_marker_is_recognised_by_its_manifest(run_copy, capsys):
+    path, out = run_copy
+    (out / MARKER).unlink()  # as compress wrote run folders before the marker
+    assert main(["run", str(path), "--quiet", "--resume"]) == 0
+    assert json.loads((out / MARKER).read_text())["kind"] == "run"  # adopted on its next run
+    (out / MARKER).unlink()
+    (out / "notes.txt").write_text("mine\n")  # ...but not once it holds anything else
+    kept = _snapshot(out)
+    assert main(["run", str(path), "--quiet", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "compress did not write" in err and "--overwrite" not in err
+    assert _snapshot(out) == kept
+
+
 # ------------------------------------------------------------------ one run per folder
 
 
