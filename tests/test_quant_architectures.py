@@ -348,3 +348,26 @@ def test_lowrank_names_what_it_could_factorise(arch, names, assets, tmp_path):
     expected = (f"targets: no layer is left to factorise by targets ['nothing'] minus the default exclude "
                 f"(heads, embeddings); factorisable layers here: {names}")
     assert problems == [expected]
+
+
+def test_lowrank_factors_that_do_not_reproduce_the_layer_fail(assets, tmp_path, monkeypatch):
+    """A Conv1D factorised without its transpose (shape-compatible on GPT-2's square attn.c_proj)."""
+    from compress.stages import lowrank
+
+    real = lowrank.factorize
+
+    def untransposed(linear, rank, energy):
+        new, kept = real(linear, rank, energy)
+        if linear_kind(linear) == "conv1d" and new.in_features == new.out_features:
+            with torch.no_grad():
+                first, second = new.first.weight.clone(), new.second.weight.clone()
+                new.first.weight.copy_(second.T)
+                new.second.weight.copy_(first.T)
+        return new, kept
+
+    monkeypatch.setattr(lowrank, "factorize", untransposed)
+    path, task, data = assets("gpt2")
+    with pytest.raises(StageError, match=r"lowrank: layer transformer\.h\.0\.attn\.c_proj: the factorised layer "
+                                         r"differs from the original by 1\.\d+ \(relative\), but keeping [\d.]+% of "
+                                         r"the energy should leave exactly 0\.\d+"):
+        run_lowrank(_bundle(path, task), LowRank(rank=8), _ctx(tmp_path, data))

@@ -127,6 +127,32 @@ def factorize(linear: torch.nn.Module, rank: int | None, energy: float | None) -
     return lr, float(share[r - 1])
 
 
+# Allowed gap between the factorised layer's error and the Eckart-Young optimum sqrt(1 - energy kept):
+# both come from one float32 SVD, so they agree to ~1e-6; a misoriented or mis-scaled factor is off
+# by 0.1 or more.
+OPTIMALITY_TOLERANCE = 1e-3
+
+
+def check_factors(name: str, original: torch.nn.Module, replaced: torch.nn.Module, kept: float) -> float:
+    """The promise: the layer now in the model is the best rank-r approximation of the original,
+    compared through both modules' own forwards (so Conv1D's transposed weight is covered): its
+    relative error ||W_r - W|| / ||W|| must equal sqrt(1 - energy kept). Returns that error."""
+    n_in = replaced.in_features
+    eye = torch.eye(n_in, device=original.weight.device, dtype=original.weight.dtype)
+    with torch.no_grad():
+        dense, low = original(eye).float(), replaced(eye).float()  # rows: W^T (+ bias on both)
+        bias = original.bias.detach().float() if original.bias is not None else 0.0
+        err = float((low - dense).norm() / (dense - bias).norm())
+    expected = max(0.0, 1.0 - kept) ** 0.5
+    # bf16 / fp16 layers: both forwards round to the dtype, so the comparison is only that exact.
+    tol = max(OPTIMALITY_TOLERANCE, 16 * torch.finfo(original.weight.dtype).eps)
+    if not abs(err - expected) <= tol * (1 + expected):
+        raise StageError(f"lowrank: layer {name}: the factorised layer differs from the original by {err:.4g} "
+                         f"(relative), but keeping {kept:.4%} of the energy should leave exactly "
+                         f"{expected:.4g}; the factors do not reproduce the layer")
+    return err
+
+
 def run_lowrank(bundle: ModelBundle, config: LowRank, ctx: RunContext) -> ModelBundle:
     problems = check_lowrank(bundle, config, ctx)
     if problems:
@@ -147,6 +173,7 @@ def run_lowrank(bundle: ModelBundle, config: LowRank, ctx: RunContext) -> ModelB
                      "latency_before_ms": _median_ms(linear, probe),
                      "latency_after_ms": _median_ms(new, probe)})
         _replace(model, name, new)
+        rows[-1]["relative_error"] = round(check_factors(name, linear, model.get_submodule(name), kept), 6)
     if not rows:
         raise StageError("lowrank.rank: no layer gets smaller at this rank/energy (r * (in + out) >= "
                          "in * out everywhere); lower rank or energy, or set skip_if_larger: false")
@@ -162,6 +189,7 @@ def run_lowrank(bundle: ModelBundle, config: LowRank, ctx: RunContext) -> ModelB
              "latency_probe": (f"{config.latency_tokens} tokens per layer, median of 15, "
                                f"{torch.get_num_threads()} threads"),
              "mean_energy_kept": round(sum(r["energy_kept"] for r in rows) / len(rows), 5),
+             "max_relative_error": max(r["relative_error"] for r in rows),
              "masks_dropped": len(bundle.masks) - len(masks)}
     out.record("lowrank", config.model_dump(mode="json"), **facts,
                ranks={r["layer"]: r["rank"] for r in rows}, skipped=skipped)
