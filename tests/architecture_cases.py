@@ -45,18 +45,18 @@ TRAINING = {"max_steps": 2, "batch_size": 4}  # added to finetune and distill ca
 REPRESENTATIVE = {"finetune": "lora", "prune": "sparsegpt-2:4", "structured": "layers", "lowrank": "lowrank",
                   "quantize": "int8-dynamic", "distill": "distill", "trim-vocab": "trim-vocab"}
 
-_STRUCTURED_ONLY = ("supports BERT-like encoders", ("head and FFN removal know the BERT/RoBERTa/DeBERTa-v2 "
-                    "and Llama-like layouts only (whole layers work)"))
-_HEADS_BERT = ("derives the head size", ("encoders size attention from hidden_size / heads; a checkpoint "
+_STRUCTURED_ONLY = ("supports models with separate q/k/v", ("head and FFN removal know separate q/k/v and FFN "
+                    "projections only (these fuse them, or are GPT-2's Conv1D); whole layers work"))
+_HEADS_BERT = ("derives the head size", ("these size attention from hidden_size / heads; a checkpoint "
                "with fewer heads would not reload"))
 
 # (architecture, case) -> (text the refusal's message contains, the reason as the table states it).
 REFUSED: dict[tuple[str, str], tuple[str, str]] = {
-    **{(a, c): _STRUCTURED_ONLY for a in ("gpt2", "opt", "phi3", "falcon", "gpt_neox", "distilbert",
-                                          "modernbert") for c in ("heads", "ffn")},
+    **{(a, c): _STRUCTURED_ONLY for a in ("gpt2", "phi3", "falcon", "gpt_neox", "modernbert")
+       for c in ("heads", "ffn")},
     ("modernbert", "layers"): ("layer 1 differs from layer 0", ("ModernBERT builds layer 0 without an "
                                "attention norm, so layers cannot be renumbered into its place")),
-    **{(a, "heads"): _HEADS_BERT for a in ("bert", "roberta", "deberta-v2")},
+    **{(a, "heads"): _HEADS_BERT for a in ("opt", "bert", "roberta", "deberta-v2", "distilbert")},
     ("gpt2", "qlora"): ("cannot do for Conv1D", ("transformers' 4-bit loader cannot place Conv1D weights "
                         "(stored transposed); LoRA and DoRA work")),
     ("modernbert", "distill"): ("layers are not all alike", ("ModernBERT's layer 0 has no attention norm, "

@@ -1,7 +1,7 @@
 """Structured removal that really shrinks shapes: attention heads, FFN channels, whole layers.
 
 The result must reload with plain `from_pretrained`, so every change is mirrored in the config.
-BERT and Llama configs hold one `intermediate_size` / `num_attention_heads` for all layers, so
+BERT and Llama configs (and OPT's, DistilBERT's) hold one FFN size / `num_attention_heads` for all layers, so
 the same *number* of channels/heads is removed in every layer (which ones differs per layer).
 
 Hand-written rather than torch-pruning (not a dependency here): that library rewires modules but
@@ -38,6 +38,7 @@ class Arch:
     attr: str  # its attribute name
     blocks: list[Block]
     config: Any
+    ffn_key: str = "intermediate_size"  # the config field sizing the FFN (OPT: ffn_dim, DistilBERT: hidden_dim)
 
     @property
     def num_heads(self) -> int:
@@ -53,7 +54,7 @@ class Arch:
 
     @property
     def intermediate(self) -> int:
-        return self.config.intermediate_size
+        return getattr(self.config, self.ffn_key)
 
     @property
     def num_layers(self) -> int:
@@ -61,7 +62,7 @@ class Arch:
 
 
 def detect(model: Any) -> Arch | None:
-    """BERT-like encoders and Llama-like decoders (Llama, Mistral, Qwen2 share the layout); else None."""
+    """BERT-like encoders, Llama-like decoders (Llama, Mistral, Qwen, Gemma), OPT and DistilBERT; else None."""
     base = model.base_model
     encoder = getattr(base, "encoder", None)
     if encoder is not None and hasattr(encoder, "layer"):
@@ -84,6 +85,24 @@ def detect(model: Any) -> Arch | None:
                             lay.self_attn.o_proj, lay.self_attn, [lay.mlp.gate_proj, lay.mlp.up_proj],
                             lay.mlp.down_proj) for lay in layers]
             return Arch("llama", base, "layers", blocks, model.config)
+    return _detect_fixed_heads(base, model.config)
+
+
+def _detect_fixed_heads(base: Any, config: Any) -> Arch | None:
+    """OPT decoders and DistilBERT encoders: plain q/k/v/out projections and a two-layer FFN. Their head
+    size is hidden / heads, so like BERT they allow FFN and layer removal, not head removal."""
+    decoder = getattr(base, "decoder", None)
+    layers = getattr(decoder, "layers", None)
+    if layers is not None and len(layers) and all(hasattr(layers[0], n) for n in ("self_attn", "fc1", "fc2")):
+        blocks = [Block(lay, lay.self_attn.q_proj, lay.self_attn.k_proj, lay.self_attn.v_proj,
+                        lay.self_attn.out_proj, lay.self_attn, [lay.fc1], lay.fc2) for lay in layers]
+        return Arch("bert", decoder, "layers", blocks, config, ffn_key="ffn_dim")
+    transformer = getattr(base, "transformer", None)
+    layers = getattr(transformer, "layer", None)
+    if layers is not None and len(layers) and hasattr(layers[0], "ffn") and hasattr(layers[0].ffn, "lin1"):
+        blocks = [Block(lay, lay.attention.q_lin, lay.attention.k_lin, lay.attention.v_lin,
+                        lay.attention.out_lin, lay.attention, [lay.ffn.lin1], lay.ffn.lin2) for lay in layers]
+        return Arch("bert", transformer, "layer", blocks, config, ffn_key="hidden_dim")
     return None
 
 
@@ -153,7 +172,7 @@ def remove_ffn_channels(arch: Arch, keep: list[torch.Tensor]) -> None:
         for lin in block.ffn_in:
             _replace(block.layer, lin, _slice_linear(lin, rows=idx))
         _replace(block.layer, block.ffn_out, _slice_linear(block.ffn_out, cols=idx))
-    arch.config.intermediate_size = sizes.pop()
+    setattr(arch.config, arch.ffn_key, sizes.pop())
 
 
 def remove_head_groups(arch: Arch, keep_groups: list[torch.Tensor]) -> None:

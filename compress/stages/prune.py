@@ -143,9 +143,9 @@ def _structured_problems(bundle: ModelBundle, config: Prune) -> list[str]:
     if arch is None:
         conv = " (its attention and MLP are fused Conv1D layers)" if any(
             is_conv1d(m) for m in bundle.model.modules()) else ""
-        return [(f"structure: {config.structure} pruning supports BERT-like encoders (BERT, RoBERTa, "
-                f"DeBERTa-v2) and Llama-like decoders (Llama, Mistral, Qwen, Gemma); "
-                f"{type(bundle.model).__name__}{conv} is neither; use structure: layers, unstructured or n:m")]
+        return [(f"structure: {config.structure} pruning supports models with separate q/k/v and FFN "
+                f"projections (BERT, RoBERTa, DeBERTa-v2, DistilBERT, OPT, Llama, Mistral, Qwen, Gemma); "
+                f"{type(bundle.model).__name__}{conv} fuses them; use structure: layers, unstructured or n:m")]
     odd = sorted({type(m).__name__ for b in arch.blocks for m in (b.q, b.k, b.v, b.o, b.ffn_out, *b.ffn_in)
                   if m is not None and type(m) is not torch.nn.Linear})
     if odd:
