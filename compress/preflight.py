@@ -46,7 +46,8 @@ def check_before_loading(recipe: Recipe, task: str, data: Any, device: str) -> N
     problems += [p for where, c in [("model.path", config), *students] for p in _depth_problems(c, where)]
     if problems:
         raise RecipeError(problems)
-    check_memory(config, recipe, task, device, students)
+    held_out = len(data.eval) if task == "sequence-classification" and data is not None else None
+    check_memory(config, recipe, task, device, students, held_out)
 
 
 # ---------------------------------------------------------------------------- positions
@@ -169,7 +170,8 @@ def activation_bytes(config: Any, task: str, batch: int, seq: int, width: int) -
     return width * (batch * seq * max(hidden, inner) + batch * heads * seq * seq + logits)
 
 
-def check_memory(config: Any, recipe: Recipe, task: str, device: str, students: list[tuple[str, Any]]) -> None:
+def check_memory(config: Any, recipe: Recipe, task: str, device: str, students: list[tuple[str, Any]],
+                 held_out: int | None = None) -> None:
     """Refuse when the weights (base + largest distill student) and the largest evaluation batch
     cannot fit in the memory the machine has free."""
     if os.environ.get(SKIP_MEMORY_ENV, "") not in ("", "0"):
@@ -185,8 +187,11 @@ def check_memory(config: Any, recipe: Recipe, task: str, device: str, students: 
         return
     weights = (params + student) * width
     speed = (recipe.eval.batch_size, recipe.eval.seq_len) if recipe.eval.speed else (1, 1)
+    # The accuracy pass batches the held-out examples (a classifier has one row per example; an LM's
+    # blocks are only known after tokenising, so its full batch is assumed).
+    rows = min(recipe.eval.eval_batch_size, held_out or recipe.eval.eval_batch_size) if recipe.eval.accuracy else 1
     batch = max(activation_bytes(config, task, *speed, width),
-                activation_bytes(config, task, recipe.eval.eval_batch_size, recipe.data.max_length, width))
+                activation_bytes(config, task, rows, recipe.data.max_length, width))
     need, free = weights + batch, available_memory(device)
     if need <= free:
         return
