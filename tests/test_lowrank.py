@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -76,7 +78,7 @@ def test_lowrank_in_a_run_reports_per_layer_changes(lm_recipe):
     assert info["layers_factorized"] + info["layers_skipped"] == 4
     assert all(r["energy_kept"] >= 0.8 for r in info["layers"])
     assert report.final.size.parameters < report.baseline.size.parameters
-    md = open(lm_recipe["output_dir"] + "/report.md").read()
+    md = Path(lm_recipe["output_dir"], "report.md").read_text()
     assert "factorized_params_ratio=" in md and "layer_latency_ms_after=" in md
 
 
