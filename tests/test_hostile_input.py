@@ -183,6 +183,15 @@ def test_parameter_estimate_matches_the_built_model(tiny_llama_dir, tmp_path):
     assert preflight.estimate_parameters(bert, "sequence-classification") == built
 
 
+def test_an_absurd_hidden_size_is_refused_by_the_real_memory_check(capsys, tmp_path, cls_recipe, monkeypatch):
+    # no monkeypatched memory: 10**7 x 10**7 weights per matrix exceed any machine
+    monkeypatch.delenv(preflight.SKIP_MEMORY_ENV, raising=False)
+    cls_recipe["stages"] = [{"type": "distill", "max_steps": 1, "student_config": {
+        "hidden_size": 10**7, "intermediate_size": 10**7, "num_attention_heads": 1}}]
+    err = _refused(capsys, tmp_path, cls_recipe)
+    assert "stages[0].student_config: this run needs at least" in err and "the distill student:" in err
+
+
 # ------------------------------------------------------------------ labels
 
 
@@ -246,6 +255,16 @@ def test_odd_label_values(capsys, tmp_path, cls_recipe, labels, needle):
     assert "data.label_column: column 'label' " + needle in err
 
 
+def test_labels_that_are_lists(capsys, tmp_path, cls_recipe):
+    rows = testing.sentiment_rows(60)
+    path = tmp_path / "lists.jsonl"
+    path.write_text("\n".join(json.dumps({"text": r["text"], "label": [i % 3] if i % 2 else i % 3})
+                              for i, r in enumerate(rows)))
+    cls_recipe["data"]["source"] = str(path)
+    err = _refused(capsys, tmp_path, cls_recipe)
+    assert "data.label_column: column 'label' holds values that are not labels (e.g. [1])" in err
+
+
 def test_an_id_column_used_as_labels(capsys, tmp_path, cls_recipe):
     cls_recipe["data"]["source"] = _relabel(tmp_path, [f"row{i}" for i in range(300)], n=300)
     err = _refused(capsys, tmp_path, cls_recipe)
@@ -295,6 +314,15 @@ def test_a_truncated_gguf_file_says_what_is_wrong(capsys, tmp_path, lm_recipe):
     assert "model.path:" in err and "cut.gguf' is not a readable GGUF file" in err
     assert "truncated or damaged — download it again" in err
     assert "must hold a config.json" not in err
+
+
+def test_a_damaged_gguf_named_by_gguf_file_blames_that_field(capsys, tmp_path, lm_recipe):
+    pytest.importorskip("gguf")
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    (folder / "m.Q8_0.gguf").write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40)
+    err = _refused(capsys, tmp_path, lm_recipe, f"model.path={folder}", "model.gguf_file=m.Q8_0.gguf")
+    assert "model.gguf_file:" in err and "m.Q8_0.gguf' is not a readable GGUF file" in err
 
 
 @pytest.mark.parametrize("content, needle", [
