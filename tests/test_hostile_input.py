@@ -154,6 +154,20 @@ def test_the_memory_check_can_be_overridden(cls_recipe, tiny_bert_dir, monkeypat
     preflight.check_memory(config, recipe, "sequence-classification", "cpu", [])
 
 
+def test_on_cuda_the_gpus_free_memory_is_the_limit(cls_recipe, tiny_bert_dir, monkeypatch):
+    import torch
+    from transformers import AutoConfig
+
+    from compress import load_recipe
+
+    monkeypatch.delenv(preflight.SKIP_MEMORY_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (50_000, 80 * 2**30))
+    config = AutoConfig.from_pretrained(tiny_bert_dir)
+    with pytest.raises(preflight.MemoryCheckError, match="but the GPU has 48.8 KiB available"):
+        preflight.check_memory(config, load_recipe(cls_recipe), "sequence-classification", "cuda", [])
+
+
 def test_a_student_too_large_for_memory_is_refused_before_building(capsys, tmp_path, cls_recipe, monkeypatch):
     monkeypatch.delenv(preflight.SKIP_MEMORY_ENV, raising=False)
     monkeypatch.setattr(preflight, "available_memory", lambda device: 2**30)

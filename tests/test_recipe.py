@@ -155,3 +155,16 @@ def test_every_shipped_recipe_is_valid_and_headed_by_its_command(recipe_file):
         if not all("is not installed" in p for p in exc.problems):
             raise
         pytest.skip(f"demo assets not installed: {exc}")
+
+
+def test_override_keys_are_checked_from_the_python_api_too():
+    with pytest.raises(RecipeError, match=r"override 'a\.\.b': not a field path"):
+        apply_overrides({"a": {}}, {"a..b": 1})
+    assert apply_overrides({"stages": [{}]}, {"stages[0].lr": 0.1, "goals.latency_b32.min_speedup": 2}) == {
+        "stages": [{"lr": 0.1}], "goals": {"latency_b32": {"min_speedup": 2}}}
+
+
+def test_override_values_use_the_bounded_loader():
+    with pytest.raises(RecipeError, match="override a: .*more than 100 aliases"):
+        apply_overrides({}, ["a=[&x 1, " + ", ".join(["*x"] * 101) + "]"])
+    assert apply_overrides({}, ["a=[&x 1, *x]"]) == {"a": [1, 1]}  # a few aliases are fine
