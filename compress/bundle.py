@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from compress.errors import ModelError
 from compress.io import atomic_dir, write_json_atomic
+from compress.portable import mark_compress_only
 from compress.quant.bnb_weights import keep_canonical_layout
 
 BUNDLE_FILE = "compress_bundle.json"
@@ -34,6 +35,10 @@ class ModelFormat:
     name: str
     save: Callable[[ModelBundle, Path], None]
     load: Callable[[Path, dict[str, Any]], Any]
+    # False for compress's own layer formats: their config.json is then marked so plain transformers
+    # refuses the folder instead of loading random weights (see compress/portable.py); their loader
+    # reads the config with `portable.read_config`.
+    plain_loadable: bool = True
 
 
 _FORMATS: dict[str, ModelFormat] = {}
@@ -87,6 +92,8 @@ class ModelBundle:
             if fmt is None:
                 raise ModelError(f"no saver for model format {self.format!r}")
             fmt.save(self, tmp)
+            if not fmt.plain_loadable:
+                mark_compress_only(tmp, fmt.name)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             if self.masks:

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.bundle import ModelFormat, auto_class, register_format
+from compress.bundle import ModelFormat, auto_class, from_pretrained_checked, register_format
+from compress.portable import read_config
 from compress.quant.bnb_weights import keep_canonical_layout
 from compress.quant.select import as_linear, behaves_linear, linear_kind
 
@@ -154,10 +155,10 @@ def _save(bundle: Any, folder: Path) -> None:
 def _load(folder: Path, meta: dict[str, Any]) -> Any:
     with warnings.catch_warnings(), linear_subclasses_as_linear():
         warnings.simplefilter("ignore")
-        model = auto_class(meta["task"]).from_pretrained(str(folder))
+        model = from_pretrained_checked(meta["task"], str(folder), config=read_config(folder))
     keep_canonical_layout(model)
     model.eval()
     return model
 
 
-register_format(ModelFormat(FORMAT, _save, _load))
+register_format(ModelFormat(FORMAT, _save, _load, plain_loadable=False))

@@ -85,7 +85,9 @@ def unpack_cpu_layout(model: Any) -> int:
     Returns how many layers were unpacked."""
     count = 0
     for module in model.modules():
-        weight = getattr(module, "weight", None)
+        # The registered parameter, not `module.weight`: on compress's own quantized layers that is a
+        # property that dequantizes the whole weight.
+        weight = module._parameters.get("weight")
         if weight is not None and is_cpu_packed(weight):
             from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 

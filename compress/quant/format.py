@@ -62,10 +62,10 @@ def _save(bundle: ModelBundle, folder: Path) -> None:
 
 
 def _load(folder: Path, meta: dict[str, Any]) -> Any:
-    from transformers import AutoConfig
+    from compress.portable import read_config
 
     layer_map = json.loads((folder / LAYER_MAP).read_text())
-    config = AutoConfig.from_pretrained(str(folder))
+    config = read_config(folder)
     model = auto_class(meta["task"]).from_config(config)
     layers = layer_map["layers"]
     for name, spec in layers.items():
@@ -99,4 +99,4 @@ def is_tied(model: nn.Module, key: str) -> bool:
     return target is not None and any(v is target for k, v in state.items() if k != key)
 
 
-register_format(ModelFormat(FORMAT, _save, _load))
+register_format(ModelFormat(FORMAT, _save, _load, plain_loadable=False))

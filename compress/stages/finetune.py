@@ -18,6 +18,7 @@ from compress.context import RunContext
 from compress.errors import StageError
 from compress.evaluate.accuracy import evaluate_accuracy
 from compress.pruning.targets import is_conv1d
+from compress.quant import bnb as bnb_quant
 from compress.quant.bnb_weights import unpack_cpu_layout
 from compress.registry import StageConfig, register_stage
 from compress.training import TrainingFields, train
@@ -207,7 +208,9 @@ def run_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> Mode
         folder = Path(ctx.output_dir) / "adapters" / (work.name.removeprefix(".work-") if work else config.label())
         model.save_pretrained(folder)
         facts["adapter_dir"] = str(folder)
-    out_format = bundle.format
+    # A QLoRA base kept in 4-bit saves as bitsandbytes does for this architecture (`hf-bnb` where
+    # transformers' loader needs help, e.g. Falcon's FalconLinear): decided on the float model.
+    out_format = bnb_quant.output_format(bundle.model) if config.method == "qlora" else bundle.format
     if config.method != "full" and policy != "none":
         before = _probe_logits(model, eval_set, tokenizer, ctx.device)
         model = _merge(model, config, policy, masks)
@@ -325,7 +328,8 @@ def _peft_load(folder: Path, meta: dict[str, Any]) -> Any:
 
     from compress.bundle import MASKS_FILE
 
-    base = from_pretrained_checked(meta["task"], str(folder))
+    with bnb_quant.linear_subclasses_as_linear():  # a 4-bit Falcon base (see quant/bnb.py)
+        base = from_pretrained_checked(meta["task"], str(folder))
     model = PeftModel.from_pretrained(base, str(folder / "adapter"))
     if (folder / MASKS_FILE).exists():
         ad.enable_masked_lora(model, {k: v.bool() for k, v in load_file(str(folder / MASKS_FILE)).items()})

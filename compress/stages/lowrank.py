@@ -217,12 +217,12 @@ def _save(bundle: ModelBundle, folder: Path) -> None:
 
 def _load(folder: Path, meta: dict[str, Any]) -> Any:
     from safetensors.torch import load_model
-    from transformers import AutoConfig
 
+    from compress.portable import read_config
     from compress.quant.format import is_tied
 
     spec = json.loads((folder / LOWRANK_FILE).read_text())
-    config = AutoConfig.from_pretrained(str(folder))
+    config = read_config(folder)
     model = auto_class(meta["task"]).from_config(config)
     for name, layer in spec["layers"].items():
         _replace(model, name, LowRankLinear(layer["in"], layer["out"], layer["rank"], layer["bias"],
@@ -238,5 +238,5 @@ def _load(folder: Path, meta: dict[str, Any]) -> Any:
     return model
 
 
-register_format(ModelFormat("lowrank", _save, _load))
+register_format(ModelFormat("lowrank", _save, _load, plain_loadable=False))
 register_stage(LowRank, run_lowrank, check=check_lowrank)

@@ -1,0 +1,49 @@
+"""Folders in compress's own formats refuse to load in plain transformers instead of loading garbage."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress import ModelBundle, run
+from compress.portable import MODEL_TYPE, is_compress_only
+
+
+def _logits(model, ids=torch.tensor([[2, 12, 20, 31, 8, 3]])):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("stage,fmt", [({"type": "quantize", "scheme": "int8-dynamic"}, "quantized"),
+                                       ({"type": "quantize", "scheme": "int4-weight", "group_size": 32},
+                                        "quantized"),
+                                       ({"type": "lowrank", "rank": 8}, "lowrank")])
+def test_compress_only_outputs_are_refused_by_plain_transformers(lm_recipe, stage, fmt):
+    from transformers import AutoModelForCausalLM
+
+    lm_recipe["eval"] = {"speed": False, "accuracy": False, "baseline": False}
+    lm_recipe["stages"] = [stage]
+    run(lm_recipe, show_progress=False)
+    folder = next(Path(lm_recipe["output_dir"]).glob("01-*"))
+    config = json.loads((folder / "config.json").read_text())
+    assert is_compress_only(folder) and config["model_type"] == MODEL_TYPE
+    assert config["compress"]["base_model_type"] == "llama" and config["compress"]["format"] == fmt
+    # Before: plain from_pretrained built the float model, initialised the missing layers at random
+    # and returned garbage with a warning. Now it refuses, naming compress.
+    with pytest.raises(ValueError, match="compress"):
+        AutoModelForCausalLM.from_pretrained(str(folder))
+    bundle = ModelBundle.load(folder)
+    assert bundle.format == fmt and torch.isfinite(_logits(bundle.model)).all()
+
+
+def test_plain_formats_stay_plain(lm_recipe):
+    from transformers import AutoModelForCausalLM
+
+    lm_recipe["eval"] = {"speed": False, "accuracy": False, "baseline": False}
+    lm_recipe["stages"] = [{"type": "prune", "method": "magnitude", "sparsity": 0.5}]
+    run(lm_recipe, show_progress=False)
+    folder = Path(lm_recipe["output_dir"]) / "01-prune"
+    assert not is_compress_only(folder)
+    plain = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    assert torch.equal(_logits(plain), _logits(ModelBundle.load(folder).model))
