@@ -117,3 +117,18 @@ def test_qlora_with_merge_none_saves_a_4bit_base_and_adapter_that_reload(tiny_be
     reloaded = ModelBundle.load(tmp_path / "saved")
     assert adapters.count_bnb(reloaded.model) == {"Linear4bit": 13}  # 2 layers x 6 linears + pooler
     assert torch.equal(_logits(reloaded.model, reloaded), _logits(out.model, out))
+
+
+@pytest.mark.parametrize("merge", ["dequantize-merge-requantize", "none"])
+def test_falcon_qlora_kept_in_4bit_saves_and_reloads(merge, lm_text, tmp_path):
+    """Falcon's FalconLinear (an nn.Linear subclass) needs compress's loader fix to reload in 4-bit."""
+    from compress import testing
+
+    model_dir = testing.make_tiny_model("falcon", tmp_path / "falcon")
+    data = load_data(DataSpec(source=str(lm_text), max_length=32, eval_size=0.2), "causal-lm")
+    ctx = RunContext(output_dir=tmp_path, seed=0, device="cpu", data=data, work_dir=tmp_path / "work")
+    out = run_finetune(ModelBundle.load(model_dir),
+                       Finetune(method="qlora", merge=merge, lr=1e-2, max_steps=3, batch_size=8), ctx)
+    assert out.format == ("hf-bnb" if merge != "none" else "peft-adapter")
+    out.save(tmp_path / "saved")  # compares the reload's logits before the folder is renamed into place
+    assert adapters.count_bnb(ModelBundle.load(tmp_path / "saved").model) == {"Linear4bit": 8}
