@@ -9,14 +9,17 @@ entries that kind writes; anything else is refused with the reason and what to d
 from __future__ import annotations
 
 import json
+import logging
 import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from compress.errors import CompressError
+from compress.errors import CompressError, RunFolderError
 from compress.io import write_json_atomic
+from compress.runrecords import RUN_FILE, read_json
 
+log = logging.getLogger("compress")
 MARKER = "compress-owned.json"  # visible: a hidden name would read as a leftover temporary
 LOCK_FILE = ".compress.lock"
 KINDS = ("run", "compare", "publish", "autotune")
@@ -157,3 +160,50 @@ def clear_run_folder(folder: Path) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+def check_output_folder(out: Path, recipe: Any, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder compress did not create, another run's, or a finished one unless told otherwise.
+
+    Only a folder carrying compress's run marker is ever written into or
+    cleared, and --overwrite is suggested only where it would be allowed.
+    """
+    where = f"output folder {str(out)!r}"
+    if out.is_symlink():
+        raise RunFolderError(f"{where} is a symbolic link (to {str(out.resolve())!r}); "
+                             f"give a real folder so outputs cannot land somewhere unexpected")
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"{where} is an existing file, not a folder; compress never replaces files it did "
+                             f"not write — set output_dir to a new folder (nothing was touched)")
+    if not out.exists() or is_empty(out):
+        return
+    marker = run_marker(out)  # runs from before the marker are recognised by their manifest
+    if marker is None or marker.get("kind") != "run":
+        what = (f"holds a {RUN_FILE} that compress did not write (no compress-owned.json marker, not compress's "
+                f"manifest alone)" if (out / RUN_FILE).exists() else "holds no compress run")
+        raise RunFolderError(f"{where} is not empty and {what}; compress never writes into or replaces a folder "
+                             f"it did not create — set output_dir to a new folder (nothing there was touched)")
+    foreign = foreign_entries(out, marker)
+    keep_out = (f"; it also holds files compress did not write ({', '.join(foreign[:5])}), so move them out "
+                f"before --overwrite" if foreign else "")
+    if overwrite:
+        if foreign:
+            raise RunFolderError(f"{where} holds files compress did not write ({', '.join(foreign[:5])}); "
+                                 f"--overwrite would delete them — move them out, or set output_dir to a new "
+                                 f"folder (nothing there was touched)")
+        return
+    previous = read_json(out / RUN_FILE, "the run is rebuilt from its stage folders")
+    if previous is not None and not isinstance(previous.get("name"), str):
+        log.warning("%s is damaged (no run name); the run is rebuilt from its stage folders", out / RUN_FILE)
+        previous = None
+    if previous is None:
+        if resume:
+            return
+        raise RunFolderError(f"{where} holds a compress run whose {RUN_FILE} is missing or damaged; pass --resume "
+                             f"to continue it" + (keep_out or " or --overwrite to start again"))
+    if previous.get("name") != recipe.name:
+        raise RunFolderError(f"{where} belongs to run {previous.get('name')!r}; " + (
+            f"set output_dir{keep_out}" if foreign else "pass --overwrite to replace it, or set output_dir"))
+    if not resume:
+        raise RunFolderError(f"{where} already holds a run of {recipe.name!r}; pass --resume to continue it"
+                             + (keep_out or " or --overwrite to start again"))

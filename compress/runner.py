@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from compress.bundle import ModelBundle
 from compress.context import RunContext
@@ -33,28 +31,28 @@ from compress.errors import CompressError, Interrupted, RecipeError, RunFolderEr
 from compress.evaluate.point import evaluate_bundle
 from compress.io import write_json_atomic
 from compress.loading import load_base_model, resolve_task
-from compress.ownership import (
-    MARKER,
-    clear_run_folder,
-    foreign_entries,
-    is_empty,
-    read_marker,
-    run_marker,
-    write_marker,
-)
+from compress.ownership import MARKER, check_output_folder, clear_run_folder, read_marker, write_marker
 from compress.recipe import Recipe, load_recipe
 from compress.registry import get_stage
 from compress.report.render import write_report
 from compress.report.schema import EvalPoint, Report
 from compress.runlock import RunLock
-from compress.runrecords import clean_temporaries, read_json, read_model, sha256_file
+from compress.runrecords import (
+    RUN_FILE,
+    STAGE_FILE,
+    clean_temporaries,
+    file_digests,
+    quiet_json,
+    read_model,
+    recorded_baseline,
+    save_eval,
+    stage_record,
+    verify_files,
+)
 
 log = logging.getLogger("compress")
 
-RUN_FILE = "run.json"
-STAGE_FILE = "stage.json"
 BASELINE_DIR = "00-baseline"
-PREDICTIONS_FILE = "predictions.safetensors"
 
 
 def stage_dir_name(index: int, stage_type: str) -> str:
@@ -79,53 +77,6 @@ def resolve_device(recipe: Recipe) -> str:
     if recipe.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return recipe.device
-
-
-def check_output_folder(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
-    """Refuse a folder compress did not create, another run's, or a finished one unless told otherwise.
-
-    Only a folder carrying compress's run marker (compress/ownership.py) is ever written into or
-    cleared, and --overwrite is suggested only where it would be allowed.
-    """
-    where = f"output folder {str(out)!r}"
-    if out.is_symlink():
-        raise RunFolderError(f"{where} is a symbolic link (to {str(out.resolve())!r}); "
-                             f"give a real folder so outputs cannot land somewhere unexpected")
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"{where} is an existing file, not a folder; compress never replaces files it did "
-                             f"not write — set output_dir to a new folder (nothing was touched)")
-    if not out.exists() or is_empty(out):
-        return
-    marker = run_marker(out)  # runs from before the marker are recognised by their manifest
-    if marker is None or marker.get("kind") != "run":
-        what = (f"holds a {RUN_FILE} that compress did not write (no compress-owned.json marker, not compress's "
-                f"manifest alone)" if (out / RUN_FILE).exists() else "holds no compress run")
-        raise RunFolderError(f"{where} is not empty and {what}; compress never writes into or replaces a folder "
-                             f"it did not create — set output_dir to a new folder (nothing there was touched)")
-    foreign = foreign_entries(out, marker)
-    keep_out = (f"; it also holds files compress did not write ({', '.join(foreign[:5])}), so move them out "
-                f"before --overwrite" if foreign else "")
-    if overwrite:
-        if foreign:
-            raise RunFolderError(f"{where} holds files compress did not write ({', '.join(foreign[:5])}); "
-                                 f"--overwrite would delete them — move them out, or set output_dir to a new "
-                                 f"folder (nothing there was touched)")
-        return
-    previous = read_json(out / RUN_FILE, "the run is rebuilt from its stage folders")
-    if previous is not None and not isinstance(previous.get("name"), str):
-        log.warning("%s is damaged (no run name); the run is rebuilt from its stage folders", out / RUN_FILE)
-        previous = None
-    if previous is None:
-        if resume:
-            return
-        raise RunFolderError(f"{where} holds a compress run whose {RUN_FILE} is missing or damaged; pass --resume "
-                             f"to continue it" + (keep_out or " or --overwrite to start again"))
-    if previous.get("name") != recipe.name:
-        raise RunFolderError(f"{where} belongs to run {previous.get('name')!r}; " + (
-            f"set output_dir{keep_out}" if foreign else "pass --overwrite to replace it, or set output_dir"))
-    if not resume:
-        raise RunFolderError(f"{where} already holds a run of {recipe.name!r}; pass --resume to continue it"
-                             + (keep_out or " or --overwrite to start again"))
 
 
 class Runner:
@@ -303,7 +254,7 @@ class Runner:
         baseline_dir = self.out / BASELINE_DIR
         if recipe.eval.baseline:
             self._restore_from_cache(baseline_dir, None)
-            previous = _recorded_baseline(baseline_dir) if self.resume or self.stage_cache else None
+            previous = recorded_baseline(baseline_dir) if self.resume or self.stage_cache else None
             if previous is not None:
                 point, reference = previous
                 self._add_point(point)
@@ -312,7 +263,7 @@ class Runner:
                 log.info("evaluating baseline")
                 point, reference = evaluate_bundle(bundle, "baseline", recipe.eval, data=data, device=device,
                                                    seed=recipe.seed)
-                _save_eval(baseline_dir, point, reference)
+                save_eval(baseline_dir, point, reference)
                 self._add_point(point)
                 self._store_in_cache(baseline_dir, None)
 
@@ -329,7 +280,7 @@ class Runner:
                 log.info("stage %d (%s): reused from the stage cache", index + 1, entry.type)
             if (self.resume or self.stage_cache) and not rerun and self._stage_done(folder, index, verify=True):
                 log.info("stage %d (%s): unchanged since the last run, skipped", index + 1, entry.type)
-                record = _quiet_json(folder / STAGE_FILE) or {}
+                record = quiet_json(folder / STAGE_FILE) or {}
                 # Re-listed, so a lost or damaged run.json is rebuilt from the stage records.
                 self.manifest["stages"] = [s for s in self.manifest["stages"] if s.get("index") != index] + [record]
                 bundle = None
@@ -363,7 +314,7 @@ class Runner:
             _fault("after_stage_save")
             shutil.rmtree(ctx.work_dir, ignore_errors=True)
             record = {"index": index, "type": entry.type, "dir": folder.name, "seconds": seconds,
-                      "fingerprint": self.fingerprints[index], "finished": _now(), "files": _file_digests(folder)}
+                      "fingerprint": self.fingerprints[index], "finished": _now(), "files": file_digests(folder)}
             write_json_atomic(folder / STAGE_FILE, record)
             _fault("after_stage_json")
             self.manifest["stages"] = [s for s in self.manifest["stages"] if s.get("index") != index] + [record]
@@ -438,7 +389,7 @@ class Runner:
     def _previous_manifest(self) -> dict[str, Any]:
         if not self.resume:
             return {}
-        previous = _quiet_json(self.out / RUN_FILE) or {}  # damage was said by check_output_folder
+        previous = quiet_json(self.out / RUN_FILE) or {}  # damage was said by check_output_folder
         return previous if isinstance(previous.get("name"), str) else {}
 
     def _previous_report(self) -> Report | None:
@@ -453,11 +404,11 @@ class Runner:
             return False
         if folder.is_symlink():
             raise RunFolderError(f"{folder} is a symbolic link; stage folders must be real folders")
-        record = _stage_record(record_path, f"stage {index + 1} runs again" if verify else None)
+        record = stage_record(record_path, f"stage {index + 1} runs again" if verify else None)
         if record is None or record["fingerprint"] != self.fingerprints[index]:
             return False
         if verify:
-            problem = _verify_files(folder, record["files"])
+            problem = verify_files(folder, record["files"])
             if problem:
                 log.warning("%s: %s; stage %d runs again", folder.name, problem, index + 1)
                 return False
@@ -469,11 +420,11 @@ class Runner:
             return
         for index, stage in enumerate(self.recipe.stages):
             folder = self.out / stage_dir_name(index, stage.stage_type())
-            record = _stage_record(folder / STAGE_FILE)
+            record = stage_record(folder / STAGE_FILE)
             if record is None:  # not finished, or damaged (said, and re-run, when the stage is reached)
                 break
             if record["fingerprint"] != self.fingerprints[index]:
-                old = (_quiet_json(self.out / RUN_FILE) or {}).get("recipe", {})
+                old = (quiet_json(self.out / RUN_FILE) or {}).get("recipe", {})
                 changed = _describe_change(old, self.recipe.to_dict(), index)
                 raise RunFolderError(
                     f"cannot resume: stage {index + 1} ({stage.stage_type()}) or its inputs changed since "
@@ -486,29 +437,6 @@ class FolderVanished(CompressError):
     """The run folder disappeared while the run was writing into it."""
 
     exit_code = 1
-
-
-def _stage_record(path: Path, consequence: str | None = None) -> dict[str, Any] | None:
-    """stage.json when whole (a fingerprint and the list of files with their checksums); None when
-    missing or damaged, with a warning naming it when `consequence` says what happens instead."""
-    record = read_json(path, consequence) if consequence else _quiet_json(path)
-    files = record.get("files") if record else None
-    if record is not None and not (isinstance(record.get("fingerprint"), str) and isinstance(files, dict) and all(
-            isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str)
-            for m in files.values())):
-        if consequence:
-            log.warning("%s is damaged (fields missing or of the wrong type); %s", path, consequence)
-        return None
-    return record
-
-
-def _quiet_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object, or None when missing or damaged, without a warning (said where it is acted on)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _describe_change(old: dict[str, Any], new: dict[str, Any], index: int) -> str:
@@ -535,71 +463,6 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _file_digests(folder: Path) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every output file, so a truncated or corrupted one is caught on resume."""
-    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in (STAGE_FILE, "eval.json")}
-
-
-def _verify_files(folder: Path, expected: dict[str, dict[str, Any]]) -> str | None:
-    for name, meta in expected.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != meta["bytes"]:
-            return f"{name} is truncated or changed ({path.stat().st_size} bytes, expected {meta['bytes']})"
-        if _sha256(path) != meta["sha256"]:
-            return f"{name} is corrupted (checksum mismatch)"
-    return None
-
-
-def _save_eval(folder: Path, point: EvalPoint, preds: torch.Tensor | None) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {}
-    if preds is not None:
-        tmp = folder / f".{PREDICTIONS_FILE}.tmp"
-        save_file({"preds": preds.contiguous()}, str(tmp))
-        tmp.replace(folder / PREDICTIONS_FILE)
-        files[PREDICTIONS_FILE] = {"bytes": (folder / PREDICTIONS_FILE).stat().st_size,
-                                   "sha256": sha256_file(folder / PREDICTIONS_FILE)}
-    # eval.json comes last and carries the predictions' checksum: the baseline counts as measured
-    # only when both are whole.
-    write_json_atomic(folder / "eval.json", {**point.model_dump(mode="json"), "files": files})
-
-
-def _recorded_baseline(folder: Path) -> tuple[EvalPoint, torch.Tensor | None] | None:
-    """The baseline's point and predictions from disk; None (measure again) when missing or damaged."""
-    again = "the baseline is measured again"
-    data = read_json(folder / "eval.json", again)
-    if data is None:
-        return None
-    files = data.pop("files", None)
-    try:
-        point = EvalPoint.model_validate(data)
-    except ValueError:
-        log.warning("%s is damaged (not an eval point); %s", folder / "eval.json", again)
-        return None
-    if not files and not (folder / PREDICTIONS_FILE).exists():
-        return point, None
-    # Checked against the checksum in eval.json (runs from before it had one: only parsed).
-    problem = _verify_files(folder, files) if isinstance(files, dict) and files else None
-    if problem is None:
-        try:
-            return point, load_file(str(folder / PREDICTIONS_FILE))["preds"]
-        except (OSError, KeyError, SafetensorError) as exc:
-            problem = f"{PREDICTIONS_FILE} cannot be read ({type(exc).__name__})"
-    log.warning("%s: %s; %s", folder.name, problem, again)
-    return None
 
 
 def _fault(point: str) -> None:

@@ -15,10 +15,20 @@ import shutil
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from pydantic import BaseModel, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from compress.io import write_json_atomic
+from compress.report.schema import EvalPoint
 
 log = logging.getLogger("compress")
 M = TypeVar("M", bound=BaseModel)
+
+RUN_FILE = "run.json"
+STAGE_FILE = "stage.json"
+PREDICTIONS_FILE = "predictions.safetensors"
 
 # Names the crash-safe writers use while writing (compress/io.py, the stage cache, predictions).
 _TEMPORARY = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$|^\..+\.tmp$")
@@ -83,3 +93,83 @@ def clean_temporaries(folder: Path, finished_stages: set[str]) -> list[str]:
 def _short(exc: Exception) -> str:
     text = str(exc)
     return text if len(text) < 120 else text[:117] + "…"
+
+
+def stage_record(path: Path, consequence: str | None = None) -> dict[str, Any] | None:
+    """stage.json when whole (a fingerprint and the list of files with their checksums); None when
+    missing or damaged, with a warning naming it when `consequence` says what happens instead."""
+    record = read_json(path, consequence) if consequence else quiet_json(path)
+    files = record.get("files") if record else None
+    if record is not None and not (isinstance(record.get("fingerprint"), str) and isinstance(files, dict) and all(
+            isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str)
+            for m in files.values())):
+        if consequence:
+            log.warning("%s is damaged (fields missing or of the wrong type); %s", path, consequence)
+        return None
+    return record
+
+
+def quiet_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object, or None when missing or damaged, without a warning (said where it is acted on)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every output file, so a truncated or corrupted one is caught on resume."""
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in (STAGE_FILE, "eval.json")}
+
+
+def verify_files(folder: Path, expected: dict[str, dict[str, Any]]) -> str | None:
+    for name, meta in expected.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != meta["bytes"]:
+            return f"{name} is truncated or changed ({path.stat().st_size} bytes, expected {meta['bytes']})"
+        if sha256_file(path) != meta["sha256"]:
+            return f"{name} is corrupted (checksum mismatch)"
+    return None
+
+
+def save_eval(folder: Path, point: EvalPoint, preds: torch.Tensor | None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    if preds is not None:
+        tmp = folder / f".{PREDICTIONS_FILE}.tmp"
+        save_file({"preds": preds.contiguous()}, str(tmp))
+        tmp.replace(folder / PREDICTIONS_FILE)
+        files[PREDICTIONS_FILE] = {"bytes": (folder / PREDICTIONS_FILE).stat().st_size,
+                                   "sha256": sha256_file(folder / PREDICTIONS_FILE)}
+    # eval.json comes last and carries the predictions' checksum: the baseline counts as measured
+    # only when both are whole.
+    write_json_atomic(folder / "eval.json", {**point.model_dump(mode="json"), "files": files})
+
+
+def recorded_baseline(folder: Path) -> tuple[EvalPoint, torch.Tensor | None] | None:
+    """The baseline's point and predictions from disk; None (measure again) when missing or damaged."""
+    again = "the baseline is measured again"
+    data = read_json(folder / "eval.json", again)
+    if data is None:
+        return None
+    files = data.pop("files", None)
+    try:
+        point = EvalPoint.model_validate(data)
+    except ValueError:
+        log.warning("%s is damaged (not an eval point); %s", folder / "eval.json", again)
+        return None
+    if not files and not (folder / PREDICTIONS_FILE).exists():
+        return point, None
+    # Checked against the checksum in eval.json (runs from before it had one: only parsed).
+    problem = verify_files(folder, files) if isinstance(files, dict) and files else None
+    if problem is None:
+        try:
+            return point, load_file(str(folder / PREDICTIONS_FILE))["preds"]
+        except (OSError, KeyError, SafetensorError) as exc:
+            problem = f"{PREDICTIONS_FILE} cannot be read ({type(exc).__name__})"
+    log.warning("%s: %s; %s", folder.name, problem, again)
+    return None
