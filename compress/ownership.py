@@ -165,8 +165,8 @@ def clear_run_folder(folder: Path) -> None:
 def check_output_folder(out: Path, recipe: Any, resume: bool, overwrite: bool) -> None:
     """Refuse a folder compress did not create, another run's, or a finished one unless told otherwise.
 
-    Only a folder carrying compress's run marker is ever written into or
-    cleared, and --overwrite is suggested only where it would be allowed.
+    Only a folder carrying compress's run marker is ever written into or cleared, and --overwrite is
+    suggested only where it would be allowed.
     """
     where = f"output folder {str(out)!r}"
     if out.is_symlink():
@@ -179,8 +179,8 @@ def check_output_folder(out: Path, recipe: Any, resume: bool, overwrite: bool) -
         return
     marker = run_marker(out)  # runs from before the marker are recognised by their manifest
     if marker is None or marker.get("kind") != "run":
-        what = (f"holds a {RUN_FILE} that compress did not write (no compress-owned.json marker, not compress's "
-                f"manifest alone)" if (out / RUN_FILE).exists() else "holds no compress run")
+        what = (f"holds a {RUN_FILE} that compress did not write (no {MARKER} marker, and not a compress run "
+                f"holding only its own files)" if (out / RUN_FILE).exists() else "holds no compress run")
         raise RunFolderError(f"{where} is not empty and {what}; compress never writes into or replaces a folder "
                              f"it did not create — set output_dir to a new folder (nothing there was touched)")
     foreign = foreign_entries(out, marker)
