@@ -25,7 +25,10 @@ from compress.report.schema import Report
 
 log = logging.getLogger("compress")
 
-SKIP_FILES = {"stage.json", "eval.json", "predictions.safetensors"}
+# Run records, and pruning masks (only later compress stages need them; inference never does, and
+# for SmolLM2 they add 106 MB, +20%).
+SKIP_FILES = {"stage.json", "eval.json", "predictions.safetensors", "masks.safetensors"}
+ADAPTER_DIR = "adapter"
 
 
 class PublishSpec(BaseModel):
@@ -67,7 +70,41 @@ def _task_tag(task: str) -> str:
     return {"sequence-classification": "text-classification", "causal-lm": "text-generation"}.get(task, task)
 
 
-def build_model_card(report: Report, spec: PublishSpec, task: str, repo_id: str | None) -> str:
+def how_to_load(task: str, fmt: str, name: str) -> str:
+    """The card's loading instructions for the published folder's format."""
+    load = "AutoModelForSequenceClassification" if task == "sequence-classification" else "AutoModelForCausalLM"
+    if fmt == "hf":
+        return f"""```python
+from transformers import AutoTokenizer, {load}
+model = {load}.from_pretrained("{name}")
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+```"""
+    if fmt == "peft-adapter":
+        return f"""The base weights are at the top of the repository and the fine-tuned adapter in `{ADAPTER_DIR}/`
+(PEFT format); loading the base alone gives the model *before* fine-tuning.
+
+```python
+from peft import PeftModel
+from transformers import AutoTokenizer, {load}
+base = {load}.from_pretrained("{name}")
+model = PeftModel.from_pretrained(base, "{name}", subfolder="{ADAPTER_DIR}")
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+```"""
+    return f"""This checkpoint holds compress's own layers (format `{fmt}`), which transformers cannot build:
+its `config.json` declares `model_type: compress` so that plain `from_pretrained` refuses it
+instead of loading random weights. Load it with compress (installed from its source repository;
+the PyPI package named `compress` is unrelated):
+
+```python
+from compress import ModelBundle
+from huggingface_hub import snapshot_download
+bundle = ModelBundle.load(snapshot_download("{name}"))
+model, tokenizer = bundle.model, bundle.tokenizer
+```"""
+
+
+def build_model_card(report: Report, spec: PublishSpec, task: str, repo_id: str | None,
+                     fmt: str = "hf") -> str:
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     recipe = report.recipe
@@ -98,12 +135,11 @@ def build_model_card(report: Report, spec: PublishSpec, task: str, repo_id: str 
     for i, stage in enumerate(recipe.get("stages", [])):
         settings = ", ".join(f"{k}={v}" for k, v in stage.items() if k != "type" and v not in (None, [], {}))
         steps.append(f"{i + 1}. **{stage.get('type')}** — {settings}")
-    load = ("AutoModelForSequenceClassification" if task == "sequence-classification" else "AutoModelForCausalLM")
     name = repo_id or "ORG/NAME"
     body = f"""
 # {data.model_name}
 
-Compressed with [compress](https://pypi.org/project/compress/) from `{recipe.get('model', {}).get('path')}`
+Compressed with compress from `{recipe.get('model', {}).get('path')}`
 by the recipe in `recipe.yaml` (seed {report.seed}).
 
 ## What was done
@@ -121,16 +157,14 @@ Full report: `report.md` / `report.html` (plots in `{PLOTS_DIR}/`), raw figures 
 
 ## How to load
 
-```python
-from transformers import AutoTokenizer, {load}
-model = {load}.from_pretrained("{name}")
-tokenizer = AutoTokenizer.from_pretrained("{name}")
-```
+{how_to_load(task, fmt, name)}
 
 ## Reproduce
 
+Install compress from its source repository (`pip install -c requirements.lock -e .` in a clone; the
+PyPI package named `compress` is a different project), then:
+
 ```bash
-pip install compress
 compress run recipe.yaml
 ```
 """
@@ -157,6 +191,8 @@ def build_publish_folder(run_dir: str | Path, output: str | Path, spec: PublishS
         for item in model_dir.iterdir():
             if item.is_file() and item.name not in SKIP_FILES:
                 shutil.copy2(item, tmp / item.name)
+        if bundle_meta.get("format") == "peft-adapter":  # the fine-tune itself: without it, only the base
+            shutil.copytree(model_dir / ADAPTER_DIR, tmp / ADAPTER_DIR)
         for name in ("report.json", "report.md", "report.html"):
             if (run_dir / name).exists():
                 shutil.copy2(run_dir / name, tmp / name)
@@ -164,7 +200,8 @@ def build_publish_folder(run_dir: str | Path, output: str | Path, spec: PublishS
             shutil.copytree(run_dir / PLOTS_DIR, tmp / PLOTS_DIR)
         recipe = {k: v for k, v in report.recipe.items() if k != "output_dir"}
         (tmp / "recipe.yaml").write_text("# compress run recipe.yaml\n" + yaml.safe_dump(recipe, sort_keys=False))
-        (tmp / "README.md").write_text(build_model_card(report, spec, bundle_meta["task"], repo_id))
+        (tmp / "README.md").write_text(build_model_card(report, spec, bundle_meta["task"], repo_id,
+                                                        bundle_meta.get("format", "hf")))
         write_marker(tmp, "publish", entries=[p.name for p in tmp.iterdir()])
     return output
 

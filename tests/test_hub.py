@@ -153,3 +153,41 @@ def test_push_refuses_a_folder_containing_the_token(finished_run, tmp_path, monk
 def test_push_needs_a_finished_run(tmp_path):
     with pytest.raises(PublishError, match="not a finished compress run"):
         build_publish_folder(tmp_path, tmp_path / "out", PublishSpec())
+
+
+@pytest.mark.parametrize("stages,fmt", [
+    ([{"type": "finetune", "method": "lora", "merge": "none", "max_steps": 2, "batch_size": 8}], "peft-adapter"),
+    ([{"type": "prune", "method": "magnitude", "sparsity": 0.5},
+      {"type": "quantize", "scheme": "int8-dynamic"}], "quantized"),
+])
+def test_published_folder_loads_as_its_card_says(stages, fmt, tiny_bert_dir, sentiment_csv, tmp_path):
+    """A merge: none fine-tune carries its adapter (it was left out: the published weights were the
+    untouched base); pruning masks stay behind; a compress-only format says it needs compress."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from compress import ModelBundle, testing
+
+    out = tmp_path / "run"
+    run(testing.tiny_recipe(tiny_bert_dir, sentiment_csv, "sequence-classification", out, stages=stages,
+                            eval={"speed": False}))
+    folder = build_publish_folder(out, tmp_path / "pub", PublishSpec(), "acme/x")
+    card = (folder / "README.md").read_text()
+    assert not (folder / "masks.safetensors").exists() and "pip install compress" not in card
+    final = ModelBundle.load(next(out.glob(f"0{len(stages)}-*")))
+    ids = torch.tensor([[2, 12, 20, 31, 8, 3]])
+    with torch.no_grad():
+        expected = final.model(input_ids=ids).logits
+    if fmt == "peft-adapter":
+        from peft import PeftModel
+
+        assert 'PeftModel.from_pretrained(base, "acme/x", subfolder="adapter")' in card
+        base = AutoModelForSequenceClassification.from_pretrained(str(folder))
+        model = PeftModel.from_pretrained(base, str(folder), subfolder="adapter").eval()
+    else:
+        assert "declares `model_type: compress`" in card and "ModelBundle.load" in card
+        with pytest.raises(ValueError, match="compress"):
+            AutoModelForSequenceClassification.from_pretrained(str(folder))
+        model = ModelBundle.load(folder).model
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-6)
