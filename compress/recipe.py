@@ -128,8 +128,9 @@ class EvalSpec(_Strict):
     speed: bool = Field(True, description="Measure latency, throughput and peak memory.")
     batch_size: int = Field(32, gt=0, description="Batch N for the speed test (batch 1 is always measured).")
     seq_len: int = Field(128, gt=0, description="Sequence length of the speed test inputs.")
-    warmup: int = Field(2, ge=0, description="Untimed warm-up runs before timing.")
-    repeats: int = Field(5, gt=0, description="Timed runs; the median is reported.")
+    # Bounded: a typo like 1000000 would time the model for days before anything else ran.
+    warmup: int = Field(2, ge=0, le=1000, description="Untimed warm-up runs before timing.")
+    repeats: int = Field(5, gt=0, le=1000, description="Timed runs; the median is reported.")
     threads: int | None = Field(None, gt=0, description="torch threads for the speed test; default: torch's.")
     eval_batch_size: int = Field(64, gt=0, description="Batch size for the accuracy pass.")
     lm_eval: LmEvalSpec | None = Field(None, description="lm-evaluation-harness tasks (causal LMs).")

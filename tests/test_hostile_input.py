@@ -114,6 +114,13 @@ def test_values_that_cannot_run_are_refused(capsys, tmp_path, cls_recipe, overri
     assert needle in err
 
 
+@pytest.mark.parametrize("override", ["eval.repeats=1000000", "eval.warmup=1000000"])
+def test_speed_test_counts_are_bounded(capsys, tmp_path, cls_recipe, override):
+    # through `validate`, so a broken bound shows as a failed test rather than days of timing
+    assert main(["validate", str(_file(tmp_path, cls_recipe)), "--set", override]) == 2
+    assert f"{override.split('=')[0]}: must be <= 1000 (got 1000000)" in capsys.readouterr().err
+
+
 def test_the_last_stage_seed_must_fit_too(capsys, tmp_path, cls_recipe):
     # stage i is seeded with seed + i + 1: 2**32 - 1 plus one stage is past numpy's limit
     cls_recipe["stages"] = [{"type": "finetune", "max_steps": 1}]
