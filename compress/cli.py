@@ -12,8 +12,9 @@ from typing import Any
 from compress.errors import CompressError, RecipeError
 
 
-def _setup_logging(quiet: bool) -> None:
-    level = logging.WARNING if quiet else logging.INFO
+def _setup_logging(quiet: bool, debug: bool = False) -> None:
+    # --debug also shows the library messages routed to DEBUG below.
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     if sys.stderr.isatty():
         from rich.logging import RichHandler
 
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    _setup_logging(getattr(args, "quiet", False))
+    _setup_logging(getattr(args, "quiet", False), getattr(args, "debug", False))
     try:
         return args.func(args)
     except CompressError as exc:

@@ -477,3 +477,17 @@ def test_library_chatter_stays_off_the_console_and_reaches_debug(capsys):
     assert any("py.warnings:" in m and "is_gradient_checkpointing" in m for m in records)
     assert any(m == "transformers.modeling_utils: Some weights were not used" for m in records)
     assert not transformers.utils.logging.is_progress_bar_enabled()  # "Loading weights", "Writing model shards"
+
+
+def test_debug_shows_the_library_messages_on_the_console(capsys):
+    import logging
+
+    from compress.cli import _setup_logging
+
+    _setup_logging(False, debug=True)
+    try:
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
+        err = capsys.readouterr().err
+        assert "compress: bitsandbytes.backends.cpu.ops: Failed to load CPU gemm_4bit_forward" in err
+    finally:
+        _setup_logging(False)
