@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,10 +29,25 @@ def gguf_kwargs(spec: ModelSpec) -> dict[str, Any]:
     return {"gguf_file": name} if name else {}
 
 
+def compress_output(spec: ModelSpec) -> Path | None:
+    """The folder when `model.path` is a stage output of an earlier compress run (it may hold compress's
+    own layers, which only `ModelBundle.load` builds), else None."""
+    from compress.bundle import BUNDLE_FILE
+
+    if not looks_like_local_path(spec.path) or gguf_kwargs(spec):
+        return None
+    folder = resolve_path(spec.path)
+    return folder if (folder / BUNDLE_FILE).is_file() else None
+
+
 def load_config(spec: ModelSpec) -> Any:
     """The model's config (no weights): what task detection and the pre-flight checks read."""
     from transformers import AutoConfig
 
+    if (folder := compress_output(spec)) is not None:
+        from compress.portable import read_config
+
+        return read_config(folder)
     check_weights_format(spec)
     if looks_like_local_path(spec.path) and resolve_path(spec.path).is_file() and not gguf_kwargs(spec):
         raise ModelError(f"model.path: {spec.path!r} is a file; give the model's folder (with config.json), "
@@ -112,6 +128,12 @@ def resolve_task(spec: ModelSpec) -> str:
 
 def load_base_model(spec: ModelSpec, task: str, data: Any, device: str, seed: int) -> ModelBundle:
     """Load weights and tokenizer. A classifier gets its labels from the data."""
+    if (folder := compress_output(spec)) is not None:
+        # An earlier run's stage output: its own format, masks and lineage carry on into this run.
+        bundle = ModelBundle.load(folder, device=device)
+        bundle.model.eval()
+        bundle.source = spec.path
+        return bundle
     location = model_location(spec)
     kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code,
                               "dtype": _DTYPES[spec.dtype]}

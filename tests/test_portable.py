@@ -47,3 +47,16 @@ def test_plain_formats_stay_plain(lm_recipe):
     assert not is_compress_only(folder)
     plain = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
     assert torch.equal(_logits(plain), _logits(ModelBundle.load(folder).model))
+
+
+def test_an_earlier_runs_compress_only_output_is_a_base_model(lm_recipe, tmp_path):
+    """model.path may name a stage folder of an earlier run; plain from_pretrained would have loaded
+    its int8 layers as random floats (perplexity of an untrained model) instead."""
+    lm_recipe["eval"] = {"speed": False}
+    lm_recipe["stages"] = [{"type": "quantize", "scheme": "int8-dynamic"}]
+    first = run(lm_recipe, show_progress=False)
+    second = dict(lm_recipe, name="second", output_dir=str(tmp_path / "second"), stages=[],
+                  model={"path": str(Path(lm_recipe["output_dir"]) / "01-quantize"), "task": "causal-lm"})
+    report = run(second, show_progress=False)
+    assert report.baseline.accuracy.perplexity == first.final.accuracy.perplexity
+    assert report.baseline.size.disk_bytes == first.final.size.disk_bytes
