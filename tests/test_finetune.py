@@ -36,7 +36,7 @@ def test_lora_reports_targets_trainable_share_and_merges_exactly(cls_recipe, tmp
 
 def test_qlora_merges_back_into_a_still_quantized_base_that_reloads(lm_recipe):
     lm_recipe["eval"]["speed"] = False
-    lm_recipe["stages"] = [_stage(method="qlora", batch_size=8)]
+    lm_recipe["stages"] = [_stage(method="qlora", batch_size=8, merge="dequantize-merge-requantize")]
     report = run(lm_recipe, show_progress=False)
     info = report.points[-1].stage_info
     assert info["merge"] == "dequantize-merge-requantize"

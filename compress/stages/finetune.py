@@ -52,8 +52,10 @@ class Finetune(StageConfig, TrainingFields):
         "float32", description="qlora: dtype the 4-bit layers compute in (float32 on CPU).")
     merge: MergePolicy | None = Field(
         None, description="none (keep the adapter), merge (into float weights), or dequantize-merge-requantize "
-                          "(into a quantized base, kept quantized). Default: the latter for a quantized base, "
-                          "else merge.")
+                          "(into a quantized base, kept quantized; checked, and refused when re-rounding to "
+                          "4-bit loses too much of the update). Default: the latter when an earlier stage "
+                          "quantized the base, else merge (QLoRA included: its 4-bit base is a training-time "
+                          "saving, and the float merge is exactly the model it trained).")
     save_adapter: bool = Field(False, description="Also write the trained adapter (PEFT format) to "
                                                   "<output_dir>/adapters/<stage folder>/.")
 
@@ -157,7 +159,7 @@ def run_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> Mode
     sparsity_before = ad.sparsity(model, masks)
     work = Path(ctx.work_dir) if ctx.work_dir else None
     policy: MergePolicy = config.merge or (
-        "dequantize-merge-requantize" if config.method == "qlora" or ad.count_bnb(model) else "merge")
+        "dequantize-merge-requantize" if ad.count_bnb(model) else "merge")
     if config.method == "full":
         policy = "merge"
 
@@ -280,10 +282,13 @@ def check_merge(before: torch.Tensor, after: torch.Tensor, policy: MergePolicy, 
              "merge_top1_agreement": round(agreement, 4),
              "merge_max_abs_logit_change": round(float((after - before).abs().max()), 6)}
     if not change <= MERGE_TOLERANCE[kind]:
+        why = ("re-rounding the merged weights to 4-bit lost too much of the adapter's update; use merge: merge "
+               "(a float model that is exactly the trained one) or merge: none (keep the adapter)"
+               if kind == "requantize" else
+               "the merged weights are wrong; keep the adapter with merge: none and report this as a bug")
         raise StageError(f"{label}: merge ({policy}) changed the model: its logits on held-out inputs moved by "
                          f"{change:.3g} of their RMS (allowed {MERGE_TOLERANCE[kind]:g} for a {kind} merge; top-1 "
-                         f"agreement {agreement:.1%}). The merged weights are wrong; keep the adapter with "
-                         f"merge: none and report this as a bug")
+                         f"agreement {agreement:.1%}); {why}")
     return facts
 
 
