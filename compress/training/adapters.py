@@ -13,7 +13,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from compress.errors import StageError
 from compress.quant.bnb_weights import dequantize_weight, keep_canonical_layout
 
 # Classifier heads peft's SEQ_CLS task trains in full; never adapter targets.
