@@ -1,16 +1,38 @@
-"""compress: prune -> recover -> quantize -> report -> publish Hugging Face models, from one recipe."""
+"""compress: prune -> recover -> quantize -> report -> publish Hugging Face models, from one recipe.
 
-from compress.bundle import ModelBundle
-from compress.errors import CompressError, DataError, ModelError, RecipeError, StageError
-from compress.recipe import DataSpec, EvalSpec, ModelSpec, Recipe, load_recipe
-from compress.registry import StageConfig, register_stage
-from compress.report.schema import Report
-from compress.runner import run
-from compress.stages import Finetune
+The public names load on first use (PEP 562), so importing one submodule (`compress.specs`,
+`compress.data`) does not import every stage, and each module's own imports are what it needs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CompressError", "DataError", "DataSpec", "EvalSpec", "Finetune", "ModelBundle", "ModelError", "ModelSpec",
-    "Recipe", "RecipeError", "Report", "StageConfig", "StageError", "load_recipe", "register_stage", "run",
-]
+_PUBLIC = {
+    "ModelBundle": "compress.bundle",
+    "CompressError": "compress.errors", "DataError": "compress.errors", "ModelError": "compress.errors",
+    "RecipeError": "compress.errors", "StageError": "compress.errors",
+    "DataSpec": "compress.specs", "EvalSpec": "compress.specs", "ModelSpec": "compress.specs",
+    "Recipe": "compress.recipe", "load_recipe": "compress.recipe",
+    "StageConfig": "compress.registry", "StageResult": "compress.registry", "register_stage": "compress.registry",
+    "Report": "compress.report.schema",
+    "run": "compress.runner",
+    "Finetune": "compress.stages",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'compress' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

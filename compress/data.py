@@ -15,7 +15,7 @@ import torch
 
 from compress.errors import DataError
 from compress.paths import looks_like_local_path, resolve_path
-from compress.recipe import DataSpec
+from compress.specs import DataSpec
 
 log = logging.getLogger("compress")
 

@@ -11,132 +11,37 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+import compress.stages  # noqa: F401  (registers the built-in stages: explicit imports, no discovery)
 from compress.autotune import AutotuneSpec
 from compress.errors import RecipeError
 from compress.goals import Goal
 from compress.hub import PublishSpec
-from compress.paths import looks_like_local_path, resolve_path
 from compress.recipe_text import apply_overrides, expand_env, find_secrets, parse_yaml
-from compress.registry import StageConfig, stage_entries
+from compress.registry import StageConfig, registry_version, stage_entries
+
+# The sections' specs live in a leaf module; re-exported here, where users look for them.
+from compress.specs import DataSpec, EvalSpec, LmEvalSpec, ModelSpec, StrictModel
 
 TASKS = ("causal-lm", "sequence-classification")
 MAX_SEED = 2**32 - 1  # numpy's and transformers.set_seed's limit
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+__all__ = ["DataSpec", "EvalSpec", "LmEvalSpec", "ModelSpec", "Recipe", "load_recipe"]
 
 
-class ModelSpec(_Strict):
-    path: str = Field(description="Hub id (org/name), local folder, or pkg:PACKAGE/sub/folder.")
-    task: Literal["auto", "causal-lm", "sequence-classification"] = Field(
-        "auto", description="Model task; `auto` reads it from the config's architectures."
-    )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype on load.")
-    trust_remote_code: bool = Field(False, description="Run model code from the Hub repo. Off by default.")
-    allow_pickle: bool = Field(False, description="Load pickle weights (.bin/.pt), which can run code. Off by "
-                                                  "default: safetensors only.")
-    num_labels: int | None = Field(None, ge=2, description="Classifier labels; default: from the data.")
-    gguf_file: str | None = Field(
-        None, description="A GGUF file inside model.path (local folder or Hub repo) to load instead of "
-        "safetensors. Its weights are dequantized to `dtype` on load, so every stage sees a plain model; "
-        "needs `pip install gguf`. A local model.path ending in .gguf sets this by itself.")
+class Recipe(StrictModel):
+    # `stages` is a discriminated union over the registered stage types, (re)built before each
+    # validation when the registry changed, so the registry never reaches into this class.
+    def __init__(self, **data: Any) -> None:
+        ensure_stage_union()
+        super().__init__(**data)
 
-    @field_validator("path")
     @classmethod
-    def _local_path_exists(cls, value: str) -> str:
-        if looks_like_local_path(value):
-            try:
-                path = resolve_path(value)
-            except FileNotFoundError as exc:
-                raise ValueError(str(exc)) from None
-            if not path.exists():
-                raise ValueError(
-                    f"folder {value!r} does not exist; give a local model folder (with config.json) "
-                    f"or a Hub id like 'org/name'"
-                )
-        return value
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Recipe:  # type: ignore[override]
+        ensure_stage_union()
+        return super().model_validate(obj, **kwargs)
 
-    @model_validator(mode="after")
-    def _gguf_readable(self) -> ModelSpec:
-        import importlib.util
-
-        named = self.gguf_file or (self.path if self.path.endswith(".gguf") else None)
-        if named is None:
-            return self
-        if self.gguf_file and self.path.endswith(".gguf"):
-            raise ValueError("gguf_file: model.path already names a .gguf file; give model.path as its folder, "
-                             "or drop gguf_file")
-        if self.gguf_file and looks_like_local_path(self.path):
-            folder = resolve_path(self.path)
-            if not (folder / self.gguf_file).is_file():
-                found = sorted(f.name for f in folder.glob("*.gguf"))
-                raise ValueError(f"gguf_file: {self.gguf_file!r} is not a file in {self.path!r}; "
-                                 + (f"it holds {', '.join(found)}" if found else "it holds no .gguf file"))
-        if importlib.util.find_spec("gguf") is None:
-            raise ValueError(f"gguf_file: reading {named!r} needs the gguf package; `pip install gguf`")
-        return self
-
-
-class DataSpec(_Strict):
-    source: str = Field(description="Local csv/json/jsonl/parquet/txt file or folder, pkg:PACKAGE/file, or Hub id.")
-    format: Literal["auto", "csv", "json", "parquet", "text", "hub"] = Field(
-        "auto", description="File format; `auto` uses the file extension (jsonl counts as json)."
-    )
-    encoding: str = Field("utf-8", description="Text encoding of csv/json/text files, e.g. latin-1.")
-    text_column: str = Field("text", description="Column holding the input text.")
-    text_pair_column: str | None = Field(None, description="Optional second text column (sentence pairs).")
-    label_column: str | None = Field("label", description="Label column (classification).")
-    prompt_column: str | None = Field(None, description="Causal LM: prompt column; loss only on the completion.")
-    completion_column: str | None = Field(None, description="Causal LM: completion column (with prompt_column).")
-    train_split: str = Field("train", description="Split used for training and calibration.")
-    eval_split: str | None = Field(None, description="Held-out split; if unset, `eval_size` is cut from train.")
-    eval_size: float = Field(0.1, gt=0, allow_inf_nan=False,
-                             description="Held-out share (<1) or count (>=1) cut from train.")
-    max_train_samples: int | None = Field(None, gt=0, description="Cap on training examples.")
-    max_eval_samples: int | None = Field(None, gt=0, description="Cap on held-out examples.")
-    max_length: int = Field(128, gt=0, le=32768, description="Tokens per example (truncation / LM block size).")
-    calibration_samples: int = Field(128, gt=0, description="Examples drawn from train for calibration.")
-
-
-    @field_validator("eval_size")
-    @classmethod
-    def _whole_count(cls, value: float) -> float:
-        if value >= 1 and not value.is_integer():
-            raise ValueError(f"{value} is neither a share (below 1, e.g. 0.1) nor a whole count of examples "
-                             f"(e.g. {int(value)}); write one of those")
-        return value
-
-
-class LmEvalSpec(_Strict):
-    """`eval.lm_eval`: which harness tasks to run at every eval point."""
-
-    tasks: list[str] = Field(min_length=1, description="lm_eval task names (built-in or from include_path).")
-    limit: int | None = Field(None, gt=0, description="Examples per task (None: all).")
-    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (None: the task's default).")
-    include_path: str | None = Field(None, description="Folder of local task YAMLs (offline tasks over local data).")
-    batch_size: int = Field(8, gt=0, description="Batch size for the harness.")
-
-
-class EvalSpec(_Strict):
-    baseline: bool = Field(True, description="Evaluate the model before any stage.")
-    after_each_stage: bool = Field(True, description="Evaluate after every stage (a stage may opt out).")
-    accuracy: bool = Field(True, description="Measure accuracy/perplexity on the held-out split.")
-    speed: bool = Field(True, description="Measure latency, throughput and peak memory.")
-    batch_size: int = Field(32, gt=0, description="Batch N for the speed test (batch 1 is always measured).")
-    seq_len: int = Field(128, gt=0, description="Sequence length of the speed test inputs.")
-    # Bounded: a typo like 1000000 would time the model for days before anything else ran.
-    warmup: int = Field(2, ge=0, le=1000, description="Untimed warm-up runs before timing.")
-    repeats: int = Field(5, gt=0, le=1000, description="Timed runs; the median is reported.")
-    threads: int | None = Field(None, gt=0, description="torch threads for the speed test; default: torch's.")
-    eval_batch_size: int = Field(64, gt=0, description="Batch size for the accuracy pass.")
-    lm_eval: LmEvalSpec | None = Field(None, description="lm-evaluation-harness tasks (causal LMs).")
-
-
-class Recipe(_Strict):
     name: str = Field(description="Run name; the default output folder is runs/<name>.")
     description: str | None = None
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for data splits, initialisation and training.")
@@ -211,8 +116,15 @@ class Recipe(_Strict):
         return data
 
 
-def rebuild_stage_union() -> None:
+_union_version = -1
+
+
+def ensure_stage_union() -> None:
     """Make `Recipe.stages` a discriminated union on `type` over every registered stage."""
+    global _union_version
+    if _union_version == registry_version():
+        return
+    _union_version = registry_version()
     configs = tuple(entry.config_cls for entry in stage_entries())
     item: Any = configs[0] if len(configs) == 1 else Annotated[Union[configs], Field(discriminator="type")]  # noqa: UP007
     Recipe.model_fields["stages"].annotation = list[item]
@@ -401,5 +313,3 @@ def _stage_model(node: Any) -> type[BaseModel] | None:
     return None
 
 
-# Register the built-in stages (explicit imports inside compress.stages).
-import compress.stages  # noqa: F401

@@ -7,8 +7,9 @@ modules, so an import error in a stage module fails loudly instead of silently h
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, get_args
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,7 +36,19 @@ class StageConfig(BaseModel):
         return self.name or self.stage_type()
 
 
-StageFn = Callable[["ModelBundle", StageConfig, "RunContext"], "ModelBundle"]
+@dataclass
+class StageResult:
+    """What a stage returns: the new bundle, the facts it found (they go into its stage record and
+    eval point: layer counts, errors, loss curves) and any files it wrote outside the bundle (an
+    adapter folder). The runner, not the stage, saves the bundle and records the facts."""
+
+    bundle: ModelBundle
+    facts: dict[str, Any] = field(default_factory=dict)
+    artifacts: list[Path] = field(default_factory=list)
+
+
+# A stage may also return a bare ModelBundle (no facts): stages written against the first contract work.
+StageFn = Callable[["ModelBundle", StageConfig, "RunContext"], "StageResult | ModelBundle"]
 # A check sees the loaded bundle before any stage runs and returns problems ("field: what and fix").
 CheckFn = Callable[["ModelBundle", StageConfig, "RunContext"], list[str]]
 
@@ -47,18 +60,27 @@ class StageEntry:
     run: StageFn
     summary: str
     check: CheckFn | None = None
+    # Runs on every process of a distributed launch (training, sharded by accelerate); otherwise the
+    # stage is one-shot (prune, quantize, ...): rank 0 runs it and the others read its saved output.
+    distributed: bool = False
+    # How the base model should load when this is the first stage, e.g. QLoRA's NF4 settings, so the
+    # model is read from its checkpoint in the form the stage trains (compress.loading.load_model).
+    load_plan: Callable[[StageConfig], dict[str, Any] | None] | None = None
 
 
 _STAGES: dict[str, StageEntry] = {}
+_version = 0
 
 
 def register_stage(config_cls: type[StageConfig], run: StageFn, summary: str | None = None,
-                   check: CheckFn | None = None) -> StageEntry:
+                   check: CheckFn | None = None, distributed: bool = False,
+                   load_plan: Callable[[StageConfig], dict[str, Any] | None] | None = None) -> StageEntry:
     """Register a stage. Its `type` comes from the config's `type` Literal; duplicates are refused.
 
     `check(bundle, config, ctx) -> problems` runs for every stage right after the model loads and
     before the baseline is measured, so model-dependent mistakes (a layer that does not exist, a
-    rank too large) are reported together before any work.
+    rank too large) are reported together before any work. `distributed=True` marks a stage that
+    trains on every process of a `torchrun` / `accelerate launch` run.
     """
     if "type" not in config_cls.model_fields:
         raise TypeError(f"{config_cls.__name__} needs a field `type: Literal['name']`")
@@ -66,13 +88,16 @@ def register_stage(config_cls: type[StageConfig], run: StageFn, summary: str | N
     if stage_type in _STAGES and _STAGES[stage_type].config_cls is not config_cls:
         raise ValueError(f"stage type {stage_type!r} is already registered by {_STAGES[stage_type].config_cls}")
     doc = (summary or config_cls.__doc__ or "").strip().splitlines()
-    entry = StageEntry(stage_type, config_cls, run, doc[0] if doc else "", check)
+    entry = StageEntry(stage_type, config_cls, run, doc[0] if doc else "", check, distributed, load_plan)
     _STAGES[stage_type] = entry
-    # The recipe's discriminated union is built from this registry; rebuild it for late registrations.
-    from compress import recipe
-
-    recipe.rebuild_stage_union()
+    global _version
+    _version += 1  # the recipe rebuilds its stage union when it next validates (compress/recipe.py)
     return entry
+
+
+def registry_version() -> int:
+    """Changes whenever a stage type is registered, so the recipe knows its stage union is stale."""
+    return _version
 
 
 def get_stage(stage_type: str) -> StageEntry:

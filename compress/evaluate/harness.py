@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from compress.errors import CompressError
-from compress.recipe import LmEvalSpec
+from compress.specs import LmEvalSpec
 
 
 def run_lm_eval(model: Any, tokenizer: Any, spec: LmEvalSpec, device: str = "cpu") -> dict[str, dict[str, float]]:

@@ -11,7 +11,7 @@ from compress.bundle import ModelBundle
 from compress.evaluate.accuracy import evaluate_accuracy
 from compress.evaluate.size import measure_size
 from compress.evaluate.speed import measure_speed
-from compress.recipe import EvalSpec
+from compress.specs import EvalSpec
 from compress.report.schema import EvalPoint
 
 

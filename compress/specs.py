@@ -1,0 +1,126 @@
+"""The recipe's sections other than stages: model, data and eval specs.
+
+A leaf module (pydantic and path helpers only), so data loading, model loading and evaluation can
+use these specs without importing the recipe, which imports every stage.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from compress.paths import looks_like_local_path, resolve_path
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors (a typo never silently falls back to a default)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(StrictModel):
+    path: str = Field(description="Hub id (org/name), local folder, or pkg:PACKAGE/sub/folder.")
+    task: Literal["auto", "causal-lm", "sequence-classification"] = Field(
+        "auto", description="Model task; `auto` reads it from the config's architectures."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype on load.")
+    trust_remote_code: bool = Field(False, description="Run model code from the Hub repo. Off by default.")
+    allow_pickle: bool = Field(False, description="Load pickle weights (.bin/.pt), which can run code. Off by "
+                                                  "default: safetensors only.")
+    num_labels: int | None = Field(None, ge=2, description="Classifier labels; default: from the data.")
+    gguf_file: str | None = Field(
+        None, description="A GGUF file inside model.path (local folder or Hub repo) to load instead of "
+        "safetensors. Its weights are dequantized to `dtype` on load, so every stage sees a plain model; "
+        "needs `pip install gguf`. A local model.path ending in .gguf sets this by itself.")
+
+    @field_validator("path")
+    @classmethod
+    def _local_path_exists(cls, value: str) -> str:
+        if looks_like_local_path(value):
+            try:
+                path = resolve_path(value)
+            except FileNotFoundError as exc:
+                raise ValueError(str(exc)) from None
+            if not path.exists():
+                raise ValueError(
+                    f"folder {value!r} does not exist; give a local model folder (with config.json) "
+                    f"or a Hub id like 'org/name'"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _gguf_readable(self) -> ModelSpec:
+        import importlib.util
+
+        named = self.gguf_file or (self.path if self.path.endswith(".gguf") else None)
+        if named is None:
+            return self
+        if self.gguf_file and self.path.endswith(".gguf"):
+            raise ValueError("gguf_file: model.path already names a .gguf file; give model.path as its folder, "
+                             "or drop gguf_file")
+        if self.gguf_file and looks_like_local_path(self.path):
+            folder = resolve_path(self.path)
+            if not (folder / self.gguf_file).is_file():
+                found = sorted(f.name for f in folder.glob("*.gguf"))
+                raise ValueError(f"gguf_file: {self.gguf_file!r} is not a file in {self.path!r}; "
+                                 + (f"it holds {', '.join(found)}" if found else "it holds no .gguf file"))
+        if importlib.util.find_spec("gguf") is None:
+            raise ValueError(f"gguf_file: reading {named!r} needs the gguf package; `pip install gguf`")
+        return self
+
+
+class DataSpec(StrictModel):
+    source: str = Field(description="Local csv/json/jsonl/parquet/txt file or folder, pkg:PACKAGE/file, or Hub id.")
+    format: Literal["auto", "csv", "json", "parquet", "text", "hub"] = Field(
+        "auto", description="File format; `auto` uses the file extension (jsonl counts as json)."
+    )
+    encoding: str = Field("utf-8", description="Text encoding of csv/json/text files, e.g. latin-1.")
+    text_column: str = Field("text", description="Column holding the input text.")
+    text_pair_column: str | None = Field(None, description="Optional second text column (sentence pairs).")
+    label_column: str | None = Field("label", description="Label column (classification).")
+    prompt_column: str | None = Field(None, description="Causal LM: prompt column; loss only on the completion.")
+    completion_column: str | None = Field(None, description="Causal LM: completion column (with prompt_column).")
+    train_split: str = Field("train", description="Split used for training and calibration.")
+    eval_split: str | None = Field(None, description="Held-out split; if unset, `eval_size` is cut from train.")
+    eval_size: float = Field(0.1, gt=0, allow_inf_nan=False,
+                             description="Held-out share (<1) or count (>=1) cut from train.")
+    max_train_samples: int | None = Field(None, gt=0, description="Cap on training examples.")
+    max_eval_samples: int | None = Field(None, gt=0, description="Cap on held-out examples.")
+    max_length: int = Field(128, gt=0, le=32768, description="Tokens per example (truncation / LM block size).")
+    calibration_samples: int = Field(128, gt=0, description="Examples drawn from train for calibration.")
+
+
+    @field_validator("eval_size")
+    @classmethod
+    def _whole_count(cls, value: float) -> float:
+        if value >= 1 and not value.is_integer():
+            raise ValueError(f"{value} is neither a share (below 1, e.g. 0.1) nor a whole count of examples "
+                             f"(e.g. {int(value)}); write one of those")
+        return value
+
+
+class LmEvalSpec(StrictModel):
+    """`eval.lm_eval`: which harness tasks to run at every eval point."""
+
+    tasks: list[str] = Field(min_length=1, description="lm_eval task names (built-in or from include_path).")
+    limit: int | None = Field(None, gt=0, description="Examples per task (None: all).")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (None: the task's default).")
+    include_path: str | None = Field(None, description="Folder of local task YAMLs (offline tasks over local data).")
+    batch_size: int = Field(8, gt=0, description="Batch size for the harness.")
+
+
+class EvalSpec(StrictModel):
+    baseline: bool = Field(True, description="Evaluate the model before any stage.")
+    after_each_stage: bool = Field(True, description="Evaluate after every stage (a stage may opt out).")
+    accuracy: bool = Field(True, description="Measure accuracy/perplexity on the held-out split.")
+    speed: bool = Field(True, description="Measure latency, throughput and peak memory.")
+    batch_size: int = Field(32, gt=0, description="Batch N for the speed test (batch 1 is always measured).")
+    seq_len: int = Field(128, gt=0, description="Sequence length of the speed test inputs.")
+    # Bounded: a typo like 1000000 would time the model for days before anything else ran.
+    warmup: int = Field(2, ge=0, le=1000, description="Untimed warm-up runs before timing.")
+    repeats: int = Field(5, gt=0, le=1000, description="Timed runs; the median is reported.")
+    threads: int | None = Field(None, gt=0, description="torch threads for the speed test; default: torch's.")
+    eval_batch_size: int = Field(64, gt=0, description="Batch size for the accuracy pass.")
+    lm_eval: LmEvalSpec | None = Field(None, description="lm-evaluation-harness tasks (causal LMs).")
