@@ -13,12 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.quant import dynamic, embedding, weight_only  # noqa: F401  (register their layer kinds)
 from compress.quant.bnb_weights import is_cpu_packed
-from compress.quant.dynamic import DynamicInt8Linear
-from compress.quant.embedding import QuantEmbedding
-from compress.quant.weight_only import WeightOnlyLinear
-
-OWN_TYPES = (WeightOnlyLinear, DynamicInt8Linear, QuantEmbedding)
+from compress.quant.kinds import is_own_layer, own_layer_types
 
 
 def _bnb_types() -> tuple[type, ...]:
@@ -31,7 +28,7 @@ def _bnb_types() -> tuple[type, ...]:
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
-    types = OWN_TYPES + _bnb_types()
+    types = own_layer_types() + _bnb_types()
     return {name: mod for name, mod in model.named_modules() if isinstance(mod, types)}
 
 
@@ -65,13 +62,8 @@ def _describe_bnb(module: nn.Module) -> tuple[str, int, int, float]:
 
 def describe_layer(name: str, module: nn.Module) -> dict[str, Any]:
     """One quantized layer: weights, stored bytes, bits per weight, compression vs fp32 and its limit."""
-    if isinstance(module, QuantEmbedding | WeightOnlyLinear):
-        rows, cols, bits = module.q_rows, module.q_cols, module.bits
-        kind = f"{module.kind}-int{bits}"
-        limit = bits + (32 + (8 if bits == 4 else 0)) / module.group
-    elif isinstance(module, DynamicInt8Linear):
-        rows, cols, kind = module.out_features, module.in_features, module.kind
-        limit = 8 + 32 / cols + (32 / rows if module.smooth_inv is not None else 0)
+    if is_own_layer(module):
+        rows, cols, kind, limit = module.size_facts()
     else:
         kind, cols, rows, limit = _describe_bnb(module)
     weights = rows * cols

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.quant.kinds import register_layer_kind
+
 
 def kernel_available() -> str | None:
     """None when the fbgemm/x86 dynamic kernel can run here, else why not."""
@@ -42,6 +44,7 @@ def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: flo
     return s.clamp(min=1e-5)
 
 
+@register_layer_kind
 class DynamicInt8Linear(nn.Module):
     kind = "int8-dynamic"
 
@@ -101,6 +104,16 @@ class DynamicInt8Linear(nn.Module):
         return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None, "smooth": self.smooth_inv is not None,
                 "per_token": self.per_token}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> DynamicInt8Linear:
+        return cls(spec["in_features"], spec["out_features"], spec["bias"], spec["smooth"],
+                   spec.get("per_token", False))
+
+    def size_facts(self) -> tuple[int, int, str, float]:
+        # int8 codes + one fp32 scale per output row (+ one fp32 smoothing factor per input column)
+        limit = 8 + 32 / self.in_features + (32 / self.out_features if self.smooth_inv is not None else 0)
+        return self.out_features, self.in_features, self.kind, limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":

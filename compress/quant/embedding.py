@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.quant.weight_only import QuantizedWeight
+from compress.quant.kinds import register_layer_kind
+from compress.quant.weight_only import QuantizedWeight, group_limit_bits
 
 
 def _scale_of(emb: nn.Embedding) -> float | None:
@@ -46,6 +47,7 @@ def embedding_problem(emb: nn.Embedding) -> str | None:
             f"({', '.join(params)})), which a quantized lookup table would not reproduce; kept in float")
 
 
+@register_layer_kind
 class QuantEmbedding(QuantizedWeight):
     kind = "embedding"
 
@@ -75,6 +77,15 @@ class QuantEmbedding(QuantizedWeight):
         return {"kind": self.kind, "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
                 "padding_idx": self.padding_idx, "bits": self.bits, "group_size": self.group_size,
                 "scale": self.scale}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> QuantEmbedding:
+        return cls(spec["num_embeddings"], spec["embedding_dim"], spec["padding_idx"], spec["bits"],
+                   spec["group_size"], spec.get("scale"))
+
+    def size_facts(self) -> tuple[int, int, str, float]:
+        label = f"{self.kind}-int{self.bits}"
+        return self.q_rows, self.q_cols, label, group_limit_bits(self.bits, self.group)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = self.rows(input_ids)

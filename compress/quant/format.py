@@ -18,29 +18,14 @@ from torch import nn
 from compress.bundle import ModelBundle, ModelFormat, auto_class, register_format
 from compress.errors import ModelError
 from compress.io import write_json_atomic
-from compress.quant.dynamic import DynamicInt8Linear
+from compress.quant import dynamic, weight_only  # noqa: F401  (register their layer kinds)
 from compress.quant.embedding import QuantEmbedding, TiedQuantHead
-from compress.quant.weight_only import WeightOnlyLinear
+from compress.quant.kinds import build_layer, is_own_layer
 
 FORMAT = "quantized"
 LAYER_MAP = "compress_quant.json"
 WEIGHTS = "model.safetensors"
 _SCHEMA = 1
-
-
-def build_layer(spec: dict[str, Any]) -> nn.Module:
-    """An empty quantized layer from its `spec()` (codes are filled in by the state-dict load)."""
-    kind = spec["kind"]
-    if kind == WeightOnlyLinear.kind:
-        return WeightOnlyLinear(spec["in_features"], spec["out_features"], spec["bias"], spec["bits"],
-                                spec["group_size"])
-    if kind == DynamicInt8Linear.kind:
-        return DynamicInt8Linear(spec["in_features"], spec["out_features"], spec["bias"], spec["smooth"],
-                                 spec.get("per_token", False))
-    if kind == QuantEmbedding.kind:
-        return QuantEmbedding(spec["num_embeddings"], spec["embedding_dim"], spec["padding_idx"],
-                              spec["bits"], spec["group_size"], spec.get("scale"))
-    raise ModelError(f"{LAYER_MAP}: unknown quantized layer kind {kind!r} (written by a newer compress?)")
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -52,7 +37,7 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def _save(bundle: ModelBundle, folder: Path) -> None:
     model = bundle.model
     layers = {name: mod.spec() for name, mod in model.named_modules()
-              if isinstance(mod, WeightOnlyLinear | DynamicInt8Linear | QuantEmbedding | TiedQuantHead)}
+              if is_own_layer(mod) or isinstance(mod, TiedQuantHead)}
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(folder)
@@ -70,7 +55,10 @@ def _load(folder: Path, meta: dict[str, Any]) -> Any:
     layers = layer_map["layers"]
     for name, spec in layers.items():
         if spec["kind"] != TiedQuantHead.kind:
-            set_module(model, name, build_layer(spec))
+            try:
+                set_module(model, name, build_layer(spec))
+            except ModelError as exc:
+                raise ModelError(f"{LAYER_MAP}: {name}: {exc}") from None
     # Tied heads last: they read the (now quantized) embedding they name.
     for name, spec in layers.items():
         if spec["kind"] == TiedQuantHead.kind:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.quant.kinds import register_layer_kind
+
 
 def effective_group(in_features: int, group_size: int) -> int:
     """Group length along the input dimension; 0 or a group wider than the row means one per row."""
@@ -66,6 +68,12 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     out[..., 0::2] = packed & 0x0F
     out[..., 1::2] = packed >> 4
     return out
+
+
+def group_limit_bits(bits: int, group: int) -> float:
+    """Bits per weight on an infinitely large layer: codes + one fp32 scale (+ an 8-bit zero for int4)
+    per group."""
+    return bits + (32 + (8 if bits == 4 else 0)) / group
 
 
 class QuantizedWeight(nn.Module):
@@ -128,6 +136,7 @@ class QuantizedWeight(nn.Module):
         return w.reshape(*lead, self.q_cols)
 
 
+@register_layer_kind
 class WeightOnlyLinear(QuantizedWeight):
     """Linear layer with int8/int4 weights; activations stay float (weight-only quantization)."""
 
@@ -156,6 +165,14 @@ class WeightOnlyLinear(QuantizedWeight):
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None, "bits": self.bits, "group_size": self.group_size}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> WeightOnlyLinear:
+        return cls(spec["in_features"], spec["out_features"], spec["bias"], spec["bits"], spec["group_size"])
+
+    def size_facts(self) -> tuple[int, int, str, float]:
+        label = f"{self.kind}-int{self.bits}"
+        return self.q_rows, self.q_cols, label, group_limit_bits(self.bits, self.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.rows().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
