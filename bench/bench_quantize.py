@@ -155,7 +155,7 @@ def sensitivity(model_dir: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
         model = ModelBundle.load(model_dir).model.eval()
         if label != "fp32":
             bundle = ModelBundle(model=model, tokenizer=tokenizer, task="sequence-classification")
-            model = run_quantize(bundle, Quantize(scheme="int8-dynamic", **settings), ctx).model
+            model = run_quantize(bundle, Quantize(scheme="int8-dynamic", **settings), ctx).bundle.model
         out = logits(model)
         rows.append({"variant": label, "settings": settings,
                      "accuracy": round(float((out.argmax(-1) == labels).float().mean()), 4),

@@ -148,7 +148,7 @@ def autotune(recipe_source: Any, output: str | Path, *, space: dict[str, list[An
             continue
         fig = _figures(report)
         rows.append({"candidate": f"c{i:02d}", "settings": combo, **fig, "feasible": within_budget(fig, budget),
-                     "stages_reused": runner.cache_hits, "report": str(runner.out / "report.json")})
+                     "stages_reused": runner.stage_cache.hits if runner.stage_cache else 0, "report": str(runner.out / "report.json")})
     seconds = time.perf_counter() - started
 
     measured = [r for r in rows if r.get("disk_bytes") is not None and r.get("accuracy") is not None]

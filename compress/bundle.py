@@ -48,6 +48,14 @@ def register_format(fmt: ModelFormat) -> None:
     _FORMATS[fmt.name] = fmt
 
 
+def model_format(name: str) -> ModelFormat | None:
+    """The registered format `name`. The built-in formats register with their stages, which load
+    lazily (compress/__init__.py), so they are imported here the first time a name is missing."""
+    if name not in _FORMATS:
+        import compress.stages  # noqa: F401  (registers quantized, lowrank, hf-bnb, peft-adapter, ...)
+    return _FORMATS.get(name)
+
+
 @dataclass
 class ModelBundle:
     model: Any
@@ -88,7 +96,7 @@ class ModelBundle:
         logits (see `verify_reload`), so a folder that looks complete always reloads as saved."""
         path = Path(path)
         with atomic_dir(path) as tmp:
-            fmt = _FORMATS.get(self.format)
+            fmt = model_format(self.format)
             if fmt is None:
                 raise ModelError(f"no saver for model format {self.format!r}")
             fmt.save(self, tmp)
@@ -118,7 +126,7 @@ class ModelBundle:
         meta_path = path / BUNDLE_FILE
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         fmt_name = meta.get("format", "hf")
-        fmt = _FORMATS.get(fmt_name)
+        fmt = model_format(fmt_name)
         if fmt is None:
             raise ModelError(f"{path}: model format {fmt_name!r} is unknown to this version of compress")
         task = meta.get("task") or detect_task(path)

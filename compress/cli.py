@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -62,6 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun / accelerate launch, rank 0 speaks for the run
     out = args.output_dir or report.recipe.get("output_dir") or f"runs/{report.name}"
     print(f"done: {out}/report.md")
     base, final = report.baseline, report.final

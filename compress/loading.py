@@ -10,7 +10,7 @@ import torch
 from compress.bundle import ModelBundle, detect_task, from_pretrained_checked, load_tokenizer
 from compress.errors import ModelError
 from compress.paths import looks_like_local_path, resolve_path
-from compress.recipe import ModelSpec
+from compress.specs import ModelSpec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -102,7 +102,7 @@ def _gguf_problem(spec: ModelSpec) -> str | None:
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def check_weights_format(spec: ModelSpec) -> None:
+def check_weights_format(spec: ModelSpec, field: str = "model.path") -> None:
     """Refuse a local folder whose weights exist only as pickle, unless the recipe opts in."""
     if spec.allow_pickle or not looks_like_local_path(spec.path) or gguf_kwargs(spec):
         return
@@ -112,9 +112,11 @@ def check_weights_format(spec: ModelSpec) -> None:
         return
     pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
     if pickles:
+        fix = ("Convert them to safetensors, or set model.allow_pickle: true if you trust them"
+               if field == "model.path" else "Convert them to safetensors (teachers and students load only those)")
         raise ModelError(
-            f"model.path: {spec.path!r} has only pickle weights ({', '.join(sorted(pickles))}); loading pickle can "
-            f"run arbitrary code. Convert them to safetensors, or set model.allow_pickle: true if you trust them"
+            f"{field}: {spec.path!r} has only pickle weights ({', '.join(sorted(pickles))}); loading pickle can "
+            f"run arbitrary code. {fix}"
         )
 
 
@@ -126,8 +128,32 @@ def resolve_task(spec: ModelSpec) -> str:
     return detect_task(load_config(spec))
 
 
-def load_base_model(spec: ModelSpec, task: str, data: Any, device: str, seed: int) -> ModelBundle:
+def load_base_model(spec: ModelSpec, task: str, data: Any, device: str, seed: int,
+                    nf4: dict[str, Any] | None = None) -> ModelBundle:
     """Load weights and tokenizer. A classifier gets its labels from the data."""
+    return load_model(spec, task, device, seed, label_names=getattr(data, "label_names", None), nf4=nf4)
+
+
+def load_other_model(path: str, task: str, device: str, *, field: str, label_names: list[str] | None = None,
+                     with_head: bool = True) -> ModelBundle:
+    """A teacher or student named by a stage field: the same loader and safety checks as the base
+    model (safetensors only, no remote code, every weight accounted for), with errors naming `field`."""
+    try:
+        spec = ModelSpec(path=path, task=task, num_labels=len(label_names) if label_names else None)
+    except ValueError as exc:  # pydantic's error: the path does not exist
+        raise ModelError(f"{field}: {str(exc).splitlines()[-1].strip()}") from None
+    return load_model(spec, task, device, seed=0, label_names=label_names, field=field, base=not with_head)
+
+
+def load_model(spec: ModelSpec, task: str, device: str, seed: int, *, label_names: list[str] | None = None,
+               field: str = "model.path", base: bool = True, nf4: dict[str, Any] | None = None) -> ModelBundle:
+    """The one loader: weights and tokenizer of `spec`, checked (see load_other_model). `base` allows
+    a classifier head to be missing (it is initialised, seeded); otherwise every weight must load.
+
+    `nf4` (QLoRA's settings: compute_dtype, double_quant, keep_float) loads the linear layers straight
+    into bitsandbytes NF4 from the checkpoint, so the full-precision model never exists in memory;
+    the bundle's info then says so (`qlora_base`). Where that cannot work (a GGUF or compress-format
+    source, Conv1D layers, no 4-bit kernel here) the float model loads and the stage decides."""
     if (folder := compress_output(spec)) is not None:
         # An earlier run's stage output: its own format, masks and lineage carry on into this run.
         bundle = ModelBundle.load(folder, device=device)
@@ -143,10 +169,12 @@ def load_base_model(spec: ModelSpec, task: str, data: Any, device: str, seed: in
 
         # Dequantize at load: stages need plain nn.Linear weights to prune, train and requantize.
         kwargs.update(gguf, quantization_config=GgufConfig(gguf_file=gguf["gguf_file"], dequantize=True))
-    elif not spec.allow_pickle:
-        kwargs["use_safetensors"] = True  # transformers then refuses .bin weights instead of unpickling them
+    else:
+        check_weights_format(spec, field)
+        if not spec.allow_pickle:
+            kwargs["use_safetensors"] = True  # transformers then refuses .bin weights instead of unpickling them
     if task == "sequence-classification":
-        names = getattr(data, "label_names", None)
+        names = label_names
         num_labels = spec.num_labels or (len(names) if names else None)
         if spec.num_labels and names and spec.num_labels < len(names):
             from compress.errors import DataError
@@ -159,20 +187,62 @@ def load_base_model(spec: ModelSpec, task: str, data: Any, device: str, seed: in
             kwargs["id2label"] = dict(enumerate(names))
             kwargs["label2id"] = {n: i for i, n in enumerate(names)}
     torch.manual_seed(seed)  # a new classifier head is initialised reproducibly
+    qlora_base = _nf4_plan(location, spec, task, device, nf4, kwargs) if nf4 and not gguf else None
     try:
-        model = from_pretrained_checked(task, location, base=True, **kwargs)
+        if qlora_base is not None:
+            from compress.quant.bnb import linear_subclasses_as_linear
+
+            with linear_subclasses_as_linear():  # Falcon's FalconLinear too (see quant/bnb.py)
+                model = from_pretrained_checked(task, location, base=base, **kwargs)
+        else:
+            model = from_pretrained_checked(task, location, base=base, **kwargs)
         tokenizer = load_tokenizer(location, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
                                    **gguf)
     except ModelError as exc:
-        raise ModelError(f"model.path: {exc}") from None
+        raise ModelError(f"{field}: {exc}") from None
     except Exception as exc:
-        raise ModelError(f"model.path: could not load {spec.path!r} as {task}: {exc}") from None
+        raise ModelError(f"{field}: could not load {spec.path!r} as {task}: {exc}") from None
     if gguf:
         _detach_gguf_quantizer(model)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(device).eval()
-    return ModelBundle(model=model, tokenizer=tokenizer, task=task, source=spec.path)
+    if qlora_base is None:
+        model.to(device)
+    else:
+        from compress.quant.bnb_weights import keep_canonical_layout
+
+        keep_canonical_layout(model)  # same numbers on every CPU (see quant/bnb_weights)
+    model.eval()
+    bundle = ModelBundle(model=model, tokenizer=tokenizer, task=task, source=spec.path)
+    if qlora_base is not None:
+        bundle.info["qlora_base"] = qlora_base
+    return bundle
+
+
+def _nf4_plan(location: str, spec: ModelSpec, task: str, device: str, nf4: dict[str, Any],
+              kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """Add the NF4 quantization to `kwargs` and describe it, or None when it cannot be used here.
+    The layers to keep in float are read from the model built on the meta device (no memory)."""
+    from transformers import AutoConfig
+
+    from compress.bundle import auto_class
+    from compress.pruning.targets import is_conv1d
+    from compress.quant.bnb import output_format
+    from compress.training import adapters as ad
+
+    if ad.bnb_4bit_problem(device) is not None:
+        return None
+    config = AutoConfig.from_pretrained(location, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    with torch.device("meta"):
+        meta = auto_class(task).from_config(config, trust_remote_code=spec.trust_remote_code)
+    if any(is_conv1d(m) for m in meta.modules()):
+        return None  # transformers' 4-bit loader cannot read Conv1D's transposed weights (finetune says so)
+    skip = ad.keep_float(meta) + list(nf4.get("keep_float") or [])
+    kwargs["quantization_config"] = ad.nf4_config(compute_dtype=nf4["compute_dtype"],
+                                                  double_quant=nf4["double_quant"], skip=skip)
+    kwargs["device_map"] = {"": device}
+    # The format a float copy of this model saves in (a plain folder, or hf-bnb for e.g. Falcon).
+    return {"scheme": "nf4", "float_format": output_format(meta), "kept_float": skip}
 
 
 def _detach_gguf_quantizer(model: Any) -> None:

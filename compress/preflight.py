@@ -178,6 +178,12 @@ def check_memory(config: Any, recipe: Recipe, task: str, device: str, students: 
         log.warning("%s is set: the memory check is skipped", SKIP_MEMORY_ENV)
         return
     width = _BYTES[recipe.model.dtype]
+    dtype_said = recipe.model.dtype
+    first = recipe.stages[0] if recipe.stages else None
+    if first is not None and first.stage_type() == "finetune" and getattr(first, "method", None) == "qlora":
+        # QLoRA's base loads straight into NF4: half a byte per weight plus its block statistics
+        # (one absmax per 64 weights), rounded up to 0.6 to leave room for the float heads.
+        width, dtype_said = 0.6, "NF4, as QLoRA loads it"
     try:
         params = estimate_parameters(config, task)
         student, student_field = max(((estimate_parameters(c, task), where) for where, c in students),
@@ -190,12 +196,13 @@ def check_memory(config: Any, recipe: Recipe, task: str, device: str, students: 
     # The accuracy pass batches the held-out examples (a classifier has one row per example; an LM's
     # blocks are only known after tokenising, so its full batch is assumed).
     rows = min(recipe.eval.eval_batch_size, held_out or recipe.eval.eval_batch_size) if recipe.eval.accuracy else 1
-    batch = max(activation_bytes(config, task, *speed, width),
-                activation_bytes(config, task, rows, recipe.data.max_length, width))
+    act_width = _BYTES[recipe.model.dtype]  # activations stay in the compute dtype
+    batch = max(activation_bytes(config, task, *speed, act_width),
+                activation_bytes(config, task, rows, recipe.data.max_length, act_width))
     need, free = weights + batch, available_memory(device)
     if need <= free:
         return
-    parts = [f"the weights: {params:,} parameters × {width} bytes ({recipe.model.dtype}) = {_gib(params * width)}"]
+    parts = [f"the weights: {params:,} parameters × {width} bytes ({dtype_said}) = {_gib(params * width)}"]
     if student:
         parts.append(f"the distill student: {student:,} parameters = {_gib(student * width)}")
     parts.append(f"the largest evaluation batch: at least {_gib(batch)} "

@@ -9,7 +9,6 @@ crash leaves an accurate record of how far the run got.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -18,24 +17,27 @@ import signal
 import threading
 import time
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from compress.bundle import ModelBundle
-from compress.context import RunContext
+from compress.context import RunContext, StageOutput
 from compress.data import DataBundle, load_data
+from compress.distributed import Ranks, current_ranks
 from compress.environment import collect_environment
-from compress.errors import CompressError, Interrupted, RecipeError, RunFolderError
+from compress.errors import CompressError, Interrupted, RecipeError, StageError
 from compress.evaluate.point import evaluate_bundle
 from compress.io import write_json_atomic
 from compress.loading import load_base_model, resolve_task
 from compress.ownership import MARKER, check_output_folder, clear_run_folder, read_marker, write_marker
 from compress.recipe import Recipe, load_recipe
-from compress.registry import get_stage
+from compress.registry import StageResult, get_stage
 from compress.report.render import write_report
 from compress.report.schema import EvalPoint, Report
+from compress.reuse import StageCache, check_resume_points, stage_dir_name, stage_done, stage_fingerprints
 from compress.runlock import RunLock
 from compress.runrecords import (
     RUN_FILE,
@@ -46,8 +48,6 @@ from compress.runrecords import (
     read_model,
     recorded_baseline,
     save_eval,
-    stage_record,
-    verify_files,
 )
 
 log = logging.getLogger("compress")
@@ -55,28 +55,17 @@ log = logging.getLogger("compress")
 BASELINE_DIR = "00-baseline"
 
 
-def stage_dir_name(index: int, stage_type: str) -> str:
-    return f"{index + 1:02d}-{stage_type}"
-
-
-def stage_fingerprints(recipe: Recipe) -> list[str]:
-    """Fingerprint of stage i = hash(model, data, seed, stages[0..i] minus report-only fields)."""
-    base = {"model": recipe.model.model_dump(mode="json"), "data": recipe.data.model_dump(mode="json"),
-            "seed": recipe.seed}
-    prints, chain = [], []
-    for stage in recipe.stages:
-        chain.append(stage.model_dump(mode="json", exclude={"evaluate", "name"}))
-        blob = json.dumps({**base, "stages": chain}, sort_keys=True)
-        prints.append(hashlib.sha256(blob.encode()).hexdigest()[:16])
-    return prints
-
-
-def resolve_device(recipe: Recipe) -> str:
+def resolve_device(recipe: Recipe, ranks: Ranks | None = None) -> str:
+    """`cuda` or `cpu`. Under a distributed launch, `cuda` is this rank's own GPU (LOCAL_RANK), which
+    compress.distributed made the current device."""
     if recipe.device == "cuda" and not torch.cuda.is_available():
         raise RecipeError("device: 'cuda' was asked for but no CUDA GPU is visible; use device: auto or cpu")
-    if recipe.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return recipe.device
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if recipe.device == "auto" else recipe.device
+    if ranks is not None and ranks.distributed and device == "cuda":
+        if ranks.local_rank >= torch.cuda.device_count():
+            raise RecipeError(f"device: process {ranks.rank} has LOCAL_RANK {ranks.local_rank} but only "
+                              f"{torch.cuda.device_count()} GPUs are visible; launch at most that many per node")
+    return device
 
 
 class Runner:
@@ -86,8 +75,8 @@ class Runner:
         self.recipe = recipe
         # Shared store of finished stage folders keyed by fingerprint: runs whose stages share a
         # prefix (autotune candidates) reuse those outputs instead of recomputing them.
-        self.stage_cache = Path(stage_cache) if stage_cache else None
-        self.cache_hits = 0
+        self.fingerprints = stage_fingerprints(recipe)
+        self.stage_cache = StageCache(stage_cache, recipe, self.fingerprints) if stage_cache else None
         self.stop = stop or threading.Event()
         self.current_stage: str | None = None
         self.current_index: int | None = None
@@ -95,9 +84,9 @@ class Runner:
         self.resume = resume
         self.overwrite = overwrite
         self.show_progress = show_progress
-        self.fingerprints = stage_fingerprints(recipe)
         self.manifest: dict[str, Any] = {}
         self.report: Report | None = None
+        self.ranks = current_ranks()
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -137,45 +126,52 @@ class Runner:
 
     def run(self) -> Report:
         # One run per folder (compress/runlock.py): a run already holding it is named at once,
-        # before any checks or loading; a new folder is locked as soon as it is created.
+        # before any checks or loading; a new folder is locked as soon as it is created. Under a
+        # distributed launch rank 0 alone touches the folder; the others follow its outcome.
         self.lock = RunLock(self.out)
         try:
-            marker = read_marker(self.out) if self.out.is_dir() and not self.out.is_symlink() else None
-            if marker and marker.get("kind") == "run":
-                self.lock.acquire()
-            return self._run()
+            def lock_existing_run() -> None:
+                marker = read_marker(self.out) if self.out.is_dir() and not self.out.is_symlink() else None
+                if marker and marker.get("kind") == "run":
+                    self.lock.acquire()
+
+            self.ranks.on_main(lock_existing_run)
+            report = self._run()
+            return self.ranks.broadcast(report)
         finally:
             self.lock.release()
 
     def _run(self) -> Report:
-        recipe = self.recipe
-        check_output_folder(self.out, recipe, self.resume, self.overwrite)
-        self._check_resume_points()
-        device = resolve_device(recipe)
-        task = resolve_task(recipe.model)
-        data = load_data(recipe.data, task, recipe.seed)  # cheap checks before the model loads
-        # Limits the model's config sets (positions, head, memory): before weights load or folders exist.
-        from compress.preflight import check_before_loading
+        recipe, ranks = self.recipe, self.ranks
 
-        check_before_loading(recipe, task, data, device)
+        def check_folder() -> None:
+            check_output_folder(self.out, recipe, self.resume, self.overwrite)
+            if self.resume:
+                check_resume_points(self.out, self.recipe, self.fingerprints)
+
+        ranks.on_main(check_folder)
+        all_done = self.resume and ranks.on_main(lambda: all(
+            stage_done(self.fingerprints, self.out / stage_dir_name(i, s.stage_type()), i) for i, s in enumerate(recipe.stages)))
         bundle = None
-        if not self.resume or not all(self._stage_done(self.out / stage_dir_name(i, s.stage_type()), i)
-                                      for i, s in enumerate(recipe.stages)):
-            _seed_everything(recipe.seed)
-            bundle = load_base_model(recipe.model, task, data, device, recipe.seed)
-            self._check_stages(bundle, data, device)  # model-dependent mistakes, before anything is written
-        if self.out.exists():
-            self.lock.acquire()
-        if self.overwrite:
-            clear_run_folder(self.out)  # only a marked run holding nothing foreign gets here
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.lock.acquire()
-        if read_marker(self.out) is None:
-            write_marker(self.out, "run")
-        clean_temporaries(self.out, {p.parent.name for p in self.out.glob(f"*/{STAGE_FILE}")})
+        try:  # every rank loads (training stages run on all of them); all agree before anything is written
+            device = resolve_device(recipe, ranks)
+            task = resolve_task(recipe.model)
+            data = load_data(recipe.data, task, recipe.seed)  # cheap checks before the model loads
+            # Limits the model's config sets (positions, head, memory): before weights load or folders exist.
+            from compress.preflight import check_before_loading
+
+            check_before_loading(recipe, task, data, device)
+            if not all_done:
+                _seed_everything(recipe.seed)
+                bundle = self._load_base(task, data, device)
+                self._check_stages(bundle, data, device)  # model-dependent mistakes, before anything is written
+        except BaseException as exc:
+            ranks.agree(exc)
+        ranks.agree(None)
+        ranks.on_main(self._open_folder)
 
         env = collect_environment()
-        previous = self._previous_manifest()
+        previous = self._previous_manifest() if ranks.is_main else {}
         self.manifest = {
             "schema": 1,
             "name": recipe.name,
@@ -183,15 +179,16 @@ class Runner:
             "started": previous.get("started") or _now(),
             "seed": recipe.seed,
             "device": device,
+            "world_size": ranks.world_size,
             "recipe": recipe.to_dict(),
             "environment": env.model_dump(),
             "stages": [s for s in previous.get("stages") or [] if isinstance(s, dict)]
             if isinstance(previous.get("stages"), list) else [],
         }
-        self.report = self._previous_report() or Report(
+        self.report = (self._previous_report() if ranks.is_main else None) or Report(
             name=recipe.name, created=_now(), seed=recipe.seed, recipe=recipe.to_dict(), environment=env)
         self.report.status, self.report.error = "running", None
-        self._write_manifest()
+        ranks.on_main(self._write_manifest)
         try:
             self._run_all(task, data, device, bundle)
         except BaseException as exc:
@@ -207,6 +204,8 @@ class Runner:
             self.report.status, self.report.error = status, message
             self.report.failed_stage = self.current_stage
             try:  # the disk may still be full: recording the failure must not hide it
+                if not ranks.is_main:
+                    raise FolderVanished("only rank 0 writes the run's records")
                 self._write_report()
                 self._write_manifest(status=status, error=message, failed_stage=self.current_stage,
                                      finished=_now())
@@ -222,12 +221,40 @@ class Runner:
             from compress.goals import evaluate_goals
 
             self.report.goals = evaluate_goals(self.report, recipe.goals, recipe.eval.batch_size)
-        self._write_report()
-        self._write_manifest(status="complete", finished=_now())
+
+        def finish() -> None:
+            self._write_report()
+            self._write_manifest(status="complete", finished=_now())
+
+        ranks.on_main(finish)
         return self.report
 
+    def _load_base(self, task: str, data: DataBundle, device: str) -> ModelBundle:
+        """The recipe's model, loaded as its first stage wants it (QLoRA: straight into NF4)."""
+        plan = None
+        if self.recipe.stages:
+            first = self.recipe.stages[0]
+            load_plan = get_stage(first.stage_type()).load_plan
+            plan = load_plan(first) if load_plan else None
+        return load_base_model(self.recipe.model, task, data, device, self.recipe.seed, nf4=plan)
+
+    def _open_folder(self) -> None:
+        """Create (or reopen) the run folder: locked, marked, and cleared of a killed run's temporaries."""
+        if self.out.exists():
+            self.lock.acquire()
+        if self.overwrite:
+            clear_run_folder(self.out)  # only a marked run holding nothing foreign gets here
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        if read_marker(self.out) is None:
+            write_marker(self.out, "run")
+        clean_temporaries(self.out, {p.parent.name for p in self.out.glob(f"*/{STAGE_FILE}")})
+
     def _explain(self, exc: BaseException) -> CompressError | None:
-        """A CompressError (with its exit code) for a failure that is not one, naming where it happened."""
+        """A CompressError (with its exit code) for a failure that is not one, naming where it happened;
+        a stage's own error gains the recipe path of the stage that raised it."""
+        if isinstance(exc, StageError) and self.current_stage and not str(exc).startswith("stages["):
+            return StageError(f"{self._where()}: {exc}")
         if isinstance(exc, (CompressError, KeyboardInterrupt)) or not isinstance(exc, Exception):
             return None
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -248,100 +275,153 @@ class Runner:
         return f"stages[{index}] ({self.recipe.stages[index].stage_type()})"
 
     def _run_all(self, task: str, data: DataBundle, device: str, bundle: ModelBundle | None) -> None:
-        recipe = self.recipe
+        recipe, ranks = self.recipe, self.ranks
         reference = None
 
         baseline_dir = self.out / BASELINE_DIR
         if recipe.eval.baseline:
-            self._restore_from_cache(baseline_dir, None)
-            previous = recorded_baseline(baseline_dir) if self.resume or self.stage_cache else None
-            if previous is not None:
-                point, reference = previous
-                self._add_point(point)
-            else:
-                bundle = bundle or load_base_model(recipe.model, task, data, device, recipe.seed)
-                log.info("evaluating baseline")
-                point, reference = evaluate_bundle(bundle, "baseline", recipe.eval, data=data, device=device,
-                                                   seed=recipe.seed)
-                save_eval(baseline_dir, point, reference)
-                self._add_point(point)
-                self._store_in_cache(baseline_dir, None)
+            def baseline() -> Any:
+                if self.stage_cache:
+                    self.stage_cache.restore(baseline_dir, None)
+                previous = recorded_baseline(baseline_dir) if self.resume or self.stage_cache else None
+                if previous is None:
+                    log.info("evaluating baseline")
+                    model = bundle or self._load_base(task, data, device)
+                    previous = evaluate_bundle(model, "baseline", recipe.eval, data=data, device=device,
+                                               seed=recipe.seed)
+                    if model.info.get("qlora_base"):
+                        previous[0].notes.append(
+                            "measured on the base as QLoRA loads it: linear layers in NF4 straight from the "
+                            "checkpoint (the full-precision model is never loaded)")
+                    save_eval(baseline_dir, *previous)
+                    if self.stage_cache:
+                        self.stage_cache.store(baseline_dir, None)
+                self._add_point(previous[0])
+                return previous[1]
+
+            reference = ranks.on_main(baseline)  # the other ranks wait; only rank 0 evaluates
 
         last_dir: Path | None = None
         rerun = False  # once a stage runs again, every later stage must too: its input changed
         for index, stage in enumerate(recipe.stages):
-            # (A skipped stage drops the in-memory bundle; the next run loads the last output.)
             entry = get_stage(stage.stage_type())
             folder = self.out / stage_dir_name(index, entry.type)
-            if self.stop.is_set():
-                raise Interrupted(f"interrupted before stage {index + 1} ({entry.type}); finished stages are "
-                                  f"kept — rerun with --resume to continue")
-            if not rerun and self._restore_from_cache(folder, index):
-                log.info("stage %d (%s): reused from the stage cache", index + 1, entry.type)
-            if (self.resume or self.stage_cache) and not rerun and self._stage_done(folder, index, verify=True):
-                log.info("stage %d (%s): unchanged since the last run, skipped", index + 1, entry.type)
-                record = quiet_json(folder / STAGE_FILE) or {}
-                # Re-listed, so a lost or damaged run.json is rebuilt from the stage records.
-                self.manifest["stages"] = [s for s in self.manifest["stages"] if s.get("index") != index] + [record]
-                bundle = None
-                if stage.evaluate and recipe.eval.after_each_stage:
-                    # A stage is finished only with its eval point on disk: a kill between stage.json
-                    # and eval.json, or a damaged eval.json, means measuring it again now.
-                    point = read_model(folder / "eval.json", EvalPoint, "this eval point is measured again")
-                    if point is None:
-                        self.current_stage, self.current_index = folder.name, index
-                        bundle = ModelBundle.load(folder, device=device)
-                        point = self._evaluate_stage(bundle, folder, stage, data, device, reference,
-                                                     record.get("seconds"))
-                        self.current_stage = None
-                    self._add_point(point)
+            ranks.agree(Interrupted(f"interrupted before stage {index + 1} ({entry.type}); finished stages are "
+                                    f"kept — rerun with --resume to continue") if self.stop.is_set() else None)
+            if not rerun and ranks.on_main(lambda: self._reuse_finished(index, stage, folder, data, device,
+                                                                        reference)):
+                bundle = None  # the next stage that runs loads this output from disk
                 last_dir = folder
                 continue
-            if bundle is None:
-                bundle = (ModelBundle.load(last_dir, device=device) if last_dir
-                          else load_base_model(recipe.model, task, data, device, recipe.seed))
             rerun = True
             self.current_stage, self.current_index = folder.name, index
-            ctx = self._context(index, data, device)
-            log.info("stage %d/%d: %s", index + 1, len(recipe.stages), stage.label())
-            _seed_everything(ctx.seed)
-            started = time.perf_counter()
-            bundle.info.pop("last_stage", None)
-            bundle = entry.run(bundle, stage, ctx)
-            seconds = round(time.perf_counter() - started, 3)
-            self._check_folder_kept()
-            bundle.save(folder)
-            _fault("after_stage_save")
-            shutil.rmtree(ctx.work_dir, ignore_errors=True)
-            record = {"index": index, "type": entry.type, "dir": folder.name, "seconds": seconds,
-                      "fingerprint": self.fingerprints[index], "finished": _now(), "files": file_digests(folder)}
-            write_json_atomic(folder / STAGE_FILE, record)
-            _fault("after_stage_json")
-            self.manifest["stages"] = [s for s in self.manifest["stages"] if s.get("index") != index] + [record]
-            self._write_manifest()
+            run_it = partial(self._run_stage, entry, stage, index, bundle, last_dir, task, data, device)
+            finish = partial(self._finish_stage, entry, stage, index, folder, data=data, device=device,
+                             reference=reference)
+            if entry.distributed:  # training: every rank takes part
+                result, seconds = self._on_all(run_it)
+                ranks.on_main(lambda: finish(result, seconds))
+                bundle = result.bundle
+            else:  # one-shot: rank 0 runs it; the others read its output when they next need a model
+                def one_shot() -> None:
+                    finish(*run_it())
+
+                ranks.on_main(one_shot)
+                bundle = None
             last_dir = folder
-            if stage.evaluate and recipe.eval.after_each_stage:
-                self._add_point(self._evaluate_stage(bundle, folder, stage, data, device, reference, seconds))
-            self._store_in_cache(folder, index)
             self.current_stage = None
 
+    def _on_all(self, work: Any) -> Any:
+        """Run `work` on every rank; all ranks raise when any of them failed."""
+        try:
+            result = work()
+        except BaseException as exc:
+            self.ranks.agree(exc)
+        self.ranks.agree(None)
+        return result
+
+    def _reuse_finished(self, index: int, stage: Any, folder: Path, data: DataBundle, device: str,
+                        reference: torch.Tensor | None) -> bool:
+        """With --resume or a stage cache: reuse a finished stage whose inputs are unchanged."""
+        if self.stage_cache and self.stage_cache.restore(folder, index):
+            log.info("stage %d (%s): reused from the stage cache", index + 1, stage.stage_type())
+        if not ((self.resume or self.stage_cache) and stage_done(self.fingerprints, folder, index, verify=True)):
+            return False
+        log.info("stage %d (%s): unchanged since the last run, skipped", index + 1, stage.stage_type())
+        record = quiet_json(folder / STAGE_FILE) or {}
+        # Re-listed, so a lost or damaged run.json is rebuilt from the stage records.
+        self.manifest["stages"] = [s for s in self.manifest["stages"] if s.get("index") != index] + [record]
+        if stage.evaluate and self.recipe.eval.after_each_stage:
+            # A stage is finished only with its eval point on disk: a kill between stage.json
+            # and eval.json, or a damaged eval.json, means measuring it again now.
+            point = read_model(folder / "eval.json", EvalPoint, "this eval point is measured again")
+            if point is None:
+                self.current_stage, self.current_index = folder.name, index
+                point = self._evaluate_stage(ModelBundle.load(folder, device=device), folder, stage, data, device,
+                                             reference, record.get("seconds"), record.get("facts") or {})
+                self.current_stage = None
+            self._add_point(point)
+        return True
+
+    def _run_stage(self, entry: Any, stage: Any, index: int, bundle: ModelBundle | None, last_dir: Path | None,
+                   task: str, data: DataBundle, device: str) -> tuple[StageResult, float]:
+        """Run one stage on the model in memory (or the previous output, loaded from disk)."""
+        recipe = self.recipe
+        if bundle is None:
+            bundle = (ModelBundle.load(last_dir, device=device) if last_dir
+                      else self._load_base(task, data, device))
+        ctx = self._context(index, data, device)
+        log.info("stage %d/%d: %s", index + 1, len(recipe.stages), stage.label())
+        _seed_everything(ctx.seed)
+        started = time.perf_counter()
+        result = entry.run(bundle, stage, ctx)
+        if isinstance(result, ModelBundle):  # a stage written against the first contract: no facts
+            result = StageResult(result, result.info.pop("last_stage", {}))
+        return result, round(time.perf_counter() - started, 3)
+
+    def _finish_stage(self, entry: Any, stage: Any, index: int, folder: Path, result: StageResult, seconds: float,
+                      *, data: DataBundle, device: str, reference: torch.Tensor | None) -> None:
+        """Rank 0: save the stage's output atomically, record it, then measure it."""
+        self._check_folder_kept()
+        result.bundle.save(folder)
+        _fault("after_stage_save")
+        shutil.rmtree(self._context(index, data, device).work_dir, ignore_errors=True)
+        record = {"index": index, "type": entry.type, "dir": folder.name, "seconds": seconds,
+                  "fingerprint": self.fingerprints[index], "finished": _now(), "files": file_digests(folder),
+                  "world_size": self.ranks.world_size,
+                  "artifacts": [str(a) for a in result.artifacts], "facts": _jsonable(result.facts)}
+        write_json_atomic(folder / STAGE_FILE, record)
+        _fault("after_stage_json")
+        self.manifest["stages"] = [s for s in self.manifest["stages"] if s.get("index") != index] + [record]
+        self._write_manifest()
+        if stage.evaluate and self.recipe.eval.after_each_stage:
+            self._add_point(self._evaluate_stage(result.bundle, folder, stage, data, device, reference, seconds,
+                                                 result.facts))
+        if self.stage_cache:
+            self.stage_cache.store(folder, index)
+
     def _evaluate_stage(self, bundle: ModelBundle, folder: Path, stage: Any, data: DataBundle, device: str,
-                        reference: torch.Tensor | None, seconds: float | None) -> EvalPoint:
+                        reference: torch.Tensor | None, seconds: float | None, facts: dict[str, Any]) -> EvalPoint:
         log.info("evaluating after %s", stage.label())
         point, _ = evaluate_bundle(bundle, folder.name, self.recipe.eval, data=data, device=device,
                                    seed=self.recipe.seed, saved_dir=folder, reference=reference)
         point.stage_type = stage.stage_type()
         point.stage_seconds = seconds
-        point.stage_info = bundle.info.get("last_stage", {})
+        point.stage_info = facts
         write_json_atomic(folder / "eval.json", point.model_dump(mode="json"))
         _fault("after_eval_json")
         return point
 
     def _context(self, index: int, data: DataBundle, device: str) -> RunContext:
-        folder = self.out / stage_dir_name(index, self.recipe.stages[index].stage_type())
-        return RunContext(output_dir=self.out, seed=self.recipe.seed + index + 1, device=device,
-                          recipe=self.recipe, data=data, work_dir=self.out / f".work-{folder.name}",
-                          resume=self.resume, show_progress=self.show_progress, logger=log, stop=self.stop)
+        """The stage's view of the run: the runner names every folder in it."""
+        stages = self.recipe.stages
+        name = stage_dir_name(index, stages[index].stage_type())
+        earlier = [StageOutput(i, s.stage_type(), s.name, self.out / stage_dir_name(i, s.stage_type()))
+                   for i, s in enumerate(stages[:index])]
+        return RunContext(output_dir=self.out, seed=self.recipe.seed + index + 1, device=device, data=data,
+                          work_dir=self.out / f".work-{name}", stage_name=name, earlier=earlier,
+                          resume=self.resume, show_progress=self.show_progress and self.ranks.is_main, logger=log,
+                          stop=self.stop, rank=self.ranks.rank, world_size=self.ranks.world_size)
 
     def _check_stages(self, bundle: ModelBundle, data: DataBundle, device: str) -> None:
         """Run every stage's model-dependent check before any work; report all problems at once."""
@@ -356,36 +436,6 @@ class Runner:
 
     # ------------------------------------------------------------------ resume
 
-    def _cache_key(self, index: int | None) -> str:
-        if index is not None:
-            return self.fingerprints[index]
-        blob = json.dumps({"model": self.recipe.model.model_dump(mode="json"), "seed": self.recipe.seed,
-                           "data": self.recipe.data.model_dump(mode="json"),
-                           "eval": self.recipe.eval.model_dump(mode="json")}, sort_keys=True)
-        return "baseline-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def _restore_from_cache(self, folder: Path, index: int | None) -> bool:
-        if self.stage_cache is None or folder.exists():
-            return False
-        cached = self.stage_cache / self._cache_key(index)
-        if not (cached / ("eval.json" if index is None else STAGE_FILE)).exists():
-            return False
-        # Hard links: no copy of the weights, and the cache entry stays intact if this folder is removed.
-        shutil.copytree(cached, folder, copy_function=_link_or_copy)
-        self.cache_hits += index is not None
-        return True
-
-    def _store_in_cache(self, folder: Path, index: int | None) -> None:
-        if self.stage_cache is None:
-            return
-        target = self.stage_cache / self._cache_key(index)
-        if not target.exists():
-            self.stage_cache.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(folder, tmp, copy_function=_link_or_copy)
-            tmp.rename(target)
-
     def _previous_manifest(self) -> dict[str, Any]:
         if not self.resume:
             return {}
@@ -397,41 +447,6 @@ class Runner:
             return None
         return read_model(self.out / "report.json", Report, "it is rebuilt from the eval points on disk")
 
-    def _stage_done(self, folder: Path, index: int, verify: bool = False) -> bool:
-        """Finished with the same fingerprint; with `verify`, every output file is intact too."""
-        record_path = folder / STAGE_FILE
-        if not record_path.exists():
-            return False
-        if folder.is_symlink():
-            raise RunFolderError(f"{folder} is a symbolic link; stage folders must be real folders")
-        record = stage_record(record_path, f"stage {index + 1} runs again" if verify else None)
-        if record is None or record["fingerprint"] != self.fingerprints[index]:
-            return False
-        if verify:
-            problem = verify_files(folder, record["files"])
-            if problem:
-                log.warning("%s: %s; stage %d runs again", folder.name, problem, index + 1)
-                return False
-        return True
-
-    def _check_resume_points(self) -> None:
-        """With --resume, refuse when a completed stage's config or inputs changed since it ran."""
-        if not self.resume:
-            return
-        for index, stage in enumerate(self.recipe.stages):
-            folder = self.out / stage_dir_name(index, stage.stage_type())
-            record = stage_record(folder / STAGE_FILE)
-            if record is None:  # not finished, or damaged (said, and re-run, when the stage is reached)
-                break
-            if record["fingerprint"] != self.fingerprints[index]:
-                old = (quiet_json(self.out / RUN_FILE) or {}).get("recipe", {})
-                changed = _describe_change(old, self.recipe.to_dict(), index)
-                raise RunFolderError(
-                    f"cannot resume: stage {index + 1} ({stage.stage_type()}) or its inputs changed since "
-                    f"{folder.name} was written ({changed}); pass --overwrite to start again, "
-                    f"or restore the recipe"
-                )
-
 
 class FolderVanished(CompressError):
     """The run folder disappeared while the run was writing into it."""
@@ -439,30 +454,9 @@ class FolderVanished(CompressError):
     exit_code = 1
 
 
-def _describe_change(old: dict[str, Any], new: dict[str, Any], index: int) -> str:
-    diffs = []
-    old = old if isinstance(old, dict) else {}  # from a run.json that may be damaged
-    for key in ("model", "data", "seed"):
-        if old.get(key) != new.get(key):
-            diffs.append(key)
-    old_stages, new_stages = old.get("stages", []), new.get("stages", [])
-    old_stages = old_stages if isinstance(old_stages, list) else []
-    for i in range(index + 1):
-        a = old_stages[i] if i < len(old_stages) and isinstance(old_stages[i], dict) else {}
-        b = new_stages[i] if i < len(new_stages) else {}
-        for field in sorted(set(a) | set(b)):
-            if field not in ("evaluate", "name") and a.get(field) != b.get(field):
-                diffs.append(f"stages[{i}].{field}: {a.get(field)!r} -> {b.get(field)!r}")
-    return "; ".join(diffs) or "fingerprint differs"
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    import os
-
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+def _jsonable(facts: dict[str, Any]) -> dict[str, Any]:
+    """The facts as stage.json can hold them (numbers, text, lists; anything else as its text)."""
+    return json.loads(json.dumps(facts, default=str))
 
 
 def _fault(point: str) -> None:

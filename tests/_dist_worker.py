@@ -45,9 +45,9 @@ def main(model_dir: str, csv: str, out: str) -> None:
     stage = run_finetune(ModelBundle.load(model_dir), Finetune(method="lora", lr=5e-3, max_steps=6, batch_size=8),
                          RunContext(output_dir=Path(out), seed=0, device="cpu", data=data))
     digest = hashlib.sha256()
-    for name, p in sorted(stage.model.state_dict().items()):
+    for name, p in sorted(stage.bundle.model.state_dict().items()):
         digest.update(name.encode() + p.detach().cpu().numpy().tobytes())
-    info = stage.info["last_stage"]
+    info = stage.facts
     Path(out, f"rank{rank}.json").write_text(json.dumps({
         "seen": seen, "loop_processes": result.num_processes, "loss_curve": info["loss_curve"],
         "stage_processes": info["num_processes"], "weights": digest.hexdigest(),

@@ -79,11 +79,11 @@ def qlora_setup(tiny_bert_dir, sentiment_csv, tmp_path, monkeypatch):
 def test_qlora_merges_a_repacked_base_without_changing_the_model(qlora_setup, merge):
     bundle, ctx = qlora_setup
     out = run_finetune(bundle, Finetune(method="qlora", lr=1e-2, max_steps=4, batch_size=16, merge=merge), ctx)
-    info = out.info["last_stage"]
+    info = out.facts
     assert info["merge_relative_logit_change"] <= info["merge_tolerance"]
     assert info["merge_top1_agreement"] == 1.0
     if merge == "merge":  # into float: exactly the weights the adapter model ran on
-        assert info["merge_relative_logit_change"] < 1e-2 and not adapters.count_bnb(out.model)
+        assert info["merge_relative_logit_change"] < 1e-2 and not adapters.count_bnb(out.bundle.model)
 
 
 def test_a_merge_that_reads_the_repacked_layout_naively_is_stopped(qlora_setup, monkeypatch):

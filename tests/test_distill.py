@@ -230,12 +230,12 @@ def test_pruned_incoming_model_recovers_from_a_named_teacher_and_stays_sparse(ti
     ctx = RunContext(output_dir=tmp_path, seed=0, device="cpu", data=data, work_dir=tmp_path / "work",
                      show_progress=False)
     out = run_distill(bundle, config, ctx)
-    after = dict(out.model.named_parameters())[name]
-    assert out.masks.keys() == {name} and bool((after[~mask] == 0).all())
+    after = dict(out.bundle.model.named_parameters())[name]
+    assert out.bundle.masks.keys() == {name} and bool((after[~mask] == 0).all())
     assert not torch.equal(after[mask], before[mask])  # the kept weights did train
     assert list((tmp_path / "work" / "teacher-cache").glob("teacher-top8-*.safetensors"))
-    assert out.info["last_stage"]["student"] == "incoming model"
-    assert out.info["last_stage"]["steps"] == 4
+    assert out.facts["student"] == "incoming model"
+    assert out.facts["steps"] == 4
 
 
 def test_teacher_can_be_an_earlier_stage_output(lm_recipe):
@@ -288,9 +288,9 @@ ctx = RunContext(output_dir=Path(out), seed=0, device="cpu", data=data, work_dir
 res = run_distill(ModelBundle.load(model_dir), Distill(keep_layers=[1], teacher_cache="disk", lr=1e-3,
                                                        max_steps=4, batch_size=8), ctx)
 digest = hashlib.sha256()
-for name, p in sorted(res.model.state_dict().items()):
+for name, p in sorted(res.bundle.model.state_dict().items()):
     digest.update(name.encode() + p.detach().numpy().tobytes())
-info = res.info["last_stage"]
+info = res.facts
 Path(out, f"rank{os.environ['RANK']}.json").write_text(json.dumps(
     {"weights": digest.hexdigest(), "processes": info["num_processes"], "curve": info["loss_curve"]}))
 '''
@@ -335,3 +335,23 @@ def test_layers_unlike_the_others_are_refused_with_the_reason(tmp_path):
     student = st.student_from_layers(bundle.model, [0], bundle.task)
     assert st.layers_mismatch(bundle.model, [0], bundle.task) is None
     assert student.config.num_hidden_layers == 1
+
+
+def test_distillation_stops_at_the_stop_flag_and_resumes_where_it_stopped(tiny_llama_dir, lm_text, tmp_path):
+    """The runner's stop flag (Ctrl-C / SIGTERM) reaches distillation's training loop, as it does
+    fine-tuning's: it stops at a step boundary with a checkpoint, and a resume continues from it."""
+    from compress.errors import Interrupted
+
+    data = load_data(DataSpec(source=str(lm_text), max_length=32, eval_size=0.2, label_column=None),
+                     "causal-lm")
+    config = Distill(teacher=str(tiny_llama_dir), keep_layers=[1], **FAST)
+    ctx = RunContext(output_dir=tmp_path, seed=0, device="cpu", data=data, work_dir=tmp_path / "work",
+                     show_progress=False)
+    ctx.stop.set()
+    with pytest.raises(Interrupted):
+        run_distill(ModelBundle.load(tiny_llama_dir), config, ctx)
+    assert (tmp_path / "work" / "checkpoint").is_dir()
+    resumed = RunContext(output_dir=tmp_path, seed=0, device="cpu", data=data, work_dir=tmp_path / "work",
+                         show_progress=False, resume=True)
+    out = run_distill(ModelBundle.load(tiny_llama_dir), config, resumed)
+    assert out.facts["steps"] == 4 and out.facts["resumed_from_step"] is not None

@@ -1,5 +1,7 @@
 """The finetune stage: methods, merge policies, masked LoRA on a pruned base, checks and bad input."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -72,10 +74,10 @@ def test_masked_lora_keeps_a_pruned_base_exactly_sparse(method, tiny_bert_dir, s
     bundle.masks = masks
     ctx = RunContext(output_dir=tmp_path, seed=0, device="cpu", data=data, work_dir=tmp_path / "work")
     out = run_finetune(bundle, Finetune(method=method, lr=1e-2, max_steps=4, batch_size=16), ctx)
-    info = out.info["last_stage"]
+    info = out.facts
     assert info["masked_lora_layers"] == len(masks) == 6
     assert info["pruned_zero_share_before"] == info["pruned_zero_share_after"] == 1.0
-    assert adapters.sparsity(out.model, masks) == 1.0
+    assert adapters.sparsity(out.bundle.model, masks) == 1.0
 
 
 def test_bad_settings_are_reported_with_the_field_and_fix(cls_recipe, monkeypatch):
@@ -112,11 +114,11 @@ def test_qlora_with_merge_none_saves_a_4bit_base_and_adapter_that_reload(tiny_be
     ctx = RunContext(output_dir=tmp_path, seed=0, device="cpu", data=data, work_dir=tmp_path / "work")
     out = run_finetune(ModelBundle.load(tiny_bert_dir),
                        Finetune(method="qlora", merge="none", lr=1e-2, max_steps=4, batch_size=16), ctx)
-    assert out.format == "peft-adapter"
-    out.save(tmp_path / "saved")  # the save itself reloads and compares logits
+    assert out.bundle.format == "peft-adapter"
+    out.bundle.save(tmp_path / "saved")  # the save itself reloads and compares logits
     reloaded = ModelBundle.load(tmp_path / "saved")
     assert adapters.count_bnb(reloaded.model) == {"Linear4bit": 13}  # 2 layers x 6 linears + pooler
-    assert torch.equal(_logits(reloaded.model, reloaded), _logits(out.model, out))
+    assert torch.equal(_logits(reloaded.model, reloaded), _logits(out.bundle.model, out.bundle))
 
 
 @pytest.mark.parametrize("merge", ["dequantize-merge-requantize", "none"])
@@ -129,6 +131,63 @@ def test_falcon_qlora_kept_in_4bit_saves_and_reloads(merge, lm_text, tmp_path):
     ctx = RunContext(output_dir=tmp_path, seed=0, device="cpu", data=data, work_dir=tmp_path / "work")
     out = run_finetune(ModelBundle.load(model_dir),
                        Finetune(method="qlora", merge=merge, lr=1e-2, max_steps=3, batch_size=8), ctx)
-    assert out.format == ("hf-bnb" if merge != "none" else "peft-adapter")
-    out.save(tmp_path / "saved")  # compares the reload's logits before the folder is renamed into place
+    assert out.bundle.format == ("hf-bnb" if merge != "none" else "peft-adapter")
+    out.bundle.save(tmp_path / "saved")  # compares the reload's logits before the folder is renamed into place
     assert adapters.count_bnb(ModelBundle.load(tmp_path / "saved").model) == {"Linear4bit": 8}
+
+
+def test_qlora_first_stage_loads_the_base_straight_into_nf4_and_trains_the_same_model(
+        tiny_llama_dir, lm_recipe, lm_text, monkeypatch, tmp_path):
+    """The recipe's QLoRA never holds the float base: transformers is asked once, with the NF4 config;
+    the model it trains equals the one made by the float-then-4-bit path."""
+    from compress import bundle as bundle_module
+    from compress import loading
+    from compress.specs import ModelSpec
+
+    calls = []
+    real = bundle_module.from_pretrained_checked
+
+    def spy(task, location, **kwargs):
+        calls.append(kwargs.get("quantization_config"))
+        return real(task, location, **kwargs)
+
+    monkeypatch.setattr(loading, "from_pretrained_checked", spy)
+    stage = {"type": "finetune", "method": "qlora", "lr": 1e-2, "max_steps": 3, "batch_size": 8, "dropout": 0.0}
+    lm_recipe["stages"] = [stage]
+    lm_recipe["eval"]["speed"] = False
+    report = run(lm_recipe)
+    assert calls and all(c is not None and c.load_in_4bit for c in calls)  # never in full precision
+    assert any("NF4" in n for n in report.baseline.notes)
+    assert report.points[1].stage_info["quantized_layers"] == 14
+    assert report.points[1].stage_info["merge"] == "merge"
+
+    # Same training from the old path (float model in memory, then reloaded in 4-bit by the stage).
+    data = load_data(DataSpec(source=str(lm_text), max_length=32, eval_size=0.2), "causal-lm")
+    config = Finetune(**{k: v for k, v in stage.items() if k != "type"})
+    direct = loading.load_model(ModelSpec(path=str(tiny_llama_dir), task="causal-lm"), "causal-lm", "cpu", 0,
+                                nf4={"compute_dtype": "float32", "double_quant": True, "keep_float": []})
+    assert direct.info["qlora_base"]["scheme"] == "nf4"
+    float_first = loading.load_model(ModelSpec(path=str(tiny_llama_dir), task="causal-lm"), "causal-lm", "cpu", 0)
+    outs = [run_finetune(b, config, RunContext(output_dir=tmp_path / n, seed=1, device="cpu", data=data,
+                                               show_progress=False)).bundle
+            for n, b in (("direct", direct), ("float", float_first))]
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        a, b = (o.model(input_ids=ids).logits for o in outs)
+    assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+    assert outs[0].format == outs[1].format == "hf" and "qlora_base" not in outs[0].info
+
+
+def test_fsdp_or_an_accelerate_fsdp_config_on_cpu_is_refused_before_any_work(cls_recipe, monkeypatch):
+    cls_recipe["device"] = "cpu"
+    cls_recipe["stages"] = [_stage(fsdp={"sharding_strategy": "FULL_SHARD"})]
+    with pytest.raises(RecipeError) as err:
+        run(cls_recipe)
+    assert err.value.problems[0].startswith("stages[0].fsdp: FSDP (from this stage) shards training across GPUs")
+    cls_recipe["stages"] = [_stage()]
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file fsdp.yaml` sets
+    with pytest.raises(RecipeError) as err:
+        run(cls_recipe)
+    assert "FSDP (from the accelerate config)" in err.value.problems[0]
+    assert "launch without that accelerate config" in err.value.problems[0]
+    assert not Path(cls_recipe["output_dir"]).exists()  # refused before the run folder was made

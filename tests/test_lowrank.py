@@ -52,18 +52,18 @@ def test_energy_threshold_picks_smallest_rank():
 def test_lowrank_stage_saves_and_reloads_identically(tiny_llama_dir, tmp_path):
     bundle = ModelBundle.load(tiny_llama_dir)
     out = run_lowrank(bundle, LowRank(rank=8, targets=[r"mlp\."]), _ctx(tmp_path))
-    mlp = out.model.model.layers[0].mlp
+    mlp = out.bundle.model.model.layers[0].mlp
     assert isinstance(mlp.up_proj, LowRankLinear) and mlp.up_proj.first.weight.shape == (8, 64)
-    assert not isinstance(out.model.model.layers[0].self_attn.q_proj, LowRankLinear)
-    info = out.info["last_stage"]
+    assert not isinstance(out.bundle.model.model.layers[0].self_attn.q_proj, LowRankLinear)
+    info = out.facts
     assert info["layers_factorized"] == 6
     row = next(r for r in info["layers"] if r["layer"] == "model.layers.0.mlp.up_proj")
     assert (row["params_before"], row["params_after"]) == (128 * 64, 8 * 64 + 128 * 8)
     assert row["latency_before_ms"] > 0 and row["latency_after_ms"] > 0
-    assert sum(p.numel() for p in out.model.parameters()) == (
+    assert sum(p.numel() for p in out.bundle.model.parameters()) == (
         sum(p.numel() for p in ModelBundle.load(tiny_llama_dir).model.parameters()) - 6 * (8192 - 1536))
-    before = _logits(out.model)
-    folder = out.save(tmp_path / "lr")
+    before = _logits(out.bundle.model)
+    folder = out.bundle.save(tmp_path / "lr")
     assert (folder / "lowrank.json").exists()
     again = ModelBundle.load(folder)
     assert again.format == "lowrank" and isinstance(again.model.model.layers[1].mlp.down_proj, LowRankLinear)

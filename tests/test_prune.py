@@ -51,25 +51,25 @@ def test_wanda_keeps_small_weights_on_loud_inputs():
 def test_two_four_output_is_exact_and_masks_are_kept(tiny_llama_dir, tmp_path, lm_data):
     bundle = ModelBundle.load(tiny_llama_dir)
     out = run_prune(bundle, Prune(structure="n:m", pattern="2:4", method="wanda"), _ctx(tmp_path, lm_data))
-    linears = {n: m for n, m in out.model.named_modules()
+    linears = {n: m for n, m in out.bundle.model.named_modules()
                if isinstance(m, torch.nn.Linear) and n != "lm_head"}
-    assert len(linears) == 14 and set(out.masks) == {f"{n}.weight" for n in linears}
+    assert len(linears) == 14 and set(out.bundle.masks) == {f"{n}.weight" for n in linears}
     for name, lin in linears.items():
         w = lin.weight.reshape(lin.out_features, -1, 4)
         assert ((w == 0).sum(-1) >= 2).all(), name  # every group of 4 holds at least 2 zeros
         assert check_nm(lin.weight, 2, 4)
-        assert torch.equal(out.masks[f"{name}.weight"], lin.weight != 0)
-    assert out.model.lm_head.weight.count_nonzero() == out.model.lm_head.weight.numel()  # skipped by default
-    info = out.info["last_stage"]
+        assert torch.equal(out.bundle.masks[f"{name}.weight"], lin.weight != 0)
+    assert out.bundle.model.lm_head.weight.count_nonzero() == out.bundle.model.lm_head.weight.numel()  # skipped by default
+    info = out.facts
     assert info["measured_sparsity_pruned_layers"] == 0.5 and "sparse tensor cores" in info["speed_note"]
-    assert out.lineage[-1]["stage"] == "prune" and out.lineage[-1]["pattern"] == "2:4"
+    assert out.bundle.lineage[-1]["stage"] == "prune" and out.bundle.lineage[-1]["pattern"] == "2:4"
 
 
 def test_per_layer_sparsity_and_targets(tiny_bert_dir, tmp_path):
     bundle = ModelBundle.load(tiny_bert_dir)
     config = Prune(sparsity=0.5, targets=[r"encoder\.layer\.\d+\."], layer_sparsity={r"layer\.1\.": 0.25})
     out = run_prune(bundle, config, _ctx(tmp_path))
-    per_layer = out.info["last_stage"]["per_layer_sparsity"]
+    per_layer = out.facts["per_layer_sparsity"]
     assert per_layer["bert.encoder.layer.0.intermediate.dense"] == 0.5
     assert per_layer["bert.encoder.layer.1.intermediate.dense"] == 0.25
     assert "bert.pooler.dense" not in per_layer and "classifier" not in per_layer
@@ -141,6 +141,6 @@ def test_conv1d_masks_are_kept_in_the_parameters_layout(tmp_path, lm_data):
 
     bundle = ModelBundle.load(make_tiny_model("gpt2", tmp_path / "gpt2"))
     out = run_prune(bundle, Prune(structure="n:m", method="wanda"), _ctx(tmp_path, lm_data))
-    layer = out.model.transformer.h[0].mlp.c_proj  # Conv1D(128 -> 64): weight (128, 64)
-    assert out.masks["transformer.h.0.mlp.c_proj.weight"].shape == layer.weight.shape == (128, 64)
+    layer = out.bundle.model.transformer.h[0].mlp.c_proj  # Conv1D(128 -> 64): weight (128, 64)
+    assert out.bundle.masks["transformer.h.0.mlp.c_proj.weight"].shape == layer.weight.shape == (128, 64)
     assert check_nm(oriented(layer), 2, 4) and not check_nm(layer.weight, 2, 4)

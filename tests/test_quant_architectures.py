@@ -119,7 +119,7 @@ def test_quantize_keeps_its_promises(arch, case, assets, tmp_path):
     dense = _bundle(path, task).model
     config = Quantize(**SCHEMES[case])
     out = run_quantize(_bundle(path, task), config, _ctx(tmp_path, data))
-    model, info = out.model, out.info["last_stage"]
+    model, info = out.bundle.model, out.facts
     assert torch.isfinite(_logits(model)).all()
 
     # Every linear layer but the heads was replaced, and the count says so.
@@ -154,27 +154,27 @@ def test_quantize_keeps_its_promises(arch, case, assets, tmp_path):
             table = dense_emb.weight.shape
             assert not [n for n, p in model.named_parameters() if p.is_floating_point() and p.shape == table]
 
-    back = _assert_reloads_exactly(out, tmp_path / "saved")
+    back = _assert_reloads_exactly(out.bundle, tmp_path / "saved")
     if config.embeddings != "none" and arch in TIED:
         assert back.model.get_output_embeddings().source is back.model.get_input_embeddings()
     if config.scheme in bnb_quant.BNB_SCHEMES:
-        assert out.format == ("hf-bnb" if arch == "falcon" else "hf")
+        assert out.bundle.format == ("hf-bnb" if arch == "falcon" else "hf")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lowrank_factorises_and_reloads(arch, assets, tmp_path):
     path, task, data = assets(arch)
     out = run_lowrank(_bundle(path, task), LowRank(rank=8), _ctx(tmp_path, data))
-    info = out.info["last_stage"]
-    factorised = [n for n, m in out.model.named_modules() if isinstance(m, LowRankLinear)]
+    info = out.facts
+    factorised = [n for n, m in out.bundle.model.named_modules() if isinstance(m, LowRankLinear)]
     assert info["layers_factorized"] == len(factorised) > 0
     if arch == "gpt2":  # Conv1D, factorised as the transposed linear it is
         assert "transformer.h.0.attn.c_attn" in factorised
-        assert out.model.transformer.h[0].attn.c_attn.first.weight.shape == (8, 64)
+        assert out.bundle.model.transformer.h[0].attn.c_attn.first.weight.shape == (8, 64)
     if arch == "falcon":
         assert "transformer.h.0.self_attention.query_key_value" in factorised
-    assert torch.isfinite(_logits(out.model)).all()
-    _assert_reloads_exactly(out, tmp_path / "saved")
+    assert torch.isfinite(_logits(out.bundle.model)).all()
+    _assert_reloads_exactly(out.bundle, tmp_path / "saved")
 
 
 @pytest.mark.parametrize("arch", [pytest.param(a, marks=() if a in REPRESENTATIVE + SCALED else pytest.mark.slow)
@@ -184,17 +184,17 @@ def test_trim_vocab_keeps_logits_and_scaled_embeddings(arch, assets, tmp_path):
     bundle = _bundle(path, task)
     scale = getattr(bundle.model.get_input_embeddings(), "embed_scale", None)
     out = run_trim_vocab(bundle, TrimVocab(), _ctx(tmp_path, data))
-    emb = out.model.get_input_embeddings()
-    assert emb.num_embeddings == out.info["last_stage"]["vocab_after"] < out.info["last_stage"]["vocab_before"]
-    assert out.info["last_stage"]["probe_max_abs_logit_change"] <= 1e-5
+    emb = out.bundle.model.get_input_embeddings()
+    assert emb.num_embeddings == out.facts["vocab_after"] < out.facts["vocab_before"]
+    assert out.facts["probe_max_abs_logit_change"] <= 1e-5
     if scale is not None:  # the Gemma subclass is kept, with its scale
         assert type(emb) is type(bundle.model.get_input_embeddings()) and torch.equal(emb.embed_scale, scale)
     folder = tmp_path / "trimmed"
-    out.save(folder)
+    out.bundle.save(folder)
     back = auto_class(task).from_pretrained(str(folder)).eval()  # a plain Hugging Face folder
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
-        assert torch.equal(back(input_ids=ids).logits, out.model(input_ids=ids).logits)
+        assert torch.equal(back(input_ids=ids).logits, out.bundle.model(input_ids=ids).logits)
 
 
 def test_trim_vocab_refuses_a_quantized_embedding(assets, tmp_path):
@@ -202,7 +202,7 @@ def test_trim_vocab_refuses_a_quantized_embedding(assets, tmp_path):
     ctx = _ctx(tmp_path, data)
     out = run_quantize(_bundle(path, task), Quantize(scheme="int8-dynamic", embeddings="int8"), ctx)
     with pytest.raises(StageError, match="the input embedding is a QuantEmbedding, not a float nn.Embedding"):
-        run_trim_vocab(out, TrimVocab(), ctx)
+        run_trim_vocab(out.bundle, TrimVocab(), ctx)
 
 
 def test_quantize_head_alone_on_tied_model_is_refused(assets, tmp_path):
@@ -299,8 +299,8 @@ def test_nothing_in_the_model_escapes_the_count(assets, tmp_path):
     """GPT-2's Conv1D layers count as linear layers for selection (module_types 'Linear')."""
     path, task, data = assets("gpt2")
     out = run_quantize(_bundle(path, task), Quantize(scheme="int8-dynamic"), _ctx(tmp_path, data))
-    kinds = {type(m).__name__ for m in out.model.modules() if not isinstance(m, nn.Embedding)}
-    assert "Conv1D" not in kinds and out.info["last_stage"]["quantized_layers"] == 8
+    kinds = {type(m).__name__ for m in out.bundle.model.modules() if not isinstance(m, nn.Embedding)}
+    assert "Conv1D" not in kinds and out.facts["quantized_layers"] == 8
 
 
 def test_a_float_copy_of_a_tied_table_fails(assets, tmp_path):
@@ -309,11 +309,11 @@ def test_a_float_copy_of_a_tied_table_fails(assets, tmp_path):
     path, task, data = assets("qwen2")
     dense_table = _bundle(path, task).model.get_input_embeddings().weight
     out = run_quantize(_bundle(path, task), Quantize(scheme="int8-dynamic", embeddings="int8"), _ctx(tmp_path, data))
-    check_tied(out.model, "model.embed_tokens", dense_table)  # tied, stored once: passes
-    out.model.leftover = nn.Parameter(dense_table, requires_grad=False)  # as an untied float head would keep it
+    check_tied(out.bundle.model, "model.embed_tokens", dense_table)  # tied, stored once: passes
+    out.bundle.model.leftover = nn.Parameter(dense_table, requires_grad=False)  # as an untied float head would keep it
     with pytest.raises(StageError, match=r"layer model\.embed_tokens: the float table \(3776 weights\) is still in "
                                          r"the model as leftover"):
-        check_tied(out.model, "model.embed_tokens", dense_table)
+        check_tied(out.bundle.model, "model.embed_tokens", dense_table)
 
 
 @pytest.mark.slow
@@ -329,10 +329,10 @@ def test_smollm2_int8_embeddings_store_the_tied_table_once(lm_text, tmp_path):
     bundle = load_base_model(recipe.model, "causal-lm", None, "cpu", 0)
     table = bundle.model.get_input_embeddings().weight.numel()
     out = run_quantize(bundle, Quantize(scheme="int8-dynamic", embeddings="int8"), _ctx(tmp_path, None))
-    info = out.info["last_stage"]
+    info = out.facts
     assert info["quantized_layers"] == 211 and info["weight_error_max"] <= 0.05
     assert info["tied_head"].startswith("lm_head reads model.embed_tokens's int8 table")
-    out.save(tmp_path / "q")
+    out.bundle.save(tmp_path / "q")
     mib = (tmp_path / "q" / "model.safetensors").stat().st_size / 2**20
     assert 120 < mib < 135  # a float copy of the table would add 4 * table bytes = 108 MiB
     assert 4 * table / 2**20 > 100

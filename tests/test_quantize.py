@@ -49,13 +49,13 @@ def test_every_scheme_reloads_with_identical_logits(scheme, tiny_llama_dir, lm_r
     ctx = _ctx(tmp_path, lm_recipe)
     assert check_quantize(bundle, config, ctx) == []
     out = run_quantize(bundle, config, ctx)
-    after = _logits(out.model, IDS)
+    after = _logits(out.bundle.model, IDS)
     assert not torch.equal(after, before)  # something was quantized...
     assert torch.nn.functional.cosine_similarity(after.flatten(), before.flatten(), dim=0) > 0.9  # ...sanely
-    out.save(tmp_path / "saved")
+    out.bundle.save(tmp_path / "saved")
     reloaded = ModelBundle.load(tmp_path / "saved")
     assert torch.equal(_logits(reloaded.model, IDS), after)
-    info = out.info["last_stage"]
+    info = out.facts
     # 2 layers x 7 linear layers; lm_head stays float by default.
     assert info["quantized_layers"] == 14 + (1 if extra else 0)
     assert info["head_kept_float"] == "lm_head"
@@ -73,7 +73,7 @@ def test_every_scheme_reloads_with_identical_logits(scheme, tiny_llama_dir, lm_r
         plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved")).eval()
         keep_canonical_layout(plain)
         assert torch.equal(_logits(plain, IDS), after)
-    assert out.lineage[-1]["stage"] == "quantize"
+    assert out.bundle.lineage[-1]["stage"] == "quantize"
 
 
 def test_nf4_layers_are_7x_smaller_and_match_the_limit():
@@ -139,9 +139,9 @@ def test_int8_dynamic_scales_default_to_per_token_for_causal_lms_only(tiny_bert_
     for model_dir, task, recipe, settings, per_token in cases:
         out = run_quantize(_bundle(model_dir, task), Quantize(scheme="int8-dynamic", **settings),
                            _ctx(tmp_path / task, recipe))
-        layers = [m for m in out.model.modules() if isinstance(m, DynamicInt8Linear)]
+        layers = [m for m in out.bundle.model.modules() if isinstance(m, DynamicInt8Linear)]
         assert layers and all(m.per_token is per_token for m in layers), (task, settings)
-        assert out.info["last_stage"]["activation_scales"] == ("per-token" if per_token else "per-tensor")
+        assert out.facts["activation_scales"] == ("per-token" if per_token else "per-tensor")
 
 
 def test_selection_include_exclude_types_and_head(tiny_bert_dir, cls_recipe, tmp_path):
@@ -149,14 +149,14 @@ def test_selection_include_exclude_types_and_head(tiny_bert_dir, cls_recipe, tmp
     ctx = _ctx(tmp_path, cls_recipe)
     config = Quantize(scheme="int8-weight", include=["query", "value"], exclude=[r"layer\.1\..*"])
     out = run_quantize(bundle, config, ctx)
-    names = [r["layer"] for r in out.info["last_stage"]["layers"]]
+    names = [r["layer"] for r in out.facts["layers"]]
     assert names == ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.value"]
 
     bundle = _bundle(tiny_bert_dir, "sequence-classification")
     out = run_quantize(bundle, Quantize(scheme="int8-dynamic", quantize_head=True), ctx)
-    names = [r["layer"] for r in out.info["last_stage"]["layers"]]
+    names = [r["layer"] for r in out.facts["layers"]]
     assert "classifier" in names and len(names) == 2 * 6 + 2  # + pooler + classifier
-    assert out.info["last_stage"]["head_kept_float"] == "none"
+    assert out.facts["head_kept_float"] == "none"
 
 
 def test_embeddings_int4_shrink_and_reload(tiny_bert_dir, cls_recipe, tmp_path):
@@ -164,12 +164,12 @@ def test_embeddings_int4_shrink_and_reload(tiny_bert_dir, cls_recipe, tmp_path):
     ctx = _ctx(tmp_path, cls_recipe)
     config = Quantize(scheme="int4-weight", embeddings="int4", embedding_group_size=32)
     out = run_quantize(bundle, config, ctx)
-    rows = {r["layer"]: r for r in out.info["last_stage"]["layers"]}
+    rows = {r["layer"]: r for r in out.facts["layers"]}
     emb = rows["bert.embeddings.word_embeddings"]
     assert emb["kind"] == "embedding-int4" and emb["bits_per_weight"] == pytest.approx(4 + 40 / 32)
     ids = torch.tensor([[2, 12, 20, 3]])
-    out.save(tmp_path / "q")
-    assert torch.equal(_logits(ModelBundle.load(tmp_path / "q").model, ids), _logits(out.model, ids))
+    out.bundle.save(tmp_path / "q")
+    assert torch.equal(_logits(ModelBundle.load(tmp_path / "q").model, ids), _logits(out.bundle.model, ids))
 
 
 def test_size_report_counts_logical_parameters(tiny_llama_dir, lm_recipe, tmp_path):
@@ -178,8 +178,8 @@ def test_size_report_counts_logical_parameters(tiny_llama_dir, lm_recipe, tmp_pa
     bundle = _bundle(tiny_llama_dir, "causal-lm")
     params, _ = count_parameters(bundle.model)
     out = run_quantize(bundle, Quantize(scheme="int4-weight", embeddings="int4"), _ctx(tmp_path, lm_recipe))
-    assert count_parameters(out.model)[0] == params  # packed int4 still counts one per weight
-    summary = size_summary(out.model)["summary"]
+    assert count_parameters(out.bundle.model)[0] == params  # packed int4 still counts one per weight
+    summary = size_summary(out.bundle.model)["summary"]
     assert summary["quantized_weights"] + summary["float_weights_left"] == params
 
 
@@ -263,14 +263,14 @@ def test_unsupported_bnb_layer_errors_or_is_skipped(tiny_llama_dir, lm_recipe, t
         "set on_unsupported: skip, or use scheme int8-dynamic")
     config = Quantize(scheme="nf4", on_unsupported="skip")
     out = run_quantize(_bundle(tiny_llama_dir, "causal-lm"), config, ctx)
-    skipped = [s["layer"] for s in out.info["last_stage"]["skipped"]]
+    skipped = [s["layer"] for s in out.facts["skipped"]]
     assert skipped == [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in ("k", "v")]
-    assert out.info["last_stage"]["quantized_layers"] == 10
-    assert isinstance(out.model.get_submodule("model.layers.0.self_attn.k_proj"), nn.Linear)
+    assert out.facts["quantized_layers"] == 10
+    assert isinstance(out.bundle.model.get_submodule("model.layers.0.self_attn.k_proj"), nn.Linear)
 
 
 def test_bnb_on_an_already_quantized_model_is_refused(tiny_llama_dir, lm_recipe, tmp_path):
     ctx = _ctx(tmp_path, lm_recipe)
     out = run_quantize(_bundle(tiny_llama_dir, "causal-lm"), Quantize(scheme="int8-weight"), ctx)
-    problems = check_quantize(out, Quantize(scheme="nf4"), ctx)
+    problems = check_quantize(out.bundle, Quantize(scheme="nf4"), ctx)
     assert problems[0].startswith("scheme: nf4 (bitsandbytes) needs an unquantized model")

@@ -73,16 +73,16 @@ def test_prune_stage_with_sparsegpt_on_a_llama(tiny_llama_dir, lm_text, tmp_path
     ctx = RunContext(output_dir=tmp_path, seed=0, device="cpu", data=data, show_progress=False)
     before = {n: p.detach().clone() for n, p in ModelBundle.load(tiny_llama_dir).model.named_parameters()}
     out = run_prune(ModelBundle.load(tiny_llama_dir), Prune(method="sparsegpt", sparsity=0.5), ctx)
-    linears = {n: m for n, m in out.model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    linears = {n: m for n, m in out.bundle.model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
     for name, lin in linears.items():
-        assert torch.equal(out.masks[f"{name}.weight"], lin.weight != 0), name
+        assert torch.equal(out.bundle.masks[f"{name}.weight"], lin.weight != 0), name
         kept = lin.weight != 0
         assert abs(float(kept.float().mean()) - 0.5) < 0.02, name
         assert not torch.equal(lin.weight[kept], before[f"{name}.weight"][kept]), name  # weights were updated
-    info = out.info["last_stage"]
+    info = out.facts
     assert info["method"] == "sparsegpt" and info["calibration_samples"] == 16
     out24 = run_prune(ModelBundle.load(tiny_llama_dir), Prune(method="sparsegpt", structure="n:m"), ctx)
-    assert all(check_nm(m.weight, 2, 4) for n, m in out24.model.named_modules()
+    assert all(check_nm(m.weight, 2, 4) for n, m in out24.bundle.model.named_modules()
                if isinstance(m, torch.nn.Linear) and n != "lm_head")
 
 

@@ -58,17 +58,17 @@ def test_ffn_channels_removed_reload_without_compress(tiny_bert_dir, tmp_path):
             layer.intermediate.dense.bias[:32] = 0
     before = _logits(bundle.model)
     out = run_prune(bundle, Prune(structure="ffn", sparsity=0.25), _ctx(tmp_path))
-    assert out.model.config.intermediate_size == 96
-    for layer in out.model.bert.encoder.layer:
+    assert out.bundle.model.config.intermediate_size == 96
+    for layer in out.bundle.model.bert.encoder.layer:
         assert layer.intermediate.dense.weight.shape == (96, 64)
         assert layer.output.dense.weight.shape == (64, 96)
         # the zero channels were the ones removed
         assert layer.intermediate.dense.weight.abs().sum(1).min() > 0
-    assert torch.allclose(_logits(out.model), before, atol=1e-5)
-    info = out.info["last_stage"]
+    assert torch.allclose(_logits(out.bundle.model), before, atol=1e-5)
+    info = out.facts
     assert (info["intermediate_size_before"], info["intermediate_size_after"]) == (128, 96)
     assert "one intermediate_size for all layers" in info["uniform_note"]
-    folder = out.save(tmp_path / "pruned")
+    folder = out.bundle.save(tmp_path / "pruned")
     stdout = _reload_without_compress(folder, before, "AutoModelForSequenceClassification", tmp_path)
     assert stdout.split() == ["compress", "unavailable", str(info["parameters_after"])]
 
@@ -84,14 +84,14 @@ def test_head_groups_removed_respecting_gqa(tiny_llama_dir, tmp_path):
             layer.self_attn.v_proj.weight[d:] = 0
     before = _logits(bundle.model)
     out = run_prune(bundle, Prune(structure="heads", sparsity=0.5), _ctx(tmp_path))
-    cfg = out.model.config
+    cfg = out.bundle.model.config
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (2, 1, 16)
-    attn = out.model.model.layers[0].self_attn
+    attn = out.bundle.model.model.layers[0].self_attn
     assert attn.q_proj.weight.shape == (32, 64) and attn.k_proj.weight.shape == (16, 64)
     assert attn.o_proj.weight.shape == (64, 32)
-    assert out.info["last_stage"]["kept_head_groups"] == [[0], [0]]
-    assert torch.allclose(_logits(out.model), before, atol=1e-5)
-    folder = out.save(tmp_path / "pruned")
+    assert out.facts["kept_head_groups"] == [[0], [0]]
+    assert torch.allclose(_logits(out.bundle.model), before, atol=1e-5)
+    folder = out.bundle.save(tmp_path / "pruned")
     _reload_without_compress(folder, before, "AutoModelForCausalLM", tmp_path)
 
 
@@ -111,24 +111,24 @@ def test_identity_layer_is_the_one_removed(tiny_llama_dir, tmp_path, lm_text):
     data = load_data(spec, "causal-lm")
     ctx = RunContext(output_dir=tmp_path, seed=0, device="cpu", data=data, show_progress=False)
     out = run_prune(bundle, Prune(structure="layers", count=1), ctx)
-    info = out.info["last_stage"]
+    info = out.facts
     assert info["removed_layers"] == [0] and info["layer_scores"][0] == pytest.approx(0, abs=1e-6)
-    assert out.model.config.num_hidden_layers == 1 and len(out.model.model.layers) == 1
-    assert out.model.model.layers[0].self_attn.layer_idx == 0
-    assert list(out.masks) == ["model.layers.0.mlp.up_proj.weight"]
-    assert torch.allclose(_logits(out.model), before, atol=1e-5)
-    reloaded = ModelBundle.load(out.save(tmp_path / "pruned"))
+    assert out.bundle.model.config.num_hidden_layers == 1 and len(out.bundle.model.model.layers) == 1
+    assert out.bundle.model.model.layers[0].self_attn.layer_idx == 0
+    assert list(out.bundle.masks) == ["model.layers.0.mlp.up_proj.weight"]
+    assert torch.allclose(_logits(out.bundle.model), before, atol=1e-5)
+    reloaded = ModelBundle.load(out.bundle.save(tmp_path / "pruned"))
     assert torch.allclose(_logits(reloaded.model), before, atol=1e-5)
 
 
 def test_masks_follow_ffn_removal(tiny_bert_dir, tmp_path):
     bundle = ModelBundle.load(tiny_bert_dir)
     masked = run_prune(bundle, Prune(sparsity=0.5), _ctx(tmp_path))
-    out = run_prune(masked, Prune(structure="ffn", count=64, importance="weight"), _ctx(tmp_path))
-    params = dict(out.model.named_parameters())
+    out = run_prune(masked.bundle, Prune(structure="ffn", count=64, importance="weight"), _ctx(tmp_path))
+    params = dict(out.bundle.model.named_parameters())
     key = "bert.encoder.layer.0.output.dense.weight"
-    assert out.masks[key].shape == params[key].shape == (64, 64)
-    assert torch.equal(out.masks[key], params[key] != 0)
+    assert out.bundle.masks[key].shape == params[key].shape == (64, 64)
+    assert torch.equal(out.bundle.masks[key], params[key] != 0)
 
 
 @pytest.mark.parametrize(("model", "stage", "message"), [

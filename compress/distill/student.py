@@ -13,8 +13,7 @@ from typing import Any
 
 import torch
 
-from compress.bundle import ModelBundle, auto_class, load_tokenizer
-from compress.paths import looks_like_local_path, resolve_path
+from compress.bundle import auto_class
 
 
 def layer_list_name(model: Any) -> str:
@@ -118,24 +117,20 @@ def student_from_config(teacher_config: Any, overrides: dict[str, Any], task: st
     return student
 
 
-def load_model(spec: str, task: str, num_labels: int | None = None, id2label: dict | None = None,
-               device: str = "cpu") -> tuple[Any, Any, str]:
-    """(model, tokenizer, task) from a compress stage folder, a Hugging Face folder or a Hub id.
+def load_model(path: str, task: str, num_labels: int | None = None, id2label: dict | None = None,
+               device: str = "cpu", *, field: str = "teacher") -> tuple[Any, Any, str]:
+    """(model, tokenizer, task) from a compress stage folder, a Hugging Face folder or a Hub id,
+    through the base model's loader and its safety checks (compress/loading.py).
 
-    A bare encoder given as a classification student gets a new head with the teacher's labels.
+    A bare encoder given as a classification student gets a new head with the teacher's labels;
+    a teacher must bring its own trained head.
     """
-    location = str(resolve_path(spec)) if looks_like_local_path(spec) else spec
-    if looks_like_local_path(spec) and (resolve_path(spec) / "compress_bundle.json").exists():
-        bundle = ModelBundle.load(location, device=device)
-        return bundle.model, bundle.tokenizer, bundle.task
-    kwargs: dict[str, Any] = {}
-    if task == "sequence-classification" and num_labels:
-        kwargs["num_labels"] = num_labels
-        if id2label:
-            kwargs["id2label"] = dict(id2label)
-            kwargs["label2id"] = {v: k for k, v in id2label.items()}
-    model = auto_class(task).from_pretrained(location, **kwargs)
-    return model.to(device).eval(), load_tokenizer(location), task
+    from compress.loading import load_other_model
+
+    labels = [id2label.get(i, id2label.get(str(i), str(i))) for i in range(num_labels)] \
+        if task == "sequence-classification" and num_labels and id2label else None
+    bundle = load_other_model(path, task, device, field=field, label_names=labels, with_head=field == "teacher")
+    return bundle.model, bundle.tokenizer, bundle.task
 
 
 def default_layer_map(student_layers: int, teacher_layers: int, kept: list[int] | None) -> dict[int, int]:

@@ -25,9 +25,10 @@ from compress.distill.objective import Objective, StudentWithProjections
 from compress.errors import CompressError, StageError
 from compress.evaluate.accuracy import evaluate_accuracy
 from compress.paths import looks_like_local_path, resolve_path
-from compress.registry import StageConfig, register_stage
+from compress.registry import StageConfig, StageResult, register_stage
 from compress.training import TrainingFields, train
 from compress.training import adapters as ad
+from compress.training.loop import sharding_problems
 
 STAGE_REF = "stage:"
 
@@ -102,28 +103,12 @@ class Distill(StageConfig, TrainingFields):
 # ------------------------------------------------------------------------------- teacher/student sources
 
 
-def _own_index(config: Distill, ctx: RunContext) -> int | None:
-    stages = ctx.recipe.stages if ctx.recipe is not None else []
-    return next((i for i, s in enumerate(stages) if s is config), None)
-
-
 def _stage_folder(config: Distill, ctx: RunContext) -> tuple[Path | None, str | None]:
     """The folder of the earlier stage named by `teacher: stage:X`, or the problem with the reference."""
-    from compress.runner import stage_dir_name
-
-    ref = config.teacher[len(STAGE_REF):]
-    stages = ctx.recipe.stages if ctx.recipe is not None else []
-    own = _own_index(config, ctx)
-    own = len(stages) if own is None else own
-    if ref.isdigit():
-        index = int(ref) - 1
-    else:
-        index = next((i for i, s in enumerate(stages[:own]) if ref in (s.name, s.stage_type())), -1)
-    if not 0 <= index < own:
-        earlier = ", ".join(f"{i + 1} ({s.label()})" for i, s in enumerate(stages[:own])) or "none"
-        return None, (f"teacher: {config.teacher!r} is not an earlier stage of this run (earlier stages: "
-                      f"{earlier}); name one by number or name")
-    return Path(ctx.output_dir) / stage_dir_name(index, stages[index].stage_type()), None
+    earlier, problem = ctx.find_earlier(config.teacher[len(STAGE_REF):])
+    if earlier is None:
+        return None, f"teacher: {config.teacher!r} {problem}; name one by number or name"
+    return earlier.folder, None
 
 
 def _describe(path: str) -> tuple[Any, Any, str]:
@@ -148,7 +133,7 @@ def _layers(config: Any) -> int:
 
 def check_distill(bundle: ModelBundle, config: Distill, ctx: RunContext) -> list[str]:
     """Model-dependent mistakes, before any work: sources, layers, vocabulary, task and labels."""
-    problems: list[str] = []
+    problems: list[str] = sharding_problems(config, ctx.device)
     t_config, t_tok, t_task = bundle.model.config, bundle.tokenizer, bundle.task
     if config.teacher is not None and config.teacher.startswith(STAGE_REF):
         problems += [p for p in [_stage_folder(config, ctx)[1]] if p]
@@ -257,7 +242,8 @@ def _student(bundle: ModelBundle, config: Distill, teacher: Any, t_tok: Any, t_t
              ctx: RunContext) -> tuple[Any, Any, list[int] | None, str]:
     if config.student_model is not None:
         model, tok, _ = st.load_model(config.student_model, t_task, teacher.config.num_labels,
-                                      getattr(teacher.config, "id2label", None), device=ctx.device)
+                                      getattr(teacher.config, "id2label", None), device=ctx.device,
+                                      field="student_model")
         return model, tok, None, config.student_model
     derived = config.keep_every is not None or config.keep_layers is not None or config.student_config
     if derived and config.teacher is None and bundle.format != "hf":
@@ -282,7 +268,7 @@ def _params(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run_distill(bundle: ModelBundle, config: Distill, ctx: RunContext) -> ModelBundle:
+def run_distill(bundle: ModelBundle, config: Distill, ctx: RunContext) -> StageResult:
     data = ctx.require_data("distill")
     teacher, t_tok, t_task, teacher_desc = _teacher(bundle, config, ctx)
     student, s_tok, kept, student_desc = _student(bundle, config, teacher, t_tok, t_task, ctx)
@@ -321,10 +307,8 @@ def run_distill(bundle: ModelBundle, config: Distill, ctx: RunContext) -> ModelB
         return batch
 
     cache = None
-    work = Path(ctx.work_dir) if ctx.work_dir else None
+    work = ctx.work_dir
     if config.teacher_cache == "disk" and config.alpha < 1:
-        if work is None:
-            raise StageError("teacher_cache: disk needs a work folder; run the stage through compress.run")
         cached_set = train_set.select(range(min(config.max_train_samples or len(train_set), len(train_set))))
         # Names the teacher by a checksum of a few of its tensors, so a changed teacher never reads a
         # stale cache (hashing every weight of a large teacher would cost more than it saves).
@@ -350,7 +334,7 @@ def run_distill(bundle: ModelBundle, config: Distill, ctx: RunContext) -> ModelB
         wrapper, train_set, collate, config, device=ctx.device, seed=ctx.seed, loss_fn=objective,
         evaluate=evaluate, eval_metric="accuracy" if t_task == "sequence-classification" else "eval_loss",
         masks=masks or None, show_progress=ctx.show_progress, label=config.label(),
-        checkpoint_dir=work / "checkpoint" if work else None, resume=ctx.resume,
+        checkpoint_dir=work / "checkpoint", resume=ctx.resume, stop=ctx.stop,
     )
     student.requires_grad_(False)
     student.eval()
@@ -395,12 +379,11 @@ def run_distill(bundle: ModelBundle, config: Distill, ctx: RunContext) -> ModelB
                          format=bundle.format if student_is_incoming else "hf")
     out.record("distill", config.model_dump(mode="json"),
                **{k: v for k, v in facts.items() if k not in ("loss_curve", "eval_curve")})
-    out.info["last_stage"] = facts
     if teacher is not bundle.model:
         del teacher  # a loaded teacher is not needed past this point
-    return out
+    return StageResult(out, facts)
 
 
-register_stage(Distill, run_distill, check=check_distill)
+register_stage(Distill, run_distill, check=check_distill, distributed=True)
 
 __all__ = ["Distill", "check_distill", "run_distill"]

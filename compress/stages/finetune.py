@@ -17,13 +17,14 @@ from compress.bundle import ModelBundle, ModelFormat, from_pretrained_checked, r
 from compress.context import RunContext
 from compress.errors import StageError
 from compress.evaluate.accuracy import evaluate_accuracy
+from compress.evaluate.size import count_parameters
 from compress.pruning.targets import is_conv1d
 from compress.quant import bnb as bnb_quant
 from compress.quant.bnb_weights import unpack_cpu_layout
-from compress.registry import StageConfig, register_stage
+from compress.registry import StageConfig, StageResult, register_stage
 from compress.training import TrainingFields, train
 from compress.training import adapters as ad
-from compress.training.loop import apply_masks
+from compress.training.loop import apply_masks, sharding_problems
 
 MergePolicy = Literal["none", "merge", "dequantize-merge-requantize"]
 
@@ -75,7 +76,8 @@ def check_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> li
     """Model-dependent mistakes, found before any work."""
     problems: list[str] = []
     model = bundle.model
-    quantized = bool(ad.count_bnb(model))
+    # A QLoRA base already loaded in NF4 for this stage is not "quantized by an earlier stage".
+    quantized = bool(ad.count_bnb(model)) and not (config.method == "qlora" and bundle.info.get("qlora_base"))
     if config.method != "full" and config.target_modules:
         problems += ad.check_targets(model, config.target_modules)
     if config.modules_to_save:
@@ -104,6 +106,7 @@ def check_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> li
     if config.merge == "none" and bundle.format != "hf":
         problems.append(f"merge: none keeps the adapter next to the base, which needs a plain Hugging Face "
                         f"base (this one is {bundle.format!r}); use merge: merge or dequantize-merge-requantize")
+    problems += sharding_problems(config, ctx.device)
     if config.optimizer.startswith("paged") and ctx.device != "cuda":
         problems.append(f"optimizer: {config.optimizer} pages optimizer state through CUDA memory; on "
                         f"{ctx.device} use adamw or adamw_8bit")
@@ -148,18 +151,21 @@ def _probe_logits(model: Any, eval_set: Any, tokenizer: Any, device: str) -> tor
         return model(**batch).logits.float().cpu()
 
 
-def run_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> ModelBundle:
+def run_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> StageResult:
     data = ctx.require_data("finetune")
     tokenizer = bundle.tokenizer
     train_set = data.tokenized("train", tokenizer)
     eval_set = data.tokenized("eval", tokenizer)
     model = bundle.model
     masks = bundle.masks
-    total_params = sum(p.numel() for p in model.parameters())
+    total_params = count_parameters(model)[0]  # logical sizes: a 4-bit base counts its real shapes
     sparsity_before = ad.sparsity(model, masks)
-    work = Path(ctx.work_dir) if ctx.work_dir else None
+    work = ctx.work_dir
+    # A QLoRA base loaded straight into NF4 from its checkpoint (compress.loading) is this stage's
+    # own 4-bit copy, not a quantized model from an earlier stage.
+    preloaded = bundle.info.get("qlora_base") if config.method == "qlora" else None
     policy: MergePolicy = config.merge or (
-        "dequantize-merge-requantize" if ad.count_bnb(model) else "merge")
+        "dequantize-merge-requantize" if ad.count_bnb(model) and not preloaded else "merge")
     if config.method == "full":
         policy = "merge"
 
@@ -168,11 +174,10 @@ def run_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> Mode
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        if config.method == "qlora":
-            if work is None:
-                raise StageError("method: qlora needs a work folder to reload the base in 4-bit; run it "
-                                 "through compress.run")
-            model = ad.load_4bit(model, bundle.task, work / "qlora-base", compute_dtype=config.compute_dtype,
+        if config.method == "qlora" and not preloaded:
+            # One copy per process: ranks of a distributed run must not write the same files.
+            model = ad.load_4bit(model, bundle.task, work / f"qlora-base-rank{ctx.rank}",
+                                 compute_dtype=config.compute_dtype,
                                  double_quant=config.double_quant, skip=ad.keep_float(model)
                                  + list(config.modules_to_save or []))
         quantized_layers = ad.count_bnb(model)
@@ -183,6 +188,9 @@ def run_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> Mode
                 model, use_gradient_checkpointing=config.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         targets = _targets(model, config)
+        # The adapters' initial weights depend on the seed alone, not on how much randomness loading
+        # the base used (a QLoRA base reloaded here in 4-bit, or loaded in 4-bit by the runner).
+        torch.manual_seed(ctx.seed)
         model = _wrap(model, config, bundle.task, targets)
         targets = sorted(getattr(model, "targeted_module_names", targets))
     masked_layers = ad.enable_masked_lora(model, masks) if masks and config.method != "full" else 0
@@ -202,17 +210,18 @@ def run_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> Mode
         eval_metric="accuracy" if bundle.task == "sequence-classification" else "eval_loss",
         masks=masks if config.method == "full" else None,
         show_progress=ctx.show_progress, label=config.label(),
-        checkpoint_dir=work / "checkpoint" if work else None, resume=ctx.resume, stop=ctx.stop,
+        checkpoint_dir=work / "checkpoint", resume=ctx.resume, stop=ctx.stop,
     )
 
     facts: dict[str, Any] = {}
     if config.save_adapter and config.method != "full":
-        folder = Path(ctx.output_dir) / "adapters" / (work.name.removeprefix(".work-") if work else config.label())
+        folder = ctx.artifact_dir("adapters")
         model.save_pretrained(folder)
         facts["adapter_dir"] = str(folder)
     # A QLoRA base kept in 4-bit saves as bitsandbytes does for this architecture (`hf-bnb` where
     # transformers' loader needs help, e.g. Falcon's FalconLinear): decided on the float model.
-    out_format = bnb_quant.output_format(bundle.model) if config.method == "qlora" else bundle.format
+    out_format = ((preloaded or {}).get("float_format") or bnb_quant.output_format(bundle.model)
+                  if config.method == "qlora" else bundle.format)
     if config.method != "full" and policy != "none":
         before = _probe_logits(model, eval_set, tokenizer, ctx.device)
         model = _merge(model, config, policy, masks)
@@ -239,6 +248,7 @@ def run_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> Mode
                          f"the sparsity was lost. Use method: lora (masked) or full, and report this as a bug")
 
     out = bundle.replace(model=model, format=out_format)
+    out.info.pop("qlora_base", None)
     facts = {
         "method": config.method,
         "merge": policy if config.method != "full" else None,
@@ -257,8 +267,7 @@ def run_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> Mode
         facts.update({f"last_eval_{k}": v for k, v in result.eval_curve[-1][1].items()})
     out.record("finetune", config.model_dump(mode="json"),
                **{k: v for k, v in facts.items() if k not in ("loss_curve", "eval_curve")})
-    out.info["last_stage"] = facts
-    return out
+    return StageResult(out, facts, [Path(facts["adapter_dir"])] if "adapter_dir" in facts else [])
 
 
 # How far a merged model's logits may move from the adapter model's on held-out inputs, as the
@@ -343,6 +352,14 @@ def _peft_load(folder: Path, meta: dict[str, Any]) -> Any:
 
 
 register_format(ModelFormat("peft-adapter", _peft_save, _peft_load))
-register_stage(Finetune, run_finetune, check=check_finetune)
+def nf4_load_plan(config: Finetune) -> dict[str, Any] | None:
+    """QLoRA as the first stage: the base loads straight into NF4 (never in full precision)."""
+    if config.method != "qlora":
+        return None
+    return {"compute_dtype": config.compute_dtype, "double_quant": config.double_quant,
+            "keep_float": list(config.modules_to_save or [])}
+
+
+register_stage(Finetune, run_finetune, check=check_finetune, distributed=True, load_plan=nf4_load_plan)
 
 __all__ = ["Finetune", "check_finetune", "run_finetune"]

@@ -20,7 +20,7 @@ from compress.bundle import ModelBundle, ModelFormat, auto_class, register_forma
 from compress.context import RunContext
 from compress.errors import ModelError, StageError
 from compress.pruning.targets import bad_patterns, oriented, select_linears
-from compress.registry import StageConfig, register_stage
+from compress.registry import StageConfig, StageResult, register_stage
 
 LOWRANK_FILE = "lowrank.json"
 WEIGHTS = "model.safetensors"
@@ -153,7 +153,7 @@ def check_factors(name: str, original: torch.nn.Module, replaced: torch.nn.Modul
     return err
 
 
-def run_lowrank(bundle: ModelBundle, config: LowRank, ctx: RunContext) -> ModelBundle:
+def run_lowrank(bundle: ModelBundle, config: LowRank, ctx: RunContext) -> StageResult:
     problems = check_lowrank(bundle, config, ctx)
     if problems:
         raise StageError("lowrank." + "; lowrank.".join(problems))
@@ -193,8 +193,7 @@ def run_lowrank(bundle: ModelBundle, config: LowRank, ctx: RunContext) -> ModelB
              "masks_dropped": len(bundle.masks) - len(masks)}
     out.record("lowrank", config.model_dump(mode="json"), **facts,
                ranks={r["layer"]: r["rank"] for r in rows}, skipped=skipped)
-    out.info["last_stage"] = {**facts, "layers": rows, "skipped": skipped}
-    return out
+    return StageResult(out, {**facts, "layers": rows, "skipped": skipped})
 
 
 # ---------------------------------------------------------------------------- format

@@ -26,7 +26,7 @@ from compress.pruning.targets import (
     pattern_value,
     select_linears,
 )
-from compress.registry import StageConfig, register_stage
+from compress.registry import StageConfig, StageResult, register_stage
 
 STRUCTURED = ("heads", "ffn", "layers")
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -246,7 +246,7 @@ def _sparsegpt_masks(model: Any, config: Prune, linears: dict[str, torch.nn.Line
     return sparsegpt.prune_sequentially(model, linears, batches, prune_layer)
 
 
-def _prune_masks(bundle: ModelBundle, config: Prune, ctx: RunContext) -> ModelBundle:
+def _prune_masks(bundle: ModelBundle, config: Prune, ctx: RunContext) -> StageResult:
     model = bundle.model
     linears = select_linears(model, config.targets, config.exclude, conv1d=True)
     batches = (calibration_batches(bundle, ctx.data, config.calibration_samples, ctx.seed)
@@ -284,8 +284,7 @@ def _prune_masks(bundle: ModelBundle, config: Prune, ctx: RunContext) -> ModelBu
         "speed_note": NOTE_NM if config.structure == "n:m" else NOTE_DENSE,
     }
     out.record("prune", config.model_dump(mode="json"), **facts)
-    out.info["last_stage"] = {**facts, "per_layer_sparsity": per_layer}
-    return out
+    return StageResult(out, {**facts, "per_layer_sparsity": per_layer})
 
 
 def _lowest(scores: torch.Tensor, remove: int) -> torch.Tensor:
@@ -313,7 +312,7 @@ def _carry_masks(model: Any, masks: dict[str, torch.Tensor], layer_prefix: str,
     return out
 
 
-def _prune_structured(bundle: ModelBundle, config: Prune, ctx: RunContext) -> ModelBundle:
+def _prune_structured(bundle: ModelBundle, config: Prune, ctx: RunContext) -> StageResult:
     model = bundle.model
     arch = _arch(model, config.structure)
     ranking = config.ranking()
@@ -361,11 +360,10 @@ def _prune_structured(bundle: ModelBundle, config: Prune, ctx: RunContext) -> Mo
     out = bundle.replace(model=model, masks=_carry_masks(model, bundle.masks, prefix, renames))
     out.record("prune", config.model_dump(mode="json"),
                **{k: v for k, v in facts.items() if k not in ("layer_scores", "kept_head_groups")})
-    out.info["last_stage"] = facts
-    return out
+    return StageResult(out, facts)
 
 
-def run_prune(bundle: ModelBundle, config: Prune, ctx: RunContext) -> ModelBundle:
+def run_prune(bundle: ModelBundle, config: Prune, ctx: RunContext) -> StageResult:
     problems = check_prune(bundle, config, ctx)
     if problems:
         raise StageError("prune." + "; prune.".join(problems))

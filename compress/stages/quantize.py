@@ -19,11 +19,12 @@ from compress.context import RunContext
 from compress.errors import StageError
 from compress.quant import bnb as bnb_quant
 from compress.quant import format as qformat
-from compress.quant.accounting import OWN_TYPES, quantized_modules, size_summary
+from compress.quant.accounting import quantized_modules, size_summary
 from compress.quant.calibration import calibration_inputs, collect_stats
 from compress.quant.dynamic import DynamicInt8Linear, kernel_available, smoothing_factors
 from compress.quant.embedding import QuantEmbedding, TiedQuantHead
 from compress.quant.gptq import gptq_quantize
+from compress.quant.kinds import is_own_layer
 from compress.quant.select import (
     as_linear,
     bad_patterns,
@@ -35,7 +36,7 @@ from compress.quant.select import (
 )
 from compress.quant.verify import check_embedding, check_layers, check_tied, weight_error
 from compress.quant.weight_only import WeightOnlyLinear, group_problem
-from compress.registry import StageConfig, register_stage
+from compress.registry import StageConfig, StageResult, register_stage
 
 Scheme = Literal["int8", "nf4", "fp4", "int8-dynamic", "int8-weight", "int4-weight", "gptq"]
 CPU_ALTERNATIVE = "int8-dynamic (CPU speed) or int4-weight / gptq (4-bit size)"
@@ -171,7 +172,7 @@ def check_quantize(bundle: ModelBundle, config: Quantize, ctx: RunContext) -> li
     model = bundle.model
     problems = []
     has_bnb = any(isinstance(m, bnb_quant.bnb_layer_types()) for m in model.modules())
-    has_own = bundle.format == qformat.FORMAT or any(isinstance(m, OWN_TYPES) for m in model.modules())
+    has_own = bundle.format == qformat.FORMAT or any(is_own_layer(m) for m in model.modules())
     if config.scheme in bnb_quant.BNB_SCHEMES and (has_own or has_bnb):
         problems.append(f"scheme: {config.scheme} (bitsandbytes) needs an unquantized model, but this one is "
                         f"already quantized; use one quantize stage, or a non-bitsandbytes scheme")
@@ -311,7 +312,7 @@ def _quantize_own(model: nn.Module, names: list[str], config: Quantize, bundle: 
     return facts
 
 
-def run_quantize(bundle: ModelBundle, config: Quantize, ctx: RunContext) -> ModelBundle:
+def run_quantize(bundle: ModelBundle, config: Quantize, ctx: RunContext) -> StageResult:
     started = time.perf_counter()
     model = bundle.model
     model.eval()
@@ -343,7 +344,7 @@ def run_quantize(bundle: ModelBundle, config: Quantize, ctx: RunContext) -> Mode
     embedded: list[str] = []
     with torch.no_grad():
         if config.scheme in bnb_quant.BNB_SCHEMES:
-            work = ctx.work_dir or ctx.output_dir / ".work-quantize"
+            work = ctx.work_dir
             fmt = bnb_quant.output_format(model)
             dense = model
             model = bnb_quant.quantize_with_bnb(model, bundle.task, config.scheme, targets, work, ctx.device,
@@ -377,8 +378,7 @@ def run_quantize(bundle: ModelBundle, config: Quantize, ctx: RunContext) -> Mode
     }
     out = bundle.replace(model=model, format=fmt)
     out.record("quantize", config.model_dump(mode="json"), **{k: v for k, v in info.items() if k != "layers"})
-    out.info["last_stage"] = info
-    return out
+    return StageResult(out, info)
 
 
 register_stage(Quantize, run_quantize, check=check_quantize)

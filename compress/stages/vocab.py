@@ -16,7 +16,7 @@ from compress.bundle import ModelBundle
 from compress.context import RunContext
 from compress.errors import StageError
 from compress.pruning import vocab as vt
-from compress.registry import StageConfig, register_stage
+from compress.registry import StageConfig, StageResult, register_stage
 
 _PROBE_TEXTS = 64
 # Largest logit change allowed on texts whose tokens were all kept, relative to the largest logit:
@@ -70,7 +70,7 @@ def _logits(model: Any, tokenizer: Any, texts: list[str], device: str) -> torch.
         return model(**batch).logits.float().cpu()
 
 
-def run_trim_vocab(bundle: ModelBundle, config: TrimVocab, ctx: RunContext) -> ModelBundle:
+def run_trim_vocab(bundle: ModelBundle, config: TrimVocab, ctx: RunContext) -> StageResult:
     data = ctx.require_data("trim-vocab")
     tokenizer, model = bundle.tokenizer, bundle.model
     embedding_name = next((n for n, p in model.named_parameters()
@@ -130,8 +130,7 @@ def run_trim_vocab(bundle: ModelBundle, config: TrimVocab, ctx: RunContext) -> M
                     len(plan.keep), facts["kept_percent"], 100 * (facts["eval_token_coverage"] or 0))
     out = bundle.replace(model=model, tokenizer=new_tokenizer)
     out.record("trim-vocab", config.model_dump(mode="json"), **facts)
-    out.info["last_stage"] = facts
-    return out
+    return StageResult(out, facts)
 
 
 register_stage(TrimVocab, run_trim_vocab, check=check_trim_vocab)

@@ -94,20 +94,30 @@ def bnb_4bit_problem(device: str) -> str | None:
     return None
 
 
+def nf4_config(*, compute_dtype: str, double_quant: bool, skip: list[str]) -> Any:
+    """transformers' BitsAndBytesConfig for QLoRA's NF4 base, leaving `skip` modules in float."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype), llm_int8_skip_modules=skip)
+
+
 def load_4bit(model: Any, task: str, folder: Path, *, compute_dtype: str, double_quant: bool,
               skip: list[str]) -> Any:
     """Reload `model` with its linear layers in bitsandbytes NF4 via transformers' own loader, so the
-    result carries a `quantization_config` and saves/reloads as a normal Hugging Face folder."""
-    from transformers import BitsAndBytesConfig
-
+    result carries a `quantization_config` and saves/reloads as a normal Hugging Face folder.
+    (Used when the float model is already in memory; a QLoRA base read from its checkpoint loads
+    straight into 4-bit instead: compress.loading.)"""
     from compress.bundle import auto_class
     from compress.quant.bnb import linear_subclasses_as_linear
 
-    model.save_pretrained(folder)
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                bnb_4bit_use_double_quant=double_quant,
-                                bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
-                                llm_int8_skip_modules=skip)
+    # Written with huggingface_hub rather than save_pretrained, which writes on distributed rank 0
+    # only: every process of a distributed QLoRA reloads its own copy (the caller gives each its folder).
+    from huggingface_hub import save_torch_state_dict
+
+    model.config.save_pretrained(folder)
+    save_torch_state_dict({k: v.detach() for k, v in model.state_dict().items()}, folder)
+    config = nf4_config(compute_dtype=compute_dtype, double_quant=double_quant, skip=skip)
     device = next(model.parameters()).device
     # Falcon's FalconLinear (an nn.Linear subclass) is left float by transformers' own loader; the
     # context makes it quantize such layers too (a saved 4-bit base then loads in compress's hf-bnb

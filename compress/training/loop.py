@@ -138,6 +138,24 @@ def make_optimizer(params: list[torch.nn.Parameter], settings: TrainingFields) -
     return cls(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
+def sharding_problems(settings: TrainingFields, device: str) -> list[str]:
+    """FSDP / DeepSpeed asked for where they cannot run: refused before any work, never silently
+    replaced by plain data parallelism. They come from the stage's fields or from the accelerate
+    config that `accelerate launch --config_file` passes on in the environment."""
+    import os
+
+    wanted = [name for name, field, env in (("FSDP", settings.fsdp, "ACCELERATE_USE_FSDP"),
+                                            ("DeepSpeed", settings.deepspeed, "ACCELERATE_USE_DEEPSPEED"))
+              if field is not None or os.environ.get(env, "").lower() in ("1", "true")]
+    if not wanted or device == "cuda":
+        return []
+    field = "fsdp" if settings.fsdp is not None else "deepspeed" if settings.deepspeed is not None else None
+    fix = f"remove {field}" if field else "launch without that accelerate config"
+    return [f"{field or 'type'}: {' and '.join(wanted)} (from {'this stage' if field else 'the accelerate config'}) "
+            f"shards training across GPUs, but this run trains on {device}; processes launched with torchrun on "
+            f"CPU train with plain data parallelism (gloo) — {fix}, or run on GPUs"]
+
+
 def _accelerator(settings: TrainingFields, device: str):
     from accelerate import Accelerator
 
