@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from compress.errors import CompressError, RecipeError
-from compress.loading import load_config
+from compress.loading import load_config, resolve_dtype
 from compress.recipe import Recipe
 
 log = logging.getLogger("compress")
@@ -177,7 +177,8 @@ def check_memory(config: Any, recipe: Recipe, task: str, device: str, students: 
     if os.environ.get(SKIP_MEMORY_ENV, "") not in ("", "0"):
         log.warning("%s is set: the memory check is skipped", SKIP_MEMORY_ENV)
         return
-    width = _BYTES[recipe.model.dtype]
+    dtype = resolve_dtype(recipe.model, config, device)  # `auto` becomes the checkpoint's own dtype
+    width = _BYTES[dtype]
     try:
         params = estimate_parameters(config, task)
         student, student_field = max(((estimate_parameters(c, task), where) for where, c in students),
@@ -195,7 +196,7 @@ def check_memory(config: Any, recipe: Recipe, task: str, device: str, students: 
     need, free = weights + batch, available_memory(device)
     if need <= free:
         return
-    parts = [f"the weights: {params:,} parameters × {width} bytes ({recipe.model.dtype}) = {_gib(params * width)}"]
+    parts = [f"the weights: {params:,} parameters × {width} bytes ({dtype}) = {_gib(params * width)}"]
     if student:
         parts.append(f"the distill student: {student:,} parameters = {_gib(student * width)}")
     parts.append(f"the largest evaluation batch: at least {_gib(batch)} "

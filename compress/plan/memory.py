@@ -1,0 +1,141 @@
+"""Byte counts: weights in each storage format, training state, and activations.
+
+The formulas follow what compress's own code allocates (its loader, peft as compress calls it, the
+torch / bitsandbytes optimizers, transformers' gradient checkpointing); each says why in a comment.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from compress.plan.shapes import Shape
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+BNB_BLOCK = 64        # bitsandbytes' 4-bit blocksize (the QLoRA paper's)
+NESTED_BLOCK = 256    # double quantization: one fp32 constant per 256 first-level constants
+
+
+def bnb4_bytes(n: int, double_quant: bool) -> int:
+    """A bitsandbytes NF4/FP4 weight of `n` values: 4-bit codes packed two per byte, plus one absmax per
+    64 values — fp32 without double quantization (0.5 bit/weight), uint8 with it plus an fp32 constant
+    per 256 blocks and the 256-entry fp32 code (0.127 bit/weight, QLoRA paper section 3)."""
+    blocks = math.ceil(n / BNB_BLOCK)
+    absmax = blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 * 256 + 4 if double_quant else 4 * blocks
+    return math.ceil(n / 2) + absmax + 4 * 16  # + the 16-entry fp32 NF4/FP4 code
+
+
+def linear_bytes(fmt: str, in_f: int, out_f: int, float_bytes: int, group: int | None = None,
+                 double_quant: bool = True) -> int:
+    """One linear layer's weight in a storage format (biases are counted with the float parameters)."""
+    n = in_f * out_f
+    if fmt == "float":
+        return n * float_bytes
+    if fmt in ("nf4", "fp4"):
+        return bnb4_bytes(n, double_quant)
+    if fmt in ("int8", "int8-dynamic"):
+        return n + 4 * out_f  # int8 codes + an fp32 scale per output row (bnb SCB / compress's scales)
+    if fmt in ("int8-weight", "int4-weight", "gptq"):
+        groups = math.ceil(in_f / group) if group else 1
+        codes = n if fmt == "int8-weight" else math.ceil(n / 2)
+        zeros = 0 if fmt == "int8-weight" else out_f * groups  # uint8 zero points for 4-bit
+        return codes + 4 * out_f * groups + zeros  # fp32 scales per (row, group)
+    raise ValueError(f"unknown weight format {fmt!r}")
+
+
+@dataclass
+class Weights:
+    """The model's weights as they are when a stage starts: float dtype, per-linear storage format."""
+
+    shape: Shape
+    dtype: str
+    formats: dict[str, str]               # linear name -> format; missing means float
+    group: dict[str, int | None]
+    double_quant: bool = True
+    lowrank: dict[str, int] | None = None  # linear name -> kept rank
+    masked: int = 0                        # weights with a pruning mask (a bool per weight)
+
+    @property
+    def float_bytes(self) -> int:
+        return BYTES[self.dtype]
+
+    def linear_total(self) -> int:
+        total = 0
+        for name, (i, o) in self.shape.linears.items():
+            rank = (self.lowrank or {}).get(name)
+            if rank is not None:
+                total += rank * (i + o) * self.float_bytes
+            else:
+                total += linear_bytes(self.formats.get(name, "float"), i, o, self.float_bytes,
+                                      self.group.get(name), self.double_quant)
+        return total
+
+    def total(self) -> int:
+        """Every weight, in its storage format, plus the pruning masks compress keeps with the model."""
+        floats = (self.shape.other_params + self.shape.linear_bias) * self.float_bytes
+        return floats + self.linear_total() + self.masked
+
+    def quantized(self) -> bool:
+        return any(f != "float" for f in self.formats.values())
+
+
+def optimizer_bytes(optimizer: str, params: int, state_bytes: int) -> int:
+    """AdamW keeps two states per parameter: torch's in the parameter's dtype, bitsandbytes' 8-bit ones
+    as one byte each plus an fp32 absmax per 2048-value block. Paged optimizers allocate the same
+    states in CUDA unified memory, which can spill to CPU RAM under pressure (counted on the GPU here)."""
+    if optimizer.endswith("8bit"):
+        return 2 * params + 2 * 4 * math.ceil(params / 2048)
+    return 2 * params * state_bytes
+
+
+def layer_activation_elements(shape: Shape, lora_dropout_targets: int = 0) -> int:
+    """Tensors one decoder block saves for backward, per token (elements): the two norm inputs and
+    outputs, q/k/v (after rotary) and the attention output that SDPA keeps, and the MLP's gate, up,
+    activation and product. SDPA's fused kernels keep no seq x seq scores. A GPT-2 style MLP (no gate)
+    saves the up projection and its activation instead."""
+    h, i = shape.hidden, shape.intermediate
+    mlp = 4 * i if _gated(shape) else 2 * i
+    return 6 * h + 2 * shape.kv_dim + mlp + lora_dropout_targets * h
+
+
+def _gated(shape: Shape) -> bool:
+    # A gated MLP (Llama/Mistral/Qwen) has three linears per block; count them by name.
+    return any(n.endswith(("gate_proj", "w1", "gate_up_proj")) for n in shape.linears)
+
+
+def norm_extra_bytes(shape: Shape, act_bytes: int) -> int:
+    """RMSNorm/LayerNorm upcast to fp32 inside (transformers' Llama norm): an extra fp32 copy per norm."""
+    return 2 * shape.hidden * 4 if act_bytes < 4 else 0
+
+
+def logits_bytes(shape: Shape, tokens: int, act_bytes: int, training: bool) -> int:
+    """A causal LM's logits over every position: the head's output, transformers' fp32 upcast for the
+    loss and the log-softmax it keeps (and, training, the logits' gradient in fp32)."""
+    if not shape.causal_lm:
+        return 0
+    per_token = act_bytes + 4 + 4 + (4 if training else 0)
+    return tokens * shape.vocab * per_token
+
+
+def training_activations(shape: Shape, batch: int, seq: int, act_bytes: int, checkpointing: bool,
+                         lora_dropout_targets: int = 0) -> int:
+    """Peak activation memory of one training step: without checkpointing every block's saved tensors;
+    with transformers' (per-block) checkpointing each block's input, plus one block recomputed during
+    backward. Either way one block's worth of activation gradients is alive at a time."""
+    tokens = batch * seq
+    block = tokens * (layer_activation_elements(shape, lora_dropout_targets) * act_bytes
+                      + norm_extra_bytes(shape, act_bytes))
+    if checkpointing:
+        kept = shape.layers * tokens * shape.hidden * act_bytes + block
+    else:
+        kept = shape.layers * block
+    return kept + block + logits_bytes(shape, tokens, act_bytes, training=True)
+
+
+def inference_activations(shape: Shape, batch: int, seq: int, act_bytes: int, loss: bool) -> int:
+    """Peak of a no-grad forward: one block's transient tensors (nothing is kept for backward) and the
+    logits (upcast to fp32 for a loss)."""
+    tokens = batch * seq
+    block = tokens * (2 * shape.hidden + 2 * shape.kv_dim + 3 * shape.intermediate) * act_bytes
+    logits = tokens * shape.vocab * (act_bytes + (8 if loss else 0)) if shape.causal_lm else 0
+    return block + logits
