@@ -104,32 +104,50 @@ def _gated(shape: Shape) -> bool:
 
 
 def norm_extra_bytes(shape: Shape, act_bytes: int) -> int:
-    """RMSNorm/LayerNorm upcast to fp32 inside (transformers' Llama norm): an extra fp32 copy per norm."""
-    return 2 * shape.hidden * 4 if act_bytes < 4 else 0
+    """RMSNorm computes in fp32 (transformers' Llama norm): each of a block's two norms keeps an fp32
+    tensor of the hidden size (the upcast input for 16-bit activations, the normalised product in fp32)."""
+    return 2 * shape.hidden * 4
 
 
 def logits_bytes(shape: Shape, tokens: int, act_bytes: int, training: bool) -> int:
-    """A causal LM's logits over every position: the head's output, transformers' fp32 upcast for the
-    loss and the log-softmax it keeps (and, training, the logits' gradient in fp32)."""
+    """A causal LM's logits over every position. Kept for backward: the head's output and the fp32
+    log-softmax of transformers' loss. At the loss's peak also the fp32 upcast (for a 16-bit head) and,
+    in backward, the logits' fp32 gradient."""
     if not shape.causal_lm:
         return 0
-    per_token = act_bytes + 4 + 4 + (4 if training else 0)
+    per_token = act_bytes + 4
+    if training:
+        per_token += 4 + (4 if act_bytes < 4 else 0)
     return tokens * shape.vocab * per_token
+
+
+def saved_activations(shape: Shape, batch: int, seq: int, act_bytes: int, checkpointing: bool,
+                      lora_dropout_targets: int = 0) -> int:
+    """What the forward pass keeps for backward: every block's saved tensors, or with transformers'
+    (per-block) gradient checkpointing only each block's input; plus the logits."""
+    tokens = batch * seq
+    if checkpointing:
+        kept = shape.layers * tokens * shape.hidden * act_bytes
+    else:
+        kept = shape.layers * block_bytes(shape, tokens, act_bytes, lora_dropout_targets)
+    return kept + logits_bytes(shape, tokens, act_bytes, training=False)
+
+
+def block_bytes(shape: Shape, tokens: int, act_bytes: int, lora_dropout_targets: int = 0) -> int:
+    """One block's saved tensors for `tokens` tokens."""
+    return tokens * (layer_activation_elements(shape, lora_dropout_targets) * act_bytes
+                     + norm_extra_bytes(shape, act_bytes))
 
 
 def training_activations(shape: Shape, batch: int, seq: int, act_bytes: int, checkpointing: bool,
                          lora_dropout_targets: int = 0) -> int:
-    """Peak activation memory of one training step: without checkpointing every block's saved tensors;
-    with transformers' (per-block) checkpointing each block's input, plus one block recomputed during
-    backward. Either way one block's worth of activation gradients is alive at a time."""
+    """Peak activation memory of one training step: the saved tensors, the loss's transient logits
+    copies, one block's activation gradients and, with checkpointing, the block being recomputed."""
     tokens = batch * seq
-    block = tokens * (layer_activation_elements(shape, lora_dropout_targets) * act_bytes
-                      + norm_extra_bytes(shape, act_bytes))
-    if checkpointing:
-        kept = shape.layers * tokens * shape.hidden * act_bytes + block
-    else:
-        kept = shape.layers * block
-    return kept + block + logits_bytes(shape, tokens, act_bytes, training=True)
+    block = block_bytes(shape, tokens, act_bytes, lora_dropout_targets)
+    peak_logits = logits_bytes(shape, tokens, act_bytes, True) - logits_bytes(shape, tokens, act_bytes, False)
+    return (saved_activations(shape, batch, seq, act_bytes, checkpointing, lora_dropout_targets)
+            + peak_logits + block + (block if checkpointing else 0))
 
 
 def inference_activations(shape: Shape, batch: int, seq: int, act_bytes: int, loss: bool) -> int:
@@ -137,5 +155,6 @@ def inference_activations(shape: Shape, batch: int, seq: int, act_bytes: int, lo
     logits (upcast to fp32 for a loss)."""
     tokens = batch * seq
     block = tokens * (2 * shape.hidden + 2 * shape.kv_dim + 3 * shape.intermediate) * act_bytes
-    logits = tokens * shape.vocab * (act_bytes + (8 if loss else 0)) if shape.causal_lm else 0
+    upcast_and_log_softmax = (4 if act_bytes < 4 else 0) + 4 if loss else 0
+    logits = tokens * shape.vocab * (act_bytes + upcast_and_log_softmax) if shape.causal_lm else 0
     return block + logits

@@ -17,8 +17,8 @@ def render_plan(plan: MemoryPlan, device_memory: int | None = None) -> str:
     """The plan as plain text. `device_memory` checks against a device of that size instead of those here."""
     shard = (f", {plan.sharding.mode} over {plan.sharding.world_size} devices"
              if plan.sharding.world_size > 1 else "")
-    lines = [f"memory plan for {plan.model}: {plan.params:,} parameters, {plan.dtype} weights, "
-             f"on {plan.device}{shard} (estimates from the config; GiB = 2^30 bytes)"]
+    lines = [(f"memory plan for {plan.model}: {plan.params:,} parameters, {plan.dtype} weights, "
+              f"on {plan.device}{shard} (estimates from the config; GiB = 2^30 bytes)")]
     if device_memory is not None:
         lines.append(f"checked against a device of {gib(device_memory)} (--device-memory)")
     else:
