@@ -85,6 +85,21 @@ def test_lora_trainable_parameters_equal_peft(tiny_llama_dir, lm_recipe):
         assert row.parts["optimizer"] == trainable * 8  # AdamW: two fp32 states
 
 
+def test_classifier_head_is_trained_in_full_as_peft_does(tiny_bert_dir, cls_recipe):
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from compress.training.adapters import linear_layers
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=sorted(linear_layers(model)),
+                                                  task_type=TaskType.SEQ_CLS))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    cls_recipe["stages"] = [{"type": "finetune", "rank": 4}]
+    row = plan_recipe(load_recipe(cls_recipe), device="cpu", check_devices=False).stages[1]
+    assert row.parts["adapters"] == trainable * 4
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_saved_activations_match_autograd(dtype, checkpointing):

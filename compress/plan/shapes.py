@@ -26,6 +26,7 @@ class Shape:
     vocab: int
     causal_lm: bool
     block_params: int                            # parameters of the largest block (a ZeRO-3/FSDP gather)
+    module_params: dict[str, int] = field(default_factory=dict)  # every module's parameter count
     accelerate_total_bytes: int = 0              # accelerate's calculate_maximum_sizes on the same model
     accelerate_largest_layer_bytes: int = 0
     notes: list[str] = field(default_factory=list)
@@ -42,6 +43,16 @@ class Shape:
     @property
     def kv_dim(self) -> int:
         return self.hidden // max(self.heads, 1) * self.kv_heads
+
+    def trained_in_full(self, modules_to_save: list[str] | None) -> int:
+        """Parameters peft trains in full beside the adapters: a classifier head (always, as compress's
+        finetune does) and `modules_to_save` (matched like targets)."""
+        from compress.training.adapters import HEAD_NAMES
+
+        names = [*(modules_to_save or []), *(HEAD_NAMES if not self.causal_lm else ())]
+        chosen = {n for n in self.module_params if any(n == t or n.endswith("." + t) for t in names)}
+        # a module inside another chosen one is already counted with it
+        return sum(self.module_params[n] for n in chosen if not any(n.startswith(o + ".") for o in chosen))
 
     def matching(self, targets: list[str] | None) -> dict[str, tuple[int, int]]:
         """The linears `targets` names (peft's rule: a full name or a dotted suffix); None: all of them."""
@@ -93,6 +104,7 @@ def model_shape(config: Any, task: str) -> Shape:
         heads=heads, kv_heads=int(getattr(text, "num_key_value_heads", 0) or heads),
         vocab=int(getattr(text, "vocab_size", 0) or 0), causal_lm=task == "causal-lm",
         block_params=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
+        module_params={n: sum(p.numel() for p in m.parameters()) for n, m in model.named_modules() if n},
         accelerate_total_bytes=int(total_bytes), accelerate_largest_layer_bytes=int(largest[0]),
     )
 

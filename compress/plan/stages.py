@@ -101,6 +101,7 @@ def plan_training(label: str, stage: Any, weights: Weights, shape: Shape, settin
         trainable = sum(stage.rank * (i + o) for i, o in targets.values())
         if method == "dora":
             trainable += sum(o for _, o in targets.values())  # one magnitude per output row
+        trainable += shape.trained_in_full(stage.modules_to_save)
         # peft (autocast_adapter_dtype, its default) keeps adapters in fp32 over a 16-bit base.
         state = 4
         plan.parts["adapters"] = trainable * 4
