@@ -100,16 +100,30 @@ def test_classifier_head_is_trained_in_full_as_peft_does(tiny_bert_dir, cls_reci
     assert row.parts["adapters"] == trainable * 4
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_saved_activations_match_autograd(dtype, checkpointing):
-    """The tensors autograd really keeps for backward, counted with saved_tensors_hooks."""
+def _llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256)
+    return LlamaForCausalLM(config), "causal-lm"
+
+
+def _bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=1000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                        num_attention_heads=4, num_labels=3)  # dropout 0.1 on outputs and attention
+    return BertForSequenceClassification(config), "sequence-classification"
+
+
+@pytest.mark.parametrize("build", [_llama, _bert], ids=["llama", "bert"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_saved_activations_match_autograd(build, dtype, checkpointing):
+    """The tensors autograd really keeps for backward, counted with saved_tensors_hooks."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(dtype).train()
+    model, task = build()
+    model = model.to(dtype).train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -120,10 +134,11 @@ def test_saved_activations_match_autograd(dtype, checkpointing):
         return t
 
     ids = torch.randint(0, 1000, (2, 64))
+    labels = ids if task == "causal-lm" else torch.zeros(2, dtype=torch.long)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
+        model(input_ids=ids, labels=labels)
     measured = sum(n for ptr, n in seen.items() if ptr not in params)
-    estimate = saved_activations(model_shape(config, "causal-lm"), 2, 64, dtype.itemsize, checkpointing)
+    estimate = saved_activations(model_shape(model.config, task), 2, 64, dtype.itemsize, checkpointing)
     assert abs(estimate / measured - 1) < 0.15, (estimate, measured)
 
 

@@ -129,14 +129,23 @@ def saved_activations(shape: Shape, batch: int, seq: int, act_bytes: int, checkp
     if checkpointing:
         kept = shape.layers * tokens * shape.hidden * act_bytes
     else:
-        kept = shape.layers * block_bytes(shape, tokens, act_bytes, lora_dropout_targets)
+        kept = shape.layers * block_bytes(shape, batch, seq, act_bytes, lora_dropout_targets)
+    if shape.hidden_dropout > 0:  # BERT-style embeddings: LayerNorm input, dropped output and its mask
+        kept += tokens * shape.hidden * (2 * act_bytes + 1)
     return kept + logits_bytes(shape, tokens, act_bytes, training=False)
 
 
-def block_bytes(shape: Shape, tokens: int, act_bytes: int, lora_dropout_targets: int = 0) -> int:
-    """One block's saved tensors for `tokens` tokens."""
-    return tokens * (layer_activation_elements(shape, lora_dropout_targets) * act_bytes
-                     + norm_extra_bytes(shape, act_bytes))
+def block_bytes(shape: Shape, batch: int, seq: int, act_bytes: int, lora_dropout_targets: int = 0) -> int:
+    """One block's saved tensors. Dropout (BERT-style models train with it) keeps each dropped tensor and
+    its bool mask; attention dropout also forces SDPA to materialise the seq x seq probabilities."""
+    tokens = batch * seq
+    per_token = (layer_activation_elements(shape, lora_dropout_targets) * act_bytes
+                 + norm_extra_bytes(shape, act_bytes))
+    if shape.hidden_dropout > 0:
+        per_token += 2 * shape.hidden * (act_bytes + 1)  # after attention and after the MLP
+    if shape.attention_dropout > 0:
+        per_token += shape.heads * seq * (2 * act_bytes + 1)  # softmax output, dropped copy, mask
+    return tokens * per_token
 
 
 def training_activations(shape: Shape, batch: int, seq: int, act_bytes: int, checkpointing: bool,
@@ -144,7 +153,7 @@ def training_activations(shape: Shape, batch: int, seq: int, act_bytes: int, che
     """Peak activation memory of one training step: the saved tensors, the loss's transient logits
     copies, one block's activation gradients and, with checkpointing, the block being recomputed."""
     tokens = batch * seq
-    block = block_bytes(shape, tokens, act_bytes, lora_dropout_targets)
+    block = block_bytes(shape, batch, seq, act_bytes, lora_dropout_targets)
     peak_logits = logits_bytes(shape, tokens, act_bytes, True) - logits_bytes(shape, tokens, act_bytes, False)
     return (saved_activations(shape, batch, seq, act_bytes, checkpointing, lora_dropout_targets)
             + peak_logits + block + (block if checkpointing else 0))

@@ -26,6 +26,8 @@ class Shape:
     vocab: int
     causal_lm: bool
     block_params: int                            # parameters of the largest block (a ZeRO-3/FSDP gather)
+    hidden_dropout: float = 0.0                  # dropout on block outputs (BERT-style), in training
+    attention_dropout: float = 0.0               # dropout on attention probabilities, in training
     module_params: dict[str, int] = field(default_factory=dict)  # every module's parameter count
     accelerate_total_bytes: int = 0              # accelerate's calculate_maximum_sizes on the same model
     accelerate_largest_layer_bytes: int = 0
@@ -104,9 +106,19 @@ def model_shape(config: Any, task: str) -> Shape:
         heads=heads, kv_heads=int(getattr(text, "num_key_value_heads", 0) or heads),
         vocab=int(getattr(text, "vocab_size", 0) or 0), causal_lm=task == "causal-lm",
         block_params=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
+        hidden_dropout=_first(text, ("hidden_dropout_prob", "resid_pdrop", "hidden_dropout", "dropout")),
+        attention_dropout=_first(text, ("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout")),
         module_params={n: sum(p.numel() for p in m.parameters()) for n, m in model.named_modules() if n},
         accelerate_total_bytes=int(total_bytes), accelerate_largest_layer_bytes=int(largest[0]),
     )
+
+
+def _first(config: Any, keys: tuple[str, ...]) -> float:
+    for key in keys:
+        value = getattr(config, key, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return 0.0
 
 
 def derived_config(config: Any, changes: dict[str, Any]) -> Any:
