@@ -189,6 +189,32 @@ def test_distill_counts_teacher_and_student(lm_recipe):
     assert "student gradients" in row.parts and "student optimizer" in row.parts
 
 
+def test_quantize_include_picks_only_those_layers(lm_recipe):
+    from compress.plan.memory import linear_bytes
+
+    lm_recipe["stages"] = [{"type": "quantize", "scheme": "int8-weight", "include": ["q_proj"]}]
+    plan = plan_recipe(load_recipe(lm_recipe), device="cpu", check_devices=False)
+    linears = model_shape_of(lm_recipe).linears
+    saved = sum(i * o * 4 - linear_bytes("int8-weight", i, o, 4, None)
+                for n, (i, o) in linears.items() if n.endswith("q_proj"))
+    assert saved > 0
+    assert plan.stages[0].parts["weights"] - plan.stages[-1].parts["weights"] == saved
+
+
+def test_distill_from_a_named_teacher_trains_the_incoming_model(lm_recipe, tiny_llama_dir):
+    lm_recipe["stages"] = [{"type": "distill", "teacher": str(tiny_llama_dir)}]
+    row = plan_recipe(load_recipe(lm_recipe), device="cpu", check_devices=False).stages[1]
+    assert row.parts["teacher weights"] == row.parts["student weights"]  # the same tiny Llama twice
+
+
+def test_bad_sharding_flags_are_named():
+    recipe = load_recipe(QLORA_7B)
+    with pytest.raises(RecipeError, match="--world-size: 0 must be 1 or more"):
+        plan_recipe(recipe, world_size=0, check_devices=False)
+    with pytest.raises(RecipeError, match="--shard: 'zero9'"):
+        plan_recipe(recipe, world_size=2, shard="zero9", check_devices=False)
+
+
 def test_shard_without_world_size_names_the_flag():
     with pytest.raises(RecipeError, match="--world-size"):
         plan_recipe(load_recipe(QLORA_7B), shard="zero3", check_devices=False)

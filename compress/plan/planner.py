@@ -88,7 +88,7 @@ def _shape(config: Any, task: str, where: str) -> Shape:
                           f"({type(exc).__name__}: {exc}); give a transformers model folder") from None
 
 
-def _student_shape(stage: Any, config: Any, task: str, where: str) -> Shape:
+def _student_shape(stage: Any, config: Any, incoming: Shape, task: str, where: str) -> Shape:
     from compress.loading import load_config
     from compress.recipe import ModelSpec
 
@@ -101,7 +101,19 @@ def _student_shape(stage: Any, config: Any, task: str, where: str) -> Shape:
         return _shape(derived_config(config, {"num_hidden_layers": len(stage.keep_layers)}), task, where)
     if stage.student_config is not None:
         return _shape(derived_config(config, stage.student_config), task, f"{where}.student_config")
-    return _shape(config, task, where)  # teacher given: the incoming model is the student
+    return incoming  # a teacher is named: the incoming model is the student
+
+
+def _teacher(stage: Any, shape: Shape, weights: Weights, task: str, where: str) -> tuple[Shape, int]:
+    """The teacher's shape and weight bytes: the incoming model, or a model folder / Hub id's config
+    (an earlier stage's output, `stage:N`, is planned as the incoming model)."""
+    from compress.loading import load_config
+    from compress.recipe import ModelSpec
+
+    if stage.teacher is None or stage.teacher.startswith("stage:"):
+        return shape, weights.total()
+    teacher = _shape(load_config(ModelSpec(path=stage.teacher)), task, where)
+    return teacher, teacher.total * weights.float_bytes
 
 
 def plan_recipe(recipe: Recipe, *, device: str | None = None, world_size: int = 1, shard: str = "none",
@@ -144,16 +156,17 @@ def plan_recipe(recipe: Recipe, *, device: str | None = None, world_size: int = 
                 weights = Weights(shape, dtype, dict.fromkeys(shape.linears, "nf4"), {},
                                   double_quant=stage.double_quant, masked=weights.masked)
         elif kind == "distill":
-            student = _student_shape(stage, config, task, f"stages[{index - 1}]")
+            student = _student_shape(stage, config, shape, task, f"stages[{index - 1}]")
             row = plan_training(label, stage, Weights(student, dtype, {}, {}), student, setting,
                                 stage_sharding(stage, sharding))
             row.parts = {f"student {k}": v for k, v in row.parts.items()}
-            row.parts["teacher weights"] = weights.total()
+            teacher, teacher_weights = _teacher(stage, shape, weights, task, f"stages[{index - 1}].teacher")
+            row.parts["teacher weights"] = teacher_weights
             row.parts["teacher forward"] = inference_activations(
-                shape, stage.batch_size, setting.seq, 2 if target == "cuda" else weights.float_bytes, loss=False)
+                teacher, stage.batch_size, setting.seq, 2 if target == "cuda" else weights.float_bytes, loss=False)
             if stage.hidden_loss != "none":
-                row.parts["teacher hidden states"] = (shape.layers + 1) * stage.batch_size * setting.seq \
-                    * shape.hidden * weights.float_bytes
+                row.parts["teacher hidden states"] = (teacher.layers + 1) * stage.batch_size * setting.seq \
+                    * teacher.hidden * weights.float_bytes
             row.notes.insert(0, f"student: {student.total:,} parameters; teacher frozen (no gradients)")
             rows.append(row)
             shape, weights = student, Weights(student, dtype, {}, {})

@@ -46,4 +46,6 @@ def render_plan(plan: MemoryPlan, device_memory: int | None = None) -> str:
                      f"{gib(acc['total_16bit'])}, largest layer {gib(acc['largest_layer_fp32'])} (fp32); "
                      f"'Training using Adam' fp32 {gib(acc['adam_fp32'])}, bf16 {gib(acc['adam_16bit'])}")
     lines.extend(f"note: {n}" for n in plan.notes)
+    lines.append("not counted: the process itself (Python, torch, the CUDA context: typically 0.5-1 GiB) and "
+                 "allocator fragmentation; leave that much headroom")
     return "\n".join(lines)

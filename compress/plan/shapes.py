@@ -56,6 +56,25 @@ class Shape:
         # a module inside another chosen one is already counted with it
         return sum(self.module_params[n] for n in chosen if not any(n.startswith(o + ".") for o in chosen))
 
+    def selected(self, include: list[str] | None, exclude: list[str] | None,
+                 style: str = "search") -> dict[str, tuple[int, int]]:
+        """The linears a prune / low-rank (`search`: regexes searched in the name, heads and embeddings
+        excluded by default) or quantize stage (`suffix`: regexes on trailing dotted parts) picks."""
+        import re
+
+        if style == "suffix":
+            def hit(name: str, p: str) -> bool:
+                return re.search(rf"(?:^|\.)(?:{p})$", name) is not None
+            exc = exclude or []
+        else:
+            from compress.pruning.targets import DEFAULT_EXCLUDE
+
+            def hit(name: str, p: str) -> bool:
+                return re.search(p, name) is not None
+            exc = DEFAULT_EXCLUDE if exclude is None else exclude
+        return {n: s for n, s in self.linears.items()
+                if (include is None or any(hit(n, p) for p in include)) and not any(hit(n, p) for p in exc)}
+
     def matching(self, targets: list[str] | None) -> dict[str, tuple[int, int]]:
         """The linears `targets` names (peft's rule: a full name or a dotted suffix); None: all of them."""
         if not targets:

@@ -51,7 +51,6 @@ class Setting:
     device: str              # cpu | cuda
     seq: int                 # data.max_length
     calibration_samples: int
-    bf16_supported: bool = True
 
 
 def stage_sharding(stage: Any, default: Sharding) -> Sharding:
@@ -134,24 +133,25 @@ def plan_prune(label: str, stage: Any, weights: Weights, shape: Shape, setting: 
     act = weights.float_bytes
     n = stage.calibration_samples or setting.calibration_samples
     masked = 0
+    chosen = shape.selected(stage.targets, stage.exclude) or shape.linears
     if stage.structure in ("unstructured", "n:m"):
-        masked = shape.linear_params  # a bool mask per weight of every pruned layer
+        masked = sum(i * o for i, o in chosen.values())  # a bool mask per weight of every pruned layer
         plan.parts["masks"] = masked
         if stage.method == "sparsegpt":
             # Block after block: the block's captured inputs (and the next block's), and the Hessians
             # of its linears in fp32, plus one layer's fp32 weight, its inverse Hessian and error.
             per_block = {}
-            for name, (i, o) in shape.linears.items():
+            for name, (i, o) in chosen.items():
                 block = name.rsplit(".", 2)[0]
                 per_block[block] = per_block.get(block, 0) + i * i * 4
-            largest_in, largest_out = max(shape.linears.values(), key=lambda s: s[0] * s[1])
+            largest_in, largest_out = max(chosen.values(), key=lambda s: s[0] * s[1])
             plan.parts["block inputs"] = 2 * n * setting.seq * shape.hidden * act
             plan.parts["hessians"] = max(per_block.values(), default=0)
             plan.parts["layer workspace"] = 3 * largest_in * largest_out * 4 + largest_in * largest_in * 4
         elif stage.method == "wanda":
             plan.parts["calibration forward"] = inference_activations(
                 shape, CALIBRATION_BATCH, setting.seq, act, loss=False)
-        i, o = max(shape.linears.values(), key=lambda s: s[0] * s[1])
+        i, o = max(chosen.values(), key=lambda s: s[0] * s[1])
         plan.parts.setdefault("layer workspace", 2 * i * o * 4)  # the fp32 score and its sort of one layer
     else:
         importance = stage.importance or ("activation" if stage.structure == "layers" else "weight")
@@ -172,9 +172,13 @@ def plan_quantize(label: str, stage: Any, weights: Weights, shape: Shape,
     plan = StagePlan(label)
     group = stage.group_size if stage.group_size is not None else (
         0 if stage.scheme == "int8-weight" else 128)
-    layers = shape.matching(None)
-    formats = dict.fromkeys(layers, stage.scheme)
-    groups = dict.fromkeys(layers, group or None)
+    layers = shape.selected(stage.include, stage.exclude, style="suffix")
+    if not layers:
+        plan.parts["weights"] = weights.total()
+        plan.notes.append("include / exclude leave no linear layer to quantize")
+        return plan, dict(weights.formats), dict(weights.group)
+    formats = {**weights.formats, **dict.fromkeys(layers, stage.scheme)}
+    groups = {**weights.group, **dict.fromkeys(layers, group or None)}
     plan.parts["weights"] = weights.total()
     quantized = sum(linear_bytes(stage.scheme, i, o, weights.float_bytes, group or None, stage.double_quant)
                     for i, o in layers.values())
@@ -201,12 +205,13 @@ def plan_lowrank(label: str, stage: Any, weights: Weights, shape: Shape) -> tupl
     """Low-rank: the model plus the SVD of the largest layer in fp32 (W, U, S, Vh)."""
     plan = StagePlan(label)
     plan.parts["weights"] = weights.total()
-    i, o = max(shape.linears.values(), key=lambda s: s[0] * s[1])
+    chosen = shape.selected(stage.targets, stage.exclude) or shape.linears
+    i, o = max(chosen.values(), key=lambda s: s[0] * s[1])
     k = min(i, o)
     plan.parts["svd workspace"] = (i * o + o * k + k * i + k) * 4
     kept: dict[str, int] = {}
     if stage.rank is not None:
-        kept = {n: stage.rank for n, (a, b) in shape.linears.items()
+        kept = {n: stage.rank for n, (a, b) in chosen.items()
                 if not stage.skip_if_larger or stage.rank * (a + b) < a * b}
     else:
         plan.notes.append("energy: the kept ranks depend on the weights; later stages are planned dense")
