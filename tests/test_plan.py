@@ -9,9 +9,10 @@ import pytest
 import torch
 import yaml
 
-from compress.cli import main, parse_size
+from compress.cli import main
 from compress.errors import RecipeError
 from compress.plan import plan_recipe
+from compress.plan.command import parse_size
 from compress.plan.memory import bnb4_bytes, saved_activations
 from compress.plan.shapes import model_shape
 from compress.recipe import load_recipe
