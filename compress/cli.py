@@ -204,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override before checking")
     p.set_defaults(func=cmd_validate)
 
+    from compress.plan.command import add_parser as add_plan_parser  # `compress plan`
+
+    add_plan_parser(sub)
+
     p = sub.add_parser("compare", help="one table and one Pareto plot across run folders")
     p.add_argument("runs", nargs="+", help="run folders (with report.json)")
     p.add_argument("--output", default="compare", help="folder for compare.md/.json/.png (default: ./compare)")

@@ -40,6 +40,31 @@ def compress_output(spec: ModelSpec) -> Path | None:
     return folder if (folder / BUNDLE_FILE).is_file() else None
 
 
+def checkpoint_dtype(config: Any) -> str | None:
+    """The dtype a checkpoint's config.json names (`dtype`, or the older `torch_dtype`), if it is one a
+    recipe can load (float32, bfloat16, float16)."""
+    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(named, torch.dtype):
+        named = str(named).removeprefix("torch.")
+    return named if named in _DTYPES else None
+
+
+def resolve_dtype(spec: ModelSpec, config: Any, device: str, bf16_supported: bool | None = None) -> str:
+    """`model.dtype` as a concrete dtype name. `auto` is the checkpoint's own dtype; a checkpoint that names
+    none gets bfloat16 on a GPU that supports it (`bf16_supported`, default: ask torch) and float32 otherwise."""
+    if spec.dtype != "auto":
+        return spec.dtype
+    saved = checkpoint_dtype(config)
+    if saved is not None:
+        return saved
+    if device == "cuda":
+        if bf16_supported is None:
+            bf16_supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if bf16_supported:
+            return "bfloat16"
+    return "float32"
+
+
 def load_config(spec: ModelSpec) -> Any:
     """The model's config (no weights): what task detection and the pre-flight checks read."""
     from transformers import AutoConfig
@@ -161,8 +186,9 @@ def load_model(spec: ModelSpec, task: str, device: str, seed: int, *, label_name
         bundle.source = spec.path
         return bundle
     location = model_location(spec)
+    dtype = resolve_dtype(spec, load_config(spec), device) if spec.dtype == "auto" else spec.dtype
     kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code,
-                              "dtype": _DTYPES[spec.dtype]}
+                              "dtype": _DTYPES[dtype]}
     gguf = gguf_kwargs(spec)
     if gguf:
         from transformers import GgufConfig

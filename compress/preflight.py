@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from compress.errors import CompressError, RecipeError
-from compress.loading import load_config
+from compress.loading import load_config, resolve_dtype
 from compress.recipe import Recipe
 
 log = logging.getLogger("compress")
@@ -177,8 +177,9 @@ def check_memory(config: Any, recipe: Recipe, task: str, device: str, students: 
     if os.environ.get(SKIP_MEMORY_ENV, "") not in ("", "0"):
         log.warning("%s is set: the memory check is skipped", SKIP_MEMORY_ENV)
         return
-    width = _BYTES[recipe.model.dtype]
-    dtype_said = recipe.model.dtype
+    dtype = resolve_dtype(recipe.model, config, device)  # `auto` becomes the checkpoint's own dtype
+    width = _BYTES[dtype]
+    dtype_said = dtype
     first = recipe.stages[0] if recipe.stages else None
     if first is not None and first.stage_type() == "finetune" and getattr(first, "method", None) == "qlora":
         # QLoRA's base loads straight into NF4: half a byte per weight plus its block statistics
@@ -196,7 +197,7 @@ def check_memory(config: Any, recipe: Recipe, task: str, device: str, students: 
     # The accuracy pass batches the held-out examples (a classifier has one row per example; an LM's
     # blocks are only known after tokenising, so its full batch is assumed).
     rows = min(recipe.eval.eval_batch_size, held_out or recipe.eval.eval_batch_size) if recipe.eval.accuracy else 1
-    act_width = _BYTES[recipe.model.dtype]  # activations stay in the compute dtype
+    act_width = _BYTES[dtype]  # activations stay in the compute dtype
     batch = max(activation_bytes(config, task, *speed, act_width),
                 activation_bytes(config, task, rows, recipe.data.max_length, act_width))
     need, free = weights + batch, available_memory(device)

@@ -25,7 +25,10 @@ class ModelSpec(StrictModel):
         "auto", description="Model task; `auto` reads it from the config's architectures."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype on load.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype on load. `auto`: the checkpoint's own dtype (config.json "
+        "`torch_dtype`/`dtype`); for a checkpoint that names none, bfloat16 on a GPU that supports it, else "
+        "float32.")
     trust_remote_code: bool = Field(False, description="Run model code from the Hub repo. Off by default.")
     allow_pickle: bool = Field(False, description="Load pickle weights (.bin/.pt), which can run code. Off by "
                                                   "default: safetensors only.")
