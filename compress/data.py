@@ -44,11 +44,6 @@ class DataBundle:
     def num_labels(self) -> int | None:
         return len(self.label_names) if self.label_names else None
 
-    def calibration(self, n: int | None = None, seed: int = 0) -> Any:
-        """`n` training examples (default: data.calibration_samples), drawn with `seed`."""
-        n = min(n or self.spec.calibration_samples, len(self.train))
-        return self.train.shuffle(seed=seed).select(range(n))
-
     def tokenized(self, split: str, tokenizer: Any) -> Any:
         """The split tokenised for the task (cached per tokenizer)."""
         key = (split, getattr(tokenizer, "name_or_path", "") + str(len(tokenizer)))

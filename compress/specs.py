@@ -92,7 +92,9 @@ class DataSpec(StrictModel):
     max_train_samples: int | None = Field(None, gt=0, description="Cap on training examples.")
     max_eval_samples: int | None = Field(None, gt=0, description="Cap on held-out examples.")
     max_length: int = Field(128, gt=0, le=32768, description="Tokens per example (truncation / LM block size).")
-    calibration_samples: int = Field(128, gt=0, description="Examples drawn from train for calibration.")
+    calibration_samples: int = Field(128, gt=0, description=(
+        "Calibration blocks of max_length tokens drawn from train (documents packed for language "
+        "modelling, one example per block otherwise); only the drawn documents are tokenised."))
 
 
     @field_validator("eval_size")

@@ -2,6 +2,7 @@
 
 import pytest
 
+from compress.calibration import calibration_blocks
 from compress.data import load_data, pad_collate, tokenize
 from compress.errors import DataError
 from compress.recipe import DataSpec
@@ -20,7 +21,7 @@ def test_limits_and_counts(sentiment_csv):
     data = load_data(DataSpec(source=str(sentiment_csv), eval_size=30, max_train_samples=50,
                               max_eval_samples=10), "sequence-classification")
     assert len(data.train) == 50 and len(data.eval) == 10
-    assert len(data.calibration(7, seed=3)) == 7
+    assert len(calibration_blocks(data, make_tokenizer("bert"), 7, seed=3)) == 7
 
 
 def test_jsonl_and_named_eval_split(tmp_path):

@@ -185,14 +185,15 @@ def test_size_report_counts_logical_parameters(tiny_llama_dir, lm_recipe, tmp_pa
 
 def test_gptq_beats_round_to_nearest_layerwise(tiny_llama_dir, lm_recipe, tmp_path):
     """The calibrated method's point: lower ||WX - QX||^2 than RTN on the same calibration inputs."""
-    from compress.quant.calibration import calibration_inputs, collect_stats
+    from compress.calibration import calibration_batches, input_stats
     from compress.quant.gptq import gptq_quantize, reconstruction_error
 
     bundle = _bundle(tiny_llama_dir, "causal-lm")
     # Train-free but realistic: give the random model correlated inputs via its own embeddings.
     ctx = _ctx(tmp_path, lm_recipe)
     names = [n for n, m in bundle.model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
-    stats = collect_stats(bundle.model, names, calibration_inputs(bundle, ctx, 32, 0), "cpu", hessian=True)
+    stats = input_stats(bundle.model, {n: bundle.model.get_submodule(n) for n in names},
+                        calibration_batches(bundle, ctx.data, 32, 0), hessian=True)
     wins = 0
     for name in names:
         lin, H = bundle.model.get_submodule(name), stats[name].mean_hessian()

@@ -105,7 +105,7 @@ def test_sparsegpt_bad_input_is_named_before_any_work(tiny_llama_dir, tmp_path):
 def test_replaying_blocks_sees_what_a_full_forward_sees(kind, request, tmp_path):
     """With nothing pruned, the Hessians from captured-and-replayed blocks equal full-pass ones, for
     every block: the replay hands each block exactly what the model would (masks, positions)."""
-    from compress.pruning.calibration import calibration_batches
+    from compress.calibration import calibration_batches
     from compress.pruning.sparsegpt import hessians, prune_sequentially
     from compress.pruning.targets import select_linears
     from compress.testing import TINY_ARCHITECTURES, make_tiny_model

@@ -15,8 +15,62 @@ from typing import Any
 
 import torch
 
-from compress.pruning.calibration import accumulate_gradients, block_influence, input_norms
+from compress.calibration import Tokens, forward_all, input_norms, to_device
+from compress.errors import StageError
 from compress.pruning.structured import Arch
+
+
+def block_influence(model: Any, layers: list[torch.nn.Module],
+                    batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Per layer, mean (1 - cosine(input, output)) over real tokens: how much the block changes the
+    hidden state (ShortGPT's Block Influence). Low means the layer is close to the identity."""
+    totals = torch.zeros(len(layers))
+    counts = torch.zeros(len(layers))
+    tokens = Tokens()
+
+    def make(index: int):
+        def hook(_module, args, kwargs, output):
+            h_in = args[0] if args else kwargs.get("hidden_states")
+            h_out = output[0] if isinstance(output, tuple) else output
+            if h_in is None or h_out.shape != h_in.shape:
+                return
+            a, b = tokens.real(h_in.detach()).float(), tokens.real(h_out.detach()).float()
+            cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+            totals[index] += (1 - cos).sum().cpu()
+            counts[index] += cos.numel()
+        return hook
+
+    handles = [layer.register_forward_hook(make(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        forward_all(model, batches, tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    if (counts == 0).any():
+        raise StageError("importance: could not observe every layer's input and output; "
+                         "use importance: taylor for this architecture")
+    return totals / counts
+
+
+def accumulate_gradients(model: Any, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Gradients of the model's own loss summed over the calibration batches (for Taylor scores)."""
+    device = next(model.parameters()).device
+    was = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    model.eval()  # no dropout: the score should describe the model as it will be used
+    try:
+        for batch in batches:
+            if "labels" not in batch:
+                raise StageError("importance: taylor needs labelled calibration data (the model's loss)")
+            model(**to_device(batch, device, labels=True)).loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    finally:
+        model.zero_grad(set_to_none=True)
+        for n, p in model.named_parameters():
+            p.requires_grad_(was[n])
+    return grads
 
 
 def _names(model: Any) -> dict[int, str]:

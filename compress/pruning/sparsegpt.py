@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from compress.calibration import Tokens, hessian_hooks, input_hessians, to_device
 from compress.errors import StageError
-from compress.pruning.calibration import _forward_all, _hooks, _to, _Tokens
+from compress.hessian import HessianError, damped_inverse_factor
 
 _BLOCK = re.compile(r"^(.*?\.(?:layers|layer|h|blocks|block)\.\d+)\.")
 
@@ -94,7 +95,7 @@ def capture_block_inputs(model: Any, blocks: list[torch.nn.Module],
     try:
         with torch.no_grad():
             for batch in batches:
-                inputs = _to(batch, device, labels=False)
+                inputs = to_device(batch, device, labels=False)
                 try:
                     model(**inputs)
                 except _StopForward:
@@ -111,7 +112,7 @@ def capture_block_inputs(model: Any, blocks: list[torch.nn.Module],
     return calls
 
 
-def replay_block(block: torch.nn.Module, calls: list[_Call], tokens: _Tokens | None = None,
+def replay_block(block: torch.nn.Module, calls: list[_Call], tokens: Tokens | None = None,
                  next_calls: list[_Call] | None = None) -> list[_Call]:
     """Run `block` on captured calls; return the calls the next block receives: its output as the
     hidden state, in `next_calls` (the next block's own captured arguments) or else in `calls`."""
@@ -130,31 +131,8 @@ def replay_block(block: torch.nn.Module, calls: list[_Call], tokens: _Tokens | N
     return out
 
 
-def _hessian_hooks(modules: dict[str, torch.nn.Module], tokens: _Tokens):
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def make(name: str):
-        def hook(_module, args, _output):
-            x = tokens.real(args[0].detach()).float()
-            sums[name] = x.T @ x if name not in sums else sums[name] + x.T @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return hook
-
-    def result() -> dict[str, torch.Tensor]:
-        return {name: s / max(counts[name], 1) for name, s in sums.items()}
-
-    return _hooks(modules, make), result
-
-
-def hessians(model: Any, modules: dict[str, torch.nn.Module],
-             batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per module, XᵀX / n over the real tokens of its inputs, from full forward passes."""
-    tokens = _Tokens()
-    hooks, result = _hessian_hooks(modules, tokens)
-    with hooks:
-        _forward_all(model, batches, tokens)
-    return result()
+# Full-pass Hessians, under the name callers of this module know.
+hessians = input_hessians
 
 
 def prune_sequentially(model: Any, linears: dict[str, torch.nn.Linear], batches: list[dict[str, torch.Tensor]],
@@ -183,15 +161,20 @@ def prune_sequentially(model: Any, linears: dict[str, torch.nn.Linear], batches:
                 frames = dict(zip(run, capture_block_inputs(model, [modules[n] for n in run], batches),
                                   strict=True))
                 calls = frames[block]
-            tokens = _Tokens()
-            hooks, result = _hessian_hooks(group, tokens)
+            tokens = Tokens()
+            hooks, result = hessian_hooks(group, tokens)
             with hooks:
                 replay_block(modules[block], calls, tokens)
             found = result()
         for name, lin in group.items():
             if name not in found:
                 raise StageError(f"targets: {name} is never called on the calibration data, so SparseGPT has no inputs to fit it on; exclude it")
-            yield name, prune_layer(name, lin, found.pop(name))
+            try:
+                mask = prune_layer(name, lin, found.pop(name))
+            except HessianError as exc:
+                raise StageError(f"method: sparsegpt: layer {name}: {exc}; calibrate on more data "
+                                 f"(calibration_samples) or use method: wanda") from None
+            yield name, mask
         if block is not None:
             following = groups[index + 1][0] if index + 1 < len(groups) else None
             calls = (replay_block(modules[block], calls, next_calls=frames[following])
@@ -206,16 +189,12 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
 
     `sparsity` is the share removed (unstructured, chosen per block of columns across all rows);
     `nm=(n, m)` keeps n of every m consecutive inputs instead. `damp` adds that share of H's mean
-    diagonal, which keeps the Cholesky factorisation stable.
+    diagonal, which keeps the Cholesky factorisation stable. Raises compress.hessian.HessianError when
+    the damped Hessian is not positive definite.
     """
-    W = weight.detach().float().contiguous().clone()  # Conv1D hands in a transposed view
-    H = hessian.to(W.device).float().clone()
+    # Dead inputs zeroed, damping and the factor of H⁻¹: the core shared with GPTQ.
+    W, Hinv, dead = damped_inverse_factor(weight, hessian, damp)
     _rows, cols = W.shape
-    dead = torch.diag(H) == 0  # inputs that never fired: their weights cannot matter
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=W.device)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     drop = torch.zeros_like(W, dtype=torch.bool)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)

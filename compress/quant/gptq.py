@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from compress.hessian import HessianError, damped_inverse_factor
 from compress.quant.weight_only import effective_group, quant_params, quantize_codes
 
 
@@ -25,22 +26,17 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
     """Quantize an (out, in) weight given its input Hessian (in, in).
 
     Returns (codes (out, in), scales (out, groups), zeros (out, groups)) in the weight-only layout.
+    Raises compress.hessian.HessianError (a ValueError) when the damped Hessian is not positive definite.
     """
-    W = weight.detach().float().clone()
+    # Dead inputs zeroed, damping and the factor of H⁻¹: the core shared with SparseGPT.
+    try:
+        W, Hinv, _dead = damped_inverse_factor(weight, hessian, damp)
+    except HessianError as exc:
+        raise HessianError(f"{exc}; raise gptq_damp") from None
     rows, cols = W.shape
-    H = hessian.detach().float().clone()
     group = effective_group(cols, group_size)
     # Blocks hold whole groups so a group's scale is fitted on already-updated columns.
     block = max(group, (block_size // group) * group) if group < cols else cols
-
-    dead = torch.diag(H) == 0  # inputs that never fire: their weights cannot matter
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
-    try:
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    except RuntimeError as exc:  # not positive definite even after damping
-        raise ValueError(f"Hessian is not positive definite ({exc}); raise gptq_damp") from None
 
     codes = torch.zeros(rows, cols)
     scales = torch.zeros(rows, cols // group)

@@ -11,12 +11,12 @@ import torch
 from pydantic import Field, model_validator
 
 from compress.bundle import ModelBundle
+from compress.calibration import batch_rows, calibration_batches, input_norms
 from compress.context import RunContext
 from compress.errors import StageError
 from compress.pruning import importance as imp
 from compress.pruning import sparsegpt, verify
 from compress.pruning import structured as st
-from compress.pruning.calibration import calibration_batches, input_norms
 from compress.pruning.masks import magnitude_score, nm_mask, unstructured_mask, wanda_score
 from compress.pruning.targets import (
     bad_patterns,
@@ -68,8 +68,9 @@ class Prune(StageConfig):
                                       "(unstructured, n:m); default: every linear layer not excluded.")
     exclude: list[str] | None = Field(None, description="Regexes of layer names never pruned; default: "
                                       "lm_head, classifier / score heads and embeddings.")
-    calibration_samples: int | None = Field(None, gt=0, description="Calibration examples for wanda, "
-                                            "activation and taylor; default: data.calibration_samples.")
+    calibration_samples: int | None = Field(None, gt=0, description=(
+        "wanda / sparsegpt / activation / taylor: calibration blocks of data.max_length tokens, drawn with "
+        "the stage seed (one example per block for classification); default: data.calibration_samples."))
 
     @model_validator(mode="after")
     def _consistent(self) -> Prune:
@@ -279,8 +280,7 @@ def _prune_masks(bundle: ModelBundle, config: Prune, ctx: RunContext) -> StageRe
         "target_sparsity": target_sparsity, "layers_pruned": len(linears),
         "measured_sparsity_pruned_layers": _sparsity([lin.weight for lin in linears.values()]),
         "measured_sparsity_model": _sparsity(list(model.parameters())),
-        "calibration_samples": (min(config.calibration_samples or ctx.data.spec.calibration_samples,
-                                    len(ctx.data.train)) if batches else None),
+        "calibration_samples": batch_rows(batches) if batches else None,
         "speed_note": NOTE_NM if config.structure == "n:m" else NOTE_DENSE,
     }
     out.record("prune", config.model_dump(mode="json"), **facts)

@@ -15,12 +15,12 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from compress.bundle import ModelBundle
+from compress.calibration import batch_rows, batch_tokens, calibration_batches, input_stats
 from compress.context import RunContext
 from compress.errors import StageError
 from compress.quant import bnb as bnb_quant
 from compress.quant import format as qformat
 from compress.quant.accounting import quantized_modules, size_summary
-from compress.quant.calibration import calibration_inputs, collect_stats
 from compress.quant.dynamic import DynamicInt8Linear, kernel_available, smoothing_factors
 from compress.quant.embedding import QuantEmbedding, TiedQuantHead
 from compress.quant.gptq import gptq_quantize
@@ -96,8 +96,8 @@ class Quantize(StageConfig):
         "int8-dynamic: SmoothQuant strength, moving activation outliers into weights using calibration "
         "data (0.5 is typical); unset = no smoothing, no calibration."))
     calibration_samples: int | None = Field(None, gt=0, description=(
-        "Calibration examples for gptq / smoothing, from the recipe's data; "
-        "default: data.calibration_samples."))
+        "gptq / smoothing: calibration blocks of data.max_length tokens, drawn with calibration_seed "
+        "(one example per block for classification); default: data.calibration_samples."))
     calibration_seed: int | None = Field(None, description=(
         "Seed for drawing calibration examples; default: the stage seed."))
     gptq_damp: float = Field(0.01, gt=0, lt=1, description=(
@@ -278,10 +278,12 @@ def _quantize_own(model: nn.Module, names: list[str], config: Quantize, bundle: 
     stats = None
     if config.uses_calibration():
         seed = ctx.seed if config.calibration_seed is None else config.calibration_seed
-        inputs = calibration_inputs(bundle, ctx, config.calibration_samples, seed)
-        stats = collect_stats(model, names, inputs, ctx.device, hessian=config.scheme == "gptq")
-        facts.update(calibration_samples=len(inputs), calibration_seed=seed,
-                     calibration_tokens=sum(int(b["input_ids"].numel()) for b in inputs))
+        batches = calibration_batches(bundle, ctx.data, config.calibration_samples, seed,
+                                      field="quantize.calibration_samples")
+        stats = input_stats(model, {n: model.get_submodule(n) for n in names}, batches,
+                            hessian=config.scheme == "gptq")
+        facts.update(calibration_samples=batch_rows(batches), calibration_seed=seed,
+                     calibration_tokens=batch_tokens(batches))
     group = config.resolved_group_size()
     per_token = config.resolved_activation_scales(bundle.task) == "per-token"
     if config.scheme == "int8-dynamic":
