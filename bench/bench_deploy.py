@@ -176,8 +176,23 @@ def render(result: dict[str, Any]) -> str:
     for name, facts in result["exports"].items():
         lines.append(f"- `{name}`: graph fusions {facts['fused_ops']}; fp32 graph vs PyTorch "
                      f"{facts['fp32_graph_max_rel_logit_diff']:.2g} of the largest logit; in-runtime accuracy "
-                     f"{100 * facts['accuracy_runtime']:.2f}% vs PyTorch {100 * facts['accuracy_pytorch']:.2f}%; "
-                     f"export + checks {facts['export_seconds']} s.")
+                     f"{100 * facts['accuracy_runtime']:.2f}% vs PyTorch {100 * facts['accuracy_pytorch']:.2f}%"
+                     + (f"; export + checks {facts['export_seconds']} s." if "export_seconds" in facts else "."))
+    if result.get("note"):
+        lines += ["", result["note"]]
+    earlier = result.get("two_thread_run")
+    if earlier:
+        lines += ["", (f"An earlier run with 2 threads each (`{earlier['command']}`, load average {earlier['load_average']}) "
+                  "is kept for the record but not used: with ~15 runnable jobs on 2 cores, PyTorch's batch-1 spread "
+                  "exceeded its median (2-thread intra-op parallelism stalls when its threads are descheduled), so "
+                  "its ratios measure the contention, not the runtimes:"), "",
+                  "| model | batch 1 ms (IQR) | batch 32 ms (IQR) |", "|---|---:|---:|"]
+        lines += [f"| {r['model']} | {r['b1_ms']} ({r['b1_iqr_ms']}) | {r['b32_ms']} ({r['b32_iqr_ms']}) |"
+                  for r in earlier["rows"]]
+    lines += ["", ("Not closed here: whether ONNX Runtime int8 beats compress int8-dynamic at batch 32 beyond the "
+              "noise (the interquartile ranges overlap). ORT's attention fusion did not match the graph torch.onnx "
+              "(dynamo) writes for BERT (no `Attention` op among the fusions above); QDQ/static quantization was "
+              "not tried.")]
     return "\n".join(lines) + "\n"
 
 
