@@ -94,6 +94,7 @@ def _flipped(model):
     return bad
 
 
+@pytest.mark.slow
 def test_onnx_graph_that_does_not_compute_the_model_is_refused(cls_recipe, tiny_bert_dir, tmp_path, monkeypatch):
     from compress.export import onnx as onnx_export
     from compress.stages.export import Export, run_export
@@ -158,6 +159,7 @@ def test_compressed_tensors_w8a8_and_pruned_zeros(cls_recipe):
     assert group["input_activations"]["strategy"] == "token" and group["weights"]["num_bits"] == 8
 
 
+@pytest.mark.slow
 def test_compressed_tensors_with_wrong_scales_is_refused(cls_recipe, tiny_bert_dir, tmp_path, monkeypatch):
     from compress.export import compressed
     from compress.quant.dynamic import DynamicInt8Linear
