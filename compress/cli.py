@@ -235,6 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_autotune)
 
+    p = sub.add_parser("export", help="export a finished run's model for a serving runtime and check it there")
+    p.add_argument("run_dir")
+    p.add_argument("--format", required=True, choices=["onnx", "compressed-tensors", "gguf"])
+    p.add_argument("--stage", help="stage output to export, e.g. 02-distill (default: the last one)")
+    p.add_argument("--name", help="folder name under RUN_DIR/exports (default: the format)")
+    p.add_argument("--quantize", choices=["int8", "none"], help="onnx: int8 dynamic (default) or the fp32 graph")
+    p.add_argument("--eval-samples", type=int, help="held-out rows the export is checked on (default 1000)")
+    from compress.export.from_run import cmd_export
+
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("stages", help="list stage types with their fields, defaults and help")
     p.set_defaults(func=cmd_stages)
     return parser

@@ -59,9 +59,10 @@ class RunContext:
     def is_main_process(self) -> bool:
         return self.rank == 0
 
-    def artifact_dir(self, kind: str) -> Path:
-        """Where this stage keeps files besides its saved model, e.g. `<run>/adapters/02-finetune`."""
-        return self.output_dir / kind / self.stage_name
+    def artifact_dir(self, kind: str, name: str | None = None) -> Path:
+        """Where this stage keeps files besides its saved model: `<run>/<kind>/<name>`, the name
+        defaulting to the stage's folder name (e.g. `<run>/adapters/02-finetune`)."""
+        return self.output_dir / kind / (name or self.stage_name)
 
     def find_earlier(self, ref: str) -> tuple[StageOutput | None, str | None]:
         """An earlier stage by 1-based number, name or type (the first such one), or why `ref` names none."""

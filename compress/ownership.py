@@ -26,7 +26,7 @@ KINDS = ("run", "compare", "publish", "autotune")
 
 # Top-level entries each kind writes; anything else in the folder was put there by someone else.
 # (A publish folder lists its own entries in the marker: the model's file names vary.)
-_RUN_ENTRIES = re.compile(r"^(run\.json|report\.(json|md|html)|plots|adapters|publish|\d\d-[\w.-]+"
+_RUN_ENTRIES = re.compile(r"^(run\.json|report\.(json|md|html)|plots|adapters|publish|exports|\d\d-[\w.-]+"
                           r"|\.work-.+|\..+\.(tmp|old)-[0-9a-f]{8}|\..+\.tmp)$")
 _FIXED_ENTRIES = {
     "compare": {"compare.md", "compare.json", "compare.png"},

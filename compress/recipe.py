@@ -66,6 +66,20 @@ class Recipe(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _terminal_stages_last(self) -> Recipe:
+        from compress.registry import get_stage
+
+        terminal = [get_stage(s.stage_type()).terminal for s in self.stages]
+        for index, stage in enumerate(self.stages):
+            later = [s.stage_type() for s, t in zip(self.stages[index + 1:], terminal[index + 1:], strict=True)
+                     if not t]
+            if terminal[index] and later:
+                kind = stage.stage_type()
+                raise ValueError(f"stages[{index}]: {kind} is terminal; only other {kind} stages may follow it "
+                                 f"(found {', '.join(later)}); move it to the end")
+        return self
+
+    @model_validator(mode="after")
     def _lm_eval_needs_causal_lm(self) -> Recipe:
         if self.eval.lm_eval and self.model.task == "sequence-classification":
             raise ValueError("eval.lm_eval: harness tasks need a causal LM; remove eval.lm_eval or use task causal-lm")

@@ -66,6 +66,8 @@ class StageEntry:
     # How the base model should load when this is the first stage, e.g. QLoRA's NF4 settings, so the
     # model is read from its checkpoint in the form the stage trains (compress.loading.load_model).
     load_plan: Callable[[StageConfig], dict[str, Any] | None] | None = None
+    # Ends a recipe: only other terminal stages may follow it (exports write artefacts, not models).
+    terminal: bool = False
 
 
 _STAGES: dict[str, StageEntry] = {}
@@ -74,7 +76,8 @@ _version = 0
 
 def register_stage(config_cls: type[StageConfig], run: StageFn, summary: str | None = None,
                    check: CheckFn | None = None, distributed: bool = False,
-                   load_plan: Callable[[StageConfig], dict[str, Any] | None] | None = None) -> StageEntry:
+                   load_plan: Callable[[StageConfig], dict[str, Any] | None] | None = None,
+                   terminal: bool = False) -> StageEntry:
     """Register a stage. Its `type` comes from the config's `type` Literal; duplicates are refused.
 
     `check(bundle, config, ctx) -> problems` runs for every stage right after the model loads and
@@ -88,7 +91,7 @@ def register_stage(config_cls: type[StageConfig], run: StageFn, summary: str | N
     if stage_type in _STAGES and _STAGES[stage_type].config_cls is not config_cls:
         raise ValueError(f"stage type {stage_type!r} is already registered by {_STAGES[stage_type].config_cls}")
     doc = (summary or config_cls.__doc__ or "").strip().splitlines()
-    entry = StageEntry(stage_type, config_cls, run, doc[0] if doc else "", check, distributed, load_plan)
+    entry = StageEntry(stage_type, config_cls, run, doc[0] if doc else "", check, distributed, load_plan, terminal)
     _STAGES[stage_type] = entry
     global _version
     _version += 1  # the recipe rebuilds its stage union when it next validates (compress/recipe.py)
