@@ -29,6 +29,7 @@ from compress.data import DataBundle, load_data
 from compress.environment import collect_environment
 from compress.errors import CompressError, Interrupted, RecipeError, RunFolderError
 from compress.evaluate.point import evaluate_bundle
+from compress.evaluate.side_by_side import measure_side_by_side
 from compress.io import write_json_atomic
 from compress.loading import load_base_model, resolve_task
 from compress.ownership import MARKER, check_output_folder, clear_run_folder, read_marker, write_marker
@@ -194,6 +195,7 @@ class Runner:
         self._write_manifest()
         try:
             self._run_all(task, data, device, bundle)
+            measure_side_by_side(self.report, recipe, self.out, task, data, device)
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
             wrapped = self._explain(exc)
