@@ -76,7 +76,8 @@ class MemoryMetrics(_Model):
     """Memory of one model measured alone, in a fresh process (CPU) or from the allocator (GPU)."""
 
     kind: str = Field(description="cpu-rss (fresh process per model) or cuda-allocated.")
-    resident_bytes: int = Field(description="Memory the loaded model holds (RSS or allocated after load minus before).")
+    resident_bytes: int = Field(description="Memory the loaded model holds: RSS once it has run (buffers freed), "
+                                "or CUDA memory allocated after the load, minus the level before the load.")
     peak_bytes: int = Field(description="Peak above the pre-load level during `workload`, weights included.")
     workload: str = Field(description="What ran for the peak, e.g. 'forward 32x128' or 'generate 8x(128+32)'.")
     weight_bytes: int | None = Field(None, description="Bytes of the model's tensors (state_dict), for comparison.")

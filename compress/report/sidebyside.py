@@ -92,7 +92,8 @@ def setup_note(report: Report) -> str:
                      + ".")
     if s.memory_isolation:
         parts.append(f"Memory: {s.memory_isolation} (after a throw-away load, so library set-up is not counted); "
-                     "peak is above the pre-load level, weights included.")
+                     "resident is what the model holds once it has run, peak the highest level during the "
+                     "workload, both above the pre-load level.")
     parts += s.notes
     return " ".join(parts)
 
