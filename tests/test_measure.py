@@ -205,3 +205,19 @@ def test_processes_mode_and_isolated_memory(lm_recipe):
     assert final.memory.weight_bytes < base.memory.weight_bytes
     md = (Path(lm_recipe["output_dir"]) / "report.md").read_text()
     assert "Memory, each model alone" in md and "one fresh process per model" in md
+
+
+def test_models_too_big_to_hold_together_go_to_fresh_processes(monkeypatch):
+    import psutil
+
+    from compress.evaluate.side_by_side import fits_together
+    from compress.report.schema import SizeMetrics
+
+    report = _report(None)
+    for p in report.points:
+        p.size = SizeMetrics(parameters=1, nonzero_parameters=1, sparsity=0, memory_bytes=3 * 2**30)
+    free = type("VM", (), {"available": 16 * 2**30})
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
+    assert fits_together(report, ["baseline", "01-quantize"], "cpu")  # 6 GiB of 16 GiB free
+    free.available = 10 * 2**30
+    assert not fits_together(report, ["baseline", "01-quantize"], "cpu")  # more than half of it

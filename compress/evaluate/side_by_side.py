@@ -59,7 +59,8 @@ def _sources(report: Report, recipe: Recipe, out: Path, task: str, data: Any) ->
     return sources
 
 
-def _fits_together(report: Report, names: list[str], device: str) -> bool:
+def fits_together(report: Report, names: list[str], device: str) -> bool:
+    """Whether the named points' models (their in-memory bytes) fit in FIT_SHARE of the free memory."""
     need = sum((p.size.memory_bytes or 0) if p.size else 0 for p in report.points if p.name in names)
     if device.startswith("cuda"):
         import torch
@@ -189,7 +190,7 @@ def measure_side_by_side(report: Report, recipe: Recipe, out: Path, task: str, d
         setup.generate_batch_size = spec.generate_batch_size
     mode = spec.side_by_side_mode
     if mode == "auto":
-        mode = "interleaved" if _fits_together(report, list(sources), device) else "processes"
+        mode = "interleaved" if fits_together(report, list(sources), device) else "processes"
     setup.mode = mode
     log.info("timing %d model(s) side by side (%s, %d rounds)", len(sources), mode, spec.rounds)
     if mode == "interleaved":
