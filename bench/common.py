@@ -136,25 +136,15 @@ def interleaved_latency(models: list[Any], batch: int, seq_len: int, warmup: int
     """Seconds per forward pass for each model, timed in turn within each repeat.
 
     Interleaving spreads the machine's noise (other processes) evenly over the models, so their
-    ratios stay meaningful on a shared machine.
+    ratios stay meaningful on a shared machine. The timing code is the product's own
+    (`compress.evaluate.timing`, also behind every run's side-by-side pass): one round per repeat,
+    one call per model per round.
     """
-    import time
+    from compress.evaluate.timing import forward_call, random_ids, time_interleaved
 
-    import torch
-
-    gen = torch.Generator().manual_seed(0)
     vocab = min(int(m.config.vocab_size) for m in models)
-    ids = torch.randint(low, vocab, (batch, seq_len), generator=gen)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    times: list[list[float]] = [[] for _ in models]
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            for j, model in enumerate(models):
-                start = time.perf_counter()
-                model(**inputs)
-                if i >= warmup:
-                    times[j].append(time.perf_counter() - start)
-    return times
+    ids = random_ids(vocab, batch, seq_len, seed=0, low=low)
+    return time_interleaved([forward_call(m, ids) for m in models], warmup=warmup, rounds=repeats, repeats=1)
 
 
 def machine_line() -> str:

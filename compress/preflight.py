@@ -41,7 +41,7 @@ class MemoryCheckError(CompressError):
 def check_before_loading(recipe: Recipe, task: str, data: Any, device: str) -> None:
     """Every config-level check of the run; raises a CompressError naming the field and the fix."""
     config = load_config(recipe.model)
-    problems = position_problems(config, recipe) + head_problems(config, recipe, task, data)
+    problems = position_problems(config, recipe, task) + head_problems(config, recipe, task, data)
     students = _student_configs(config, recipe)
     problems += [p for where, c in [("model.path", config), *students] for p in _depth_problems(c, where)]
     if problems:
@@ -64,16 +64,23 @@ def max_positions(config: Any) -> tuple[int, str] | None:
     return None
 
 
-def position_problems(config: Any, recipe: Recipe) -> list[str]:
+def position_problems(config: Any, recipe: Recipe, task: str | None = None) -> list[str]:
     limit = max_positions(config)
     if limit is None:
         return []
     usable, key = limit
+    spec = recipe.eval
     asked = [("data.max_length", recipe.data.max_length)]
-    if recipe.eval.speed and (recipe.eval.baseline or recipe.eval.after_each_stage):
-        asked.append(("eval.seq_len", recipe.eval.seq_len))  # only the speed test uses it
+    if spec.speed and (spec.baseline or spec.after_each_stage or spec.side_by_side):
+        asked.append(("eval.seq_len", spec.seq_len))  # only the speed test uses it
+    problems = []
+    generates = spec.speed and spec.side_by_side and spec.generation and task == "causal-lm"
+    if generates and spec.prompt_tokens + spec.new_tokens > usable:  # generation runs past the prompt
+        problems.append(f"eval.prompt_tokens + eval.new_tokens: {spec.prompt_tokens} + {spec.new_tokens} "
+                        f"tokens is more than the model's {usable} positions ({key} in model.path's "
+                        f"config); lower them")
     return [f"{field}: {value} tokens is more than the model's {usable} positions ({key} in model.path's "
-            f"config); use {field}: {usable} or less" for field, value in asked if value > usable]
+            f"config); use {field}: {usable} or less" for field, value in asked if value > usable] + problems
 
 
 # ---------------------------------------------------------------------------- classifier head

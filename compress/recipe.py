@@ -90,12 +90,13 @@ class Recipe(StrictModel):
         from compress.goals import metric_getter, metric_names
 
         for name in self.goals:
-            if metric_getter(name, self.eval.batch_size) is None:
-                valid = metric_names(self.eval.batch_size)
+            if metric_getter(name, self.eval.batch_size, self.eval.generate_batch_size) is None:
+                valid = metric_names(self.eval.batch_size, self.eval.generate_batch_size)
                 guess = difflib.get_close_matches(name, valid, n=1)
                 hint = f"; did you mean {guess[0]!r}?" if guess else ""
                 raise ValueError(f"goals.{name}: unknown metric{hint} (metrics: {', '.join(valid)}; "
-                                 f"latency_bN needs N = eval.batch_size)")
+                                 f"latency_bN needs N = eval.batch_size, decode_tps_bN N = "
+                                 f"eval.generate_batch_size)")
         return self
 
     @field_validator("name")

@@ -103,6 +103,14 @@ def registry_version() -> int:
     return _version
 
 
+def base_load_plan(stages: list[StageConfig]) -> dict[str, Any] | None:
+    """How the recipe's base model should load: as its first stage asks (QLoRA: NF4), else None."""
+    if not stages:
+        return None
+    entry = _STAGES[stages[0].stage_type()]
+    return entry.load_plan(stages[0]) if entry.load_plan else None
+
+
 def get_stage(stage_type: str) -> StageEntry:
     return _STAGES[stage_type]
 

@@ -30,11 +30,12 @@ from compress.distributed import Ranks, current_ranks
 from compress.environment import collect_environment
 from compress.errors import CompressError, Interrupted, RecipeError, StageError
 from compress.evaluate.point import evaluate_bundle
+from compress.evaluate.side_by_side import measure_side_by_side
 from compress.io import write_json_atomic
 from compress.loading import load_base_model, resolve_task
 from compress.ownership import MARKER, check_output_folder, clear_run_folder, read_marker, write_marker
 from compress.recipe import Recipe, load_recipe
-from compress.registry import StageResult, get_stage
+from compress.registry import StageResult, base_load_plan, get_stage
 from compress.report.render import write_report
 from compress.report.schema import EvalPoint, Report
 from compress.reuse import StageCache, check_resume_points, stage_dir_name, stage_done, stage_fingerprints
@@ -191,6 +192,8 @@ class Runner:
         ranks.on_main(self._write_manifest)
         try:
             self._run_all(task, data, device, bundle)
+            # Rank 0 times every eval point's model side by side, before the goals read the figures.
+            ranks.on_main(lambda: measure_side_by_side(self.report, recipe, self.out, task, data, device))
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
             wrapped = self._explain(exc)
@@ -231,12 +234,8 @@ class Runner:
 
     def _load_base(self, task: str, data: DataBundle, device: str) -> ModelBundle:
         """The recipe's model, loaded as its first stage wants it (QLoRA: straight into NF4)."""
-        plan = None
-        if self.recipe.stages:
-            first = self.recipe.stages[0]
-            load_plan = get_stage(first.stage_type()).load_plan
-            plan = load_plan(first) if load_plan else None
-        return load_base_model(self.recipe.model, task, data, device, self.recipe.seed, nf4=plan)
+        return load_base_model(self.recipe.model, task, data, device, self.recipe.seed,
+                               nf4=base_load_plan(self.recipe.stages))
 
     def _open_folder(self) -> None:
         """Create (or reopen) the run folder: locked, marked, and cleared of a killed run's temporaries."""

@@ -128,4 +128,22 @@ class EvalSpec(StrictModel):
     repeats: int = Field(5, gt=0, le=1000, description="Timed runs; the median is reported.")
     threads: int | None = Field(None, gt=0, description="torch threads for the speed test; default: torch's.")
     eval_batch_size: int = Field(64, gt=0, description="Batch size for the accuracy pass.")
+    side_by_side: bool = Field(
+        True, description="After the last stage, time every eval point's model again, all together in "
+        "interleaved rounds (A B C A B C ...), so the reported speed ratios are not machine noise.")
+    rounds: int = Field(5, gt=0, le=1000, description="Side-by-side rounds; each round runs every model "
+                        "`repeats` times in turn. Ratios are taken round by round; their spread is reported.")
+    side_by_side_mode: Literal["auto", "interleaved", "processes"] = Field(
+        "auto", description="interleaved: all models in one process; processes: alternating fresh "
+        "processes, one model each (for models too big to hold together); auto: processes only when "
+        "the models would not fit in memory together.")
+    memory: bool = Field(True, description="Measure each model's memory alone in a fresh process (GPU: "
+                         "allocator statistics): resident bytes of the loaded model and the peak of a "
+                         "batch-N forward (causal LMs: a batch-N generation).")
+    generation: bool = Field(True, description="Causal LMs: time to first token and decode tokens/s "
+                             "with the KV cache, side by side.")
+    prompt_tokens: int = Field(128, gt=0, le=32768, description="Prompt length P for generation timing.")
+    new_tokens: int = Field(32, gt=0, le=4096, description="Tokens G generated per timed generation.")
+    generate_batch_size: int = Field(8, gt=0, le=1024, description="Batch N for decode tokens/s "
+                                     "(batch 1 is always measured).")
     lm_eval: LmEvalSpec | None = Field(None, description="lm-evaluation-harness tasks (causal LMs).")

@@ -123,7 +123,7 @@ def make_tiny_llama(path: str | Path, seed: int = 0, **overrides: Any) -> Path:
 
 def tiny_recipe(model_dir: str | Path, data_path: str | Path, task: str, output_dir: str | Path,
                 stages: list[dict[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:
-    """A fast recipe over the tiny assets (small eval, few speed repeats)."""
+    """A fast recipe over the tiny assets (small eval, few speed repeats, no side-by-side pass)."""
     data: dict[str, Any] = {"source": str(data_path), "max_length": 32, "eval_size": 0.2}
     if task == "sequence-classification":
         data["label_column"] = "label"
@@ -131,7 +131,12 @@ def tiny_recipe(model_dir: str | Path, data_path: str | Path, task: str, output_
         "name": extra.pop("name", "tiny"),
         "model": {"path": str(model_dir), "task": task},
         "data": {**data, **extra.pop("data", {})},
-        "eval": {"batch_size": 4, "seq_len": 16, "warmup": 1, "repeats": 2, **extra.pop("eval", {})},
+        # The side-by-side pass (re-loading and re-timing every model) is off unless a test asks for it:
+        # it added 8-20 s to a tiny run on the loaded CI machine. When asked for, it stays short, and
+        # isolated memory (a fresh process per model) stays off unless asked for too.
+        "eval": {"batch_size": 4, "seq_len": 16, "warmup": 1, "repeats": 2, "side_by_side": False, "rounds": 2,
+                 "memory": False, "prompt_tokens": 16, "new_tokens": 4, "generate_batch_size": 2,
+                 **extra.pop("eval", {})},
         "output_dir": str(output_dir),
         "stages": stages or [],
         **extra,

@@ -11,8 +11,8 @@ from compress.bundle import ModelBundle
 from compress.evaluate.accuracy import evaluate_accuracy
 from compress.evaluate.size import measure_size
 from compress.evaluate.speed import measure_speed
-from compress.specs import EvalSpec
 from compress.report.schema import EvalPoint
+from compress.specs import EvalSpec
 
 
 def evaluate_bundle(

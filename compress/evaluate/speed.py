@@ -1,31 +1,21 @@
-"""Speed: median latency at batch 1 and batch N after warm-up, throughput, peak memory.
+"""Speed of one model at one eval point, timed alone: median latency at batch 1 and batch N.
 
-On CPU torch keeps no allocator statistics, so peak memory is the increase of the process's
-resident set size, sampled by a background thread while the batch-N runs execute.
+These figures are taken during the run, minutes apart from the other points' (labelled "timed
+alone" in reports); ratios between models come from the side-by-side pass (side_by_side.py).
+On CPU the peak memory here is the increase of the process's resident set size during the batch-N
+runs, which says little; isolated per-model memory is measured by memory.py.
 """
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
-from contextlib import contextmanager
-from typing import Any
+from typing import Any, Self
 
 import torch
 
+from compress.evaluate.timing import forward_call, model_vocab, random_ids, time_interleaved, torch_threads
 from compress.report.schema import SpeedMetrics
-
-
-@contextmanager
-def _threads(n: int | None):
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(old)
 
 
 class _RssSampler:
@@ -44,35 +34,13 @@ class _RssSampler:
             self.peak = max(self.peak, self._proc.memory_info().rss)
             time.sleep(self._interval)
 
-    def __enter__(self) -> _RssSampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def _inputs(model: Any, tokenizer: Any, batch: int, seq_len: int, device: str, seed: int) -> dict[str, torch.Tensor]:
-    vocab = int(getattr(model.config, "vocab_size", None) or len(tokenizer))
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(low=min(1000, vocab // 2), high=vocab, size=(batch, seq_len), generator=gen)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
-
-
-def _time(model: Any, inputs: dict[str, torch.Tensor], warmup: int, repeats: int, device: str) -> list[float]:
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(**inputs)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return times
 
 
 def measure_speed(
@@ -87,18 +55,20 @@ def measure_speed(
     device: str = "cpu",
     seed: int = 0,
 ) -> SpeedMetrics:
+    """Median latency of one model timed alone (the one-model case of `time_interleaved`)."""
     model.eval()
-    with _threads(threads) as used_threads:
-        one = _inputs(model, tokenizer, 1, seq_len, device, seed)
-        lat1 = statistics.median(_time(model, one, warmup, repeats, device))
-        many = _inputs(model, tokenizer, batch_size, seq_len, device, seed)
+    vocab = model_vocab(model, tokenizer)
+    with torch_threads(threads) as used_threads:
+        one = forward_call(model, random_ids(vocab, 1, seq_len, seed).to(device))
+        lat1 = time_interleaved([one], warmup=warmup, rounds=1, repeats=repeats, device=device)[0][0]
+        many = forward_call(model, random_ids(vocab, batch_size, seq_len, seed).to(device))
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-            latn = statistics.median(_time(model, many, warmup, repeats, device))
+            latn = time_interleaved([many], warmup=warmup, rounds=1, repeats=repeats, device=device)[0][0]
             peak, kind = torch.cuda.max_memory_allocated(), "cuda-allocated"
         else:
             with _RssSampler() as sampler:
-                latn = statistics.median(_time(model, many, warmup, repeats, device))
+                latn = time_interleaved([many], warmup=warmup, rounds=1, repeats=repeats, device=device)[0][0]
             peak, kind = sampler.peak - sampler.start_rss, "cpu-rss-increase"
     return SpeedMetrics(
         device=device,

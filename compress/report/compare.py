@@ -11,7 +11,8 @@ from compress.io import atomic_dir, write_json_atomic, write_text_atomic
 from compress.ownership import check_output, write_marker
 from compress.report.plots import plot_pareto
 from compress.report.render import _fmt, _table
-from compress.report.schema import Report
+from compress.report.schema import EvalPoint, Report
+from compress.report.sidebyside import fmt_ratio, headline_speedup
 
 
 def load_report(run_dir: str | Path) -> Report:
@@ -26,6 +27,26 @@ def load_report(run_dir: str | Path) -> Report:
                              ) from None
 
 
+def _faster_bn(report: Report, point: EvalPoint) -> str:
+    """Batch-N speed-up over the run's baseline: the side-by-side ratio with its spread when the run
+    timed its models together; otherwise the ratio of figures timed apart, marked as such."""
+    base = report.baseline
+    if point is base:
+        return "–"
+    if report.side_by_side is not None and point.timing is not None:
+        return fmt_ratio(headline_speedup(point))
+    lat = point.speed.latency_bn_ms if point.speed else None
+    base_lat = base.speed.latency_bn_ms if base and base.speed else None
+    return f"{base_lat / lat:.2f} (timed apart)" if lat and base_lat else "–"
+
+
+def _latency(point: EvalPoint, attr: str) -> float | None:
+    spread = getattr(point.timing, f"{attr}_ms", None) if point.timing else None
+    if spread is not None:
+        return spread.median
+    return getattr(point.speed, f"{attr}_ms") if point.speed else None
+
+
 def compare_rows(reports: list[Report]) -> tuple[list[str], list[list[str]]]:
     header = ["run", "eval point", "disk", "× smaller", "lat b1 ms", "lat bN ms", "× faster bN", "accuracy",
               "perplexity", "status"]
@@ -35,14 +56,12 @@ def compare_rows(reports: list[Report]) -> tuple[list[str], list[list[str]]]:
         for point in report.points:
             size = point.size.disk_bytes if point.size else None
             base_size = base.size.disk_bytes if base and base.size else None
-            lat = point.speed.latency_bn_ms if point.speed else None
-            base_lat = base.speed.latency_bn_ms if base and base.speed else None
             rows.append([
                 report.name, point.name, _fmt(size, "bytes"),
                 f"{base_size / size:.2f}" if size and base_size else "–",
-                _fmt(point.speed.latency_b1_ms if point.speed else None, "float"),
-                _fmt(lat, "float"),
-                f"{base_lat / lat:.2f}" if lat and base_lat else "–",
+                _fmt(_latency(point, "latency_b1"), "float"),
+                _fmt(_latency(point, "latency_bn"), "float"),
+                _faster_bn(report, point),
                 _fmt(point.accuracy.accuracy if point.accuracy else None, "pct"),
                 _fmt(point.accuracy.perplexity if point.accuracy else None, "float"),
                 report.status,
@@ -64,7 +83,10 @@ def compare_runs(run_dirs: list[str | Path], output: str | Path) -> Path:
         write_marker(tmp, "compare")
         plot = plot_pareto({label: r.points for label, r in zip(labels, reports, strict=True)},
                            tmp / "compare.png", title="Size against accuracy, all runs")
-        md = ["# compress comparison", "", f"Runs: {', '.join(labels)}. Ratios are against each run's own baseline.",
+        intro = (f"Runs: {', '.join(labels)}. Ratios are against each run's own baseline; speed-ups are from "
+                 "each run's side-by-side pass (median and min–max over rounds; n.s.: the spread includes 1.0), "
+                 "latencies are side-by-side medians.")
+        md = ["# compress comparison", "", intro,
               "", _table(header, rows), ""]
         if plot:
             md += ["![Size against accuracy](compare.png)", ""]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from compress.report.render import PLOT_TITLES, comparison_rows, goal_rows
 from compress.report.schema import Report
+from compress.report.sidebyside import memory_rows, setup_note, speed_rows
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
@@ -49,6 +50,14 @@ def render_html(report: Report, plots: dict[str, Path]) -> str:
     if report.points:
         parts += ["<h2>Eval points</h2><p>Ratios (×) and point differences (pt) are against the baseline.</p>",
                   _table(*comparison_rows(report))]
+    if report.side_by_side is not None:
+        parts += ["<h2>Side by side</h2>", f"<p>{html.escape(setup_note(report))}</p>"]
+        header, rows = speed_rows(report)
+        if rows:
+            parts.append(_table(header, rows))
+        header, rows = memory_rows(report)
+        if rows:
+            parts += ["<p>Memory, each model alone:</p>", _table(header, rows)]
     if report.goals:
         header, rows = goal_rows(report.goals)
         parts += ["<h2>Goals</h2>", _table(header, rows, result_col=len(header) - 1)]

@@ -82,7 +82,74 @@ def plot_pareto(series: dict[str, list[EvalPoint]], path: Path, title: str = "Si
     return _save(fig, ax, path)
 
 
+def _bars(ax, names: list[str], spreads: list, ylabel: str, title: str) -> None:
+    """Median bars with min-max whiskers (side-by-side figures)."""
+    medians = [s.median for s in spreads]
+    errors = [[s.median - s.min for s in spreads], [s.max - s.median for s in spreads]]
+    ax.bar(range(len(medians)), medians, yerr=errors, capsize=3, color="#4c72b0")
+    ax.set_xticks(range(len(medians)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    for i, v in enumerate(medians):
+        ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=7)
+
+
+def _figure(panels: list[tuple[list[str], list, str, str]], path: Path, title: str) -> Path:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        _bars(ax, *panel)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_latency_side_by_side(report: Report, path: Path) -> Path | None:
+    points = [p for p in report.points if p.timing is not None and p.timing.latency_b1_ms is not None]
+    if not points:
+        return None
+    names = [p.name for p in points]
+    n = report.side_by_side.batch_size if report.side_by_side else "N"
+    return _figure([(names, [p.timing.latency_b1_ms for p in points], "latency (ms)", "batch 1"),
+                    (names, [p.timing.latency_bn_ms for p in points], "latency (ms)", f"batch {n}")],
+                   path, "Latency, side by side (median, min–max over rounds)")
+
+
+def plot_generation(report: Report, path: Path) -> Path | None:
+    points = [p for p in report.points if p.timing is not None and p.timing.ttft_ms is not None]
+    if not points:
+        return None
+    names = [p.name for p in points]
+    s = report.side_by_side
+    return _figure([(names, [p.timing.ttft_ms for p in points], "ms", f"time to first token ({s.prompt_tokens} tok)"),
+                    (names, [p.timing.decode_b1_tps for p in points], "tokens/s", "decode, batch 1"),
+                    (names, [p.timing.decode_bn_tps for p in points], "tokens/s",
+                     f"decode, batch {s.generate_batch_size}")],
+                   path, "Generation with the KV cache, side by side")
+
+
+def plot_memory(report: Report, path: Path) -> Path | None:
+    points = [p for p in report.points if p.memory is not None]
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    xs = range(len(points))
+    for offset, label, values in ((-0.27, "model resident", [p.memory.resident_bytes for p in points]),
+                                  (0.0, "peak (" + points[0].memory.workload + ")", [p.memory.peak_bytes for p in points]),
+                                  (0.27, "tensor bytes", [p.memory.weight_bytes or 0 for p in points])):
+        ax.bar([x + offset for x in xs], [v / 2**20 for v in values], width=0.27, label=label)
+    ax.set_xticks(list(xs), [p.name for p in points], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("MiB")
+    ax.set_title("Memory, each model alone in a fresh process")
+    return _save(fig, ax, path)
+
+
 def plot_latency(report: Report, path: Path) -> Path | None:
+    if any(p.timing is not None and p.timing.latency_b1_ms is not None for p in report.points):
+        return plot_latency_side_by_side(report, path)
     points = [p for p in report.points if p.speed is not None]
     if not points:
         return None
@@ -146,6 +213,8 @@ def draw_all(report: Report, folder: Path) -> dict[str, Path]:
     made = {
         "pareto": plot_pareto({report.name: report.points}, folder / "pareto.png"),
         "latency": plot_latency(report, folder / "latency.png"),
+        "generation": plot_generation(report, folder / "generation.png"),
+        "memory": plot_memory(report, folder / "memory.png"),
         "layers": plot_layers(report, folder / "layers.png"),
         "loss": plot_losses(report, folder / "loss.png"),
     }

@@ -7,10 +7,11 @@ from typing import Any
 
 from compress.io import atomic_dir, write_json_atomic, write_text_atomic
 from compress.report.schema import EvalPoint, GoalResult, Report
+from compress.report.sidebyside import memory_rows, setup_note, speed_rows
 
 PLOTS_DIR = "plots"
-PLOT_TITLES = {"pareto": "Size against accuracy", "latency": "Latency", "layers": "Per-layer sparsity and bit-width",
-               "loss": "Training loss"}
+PLOT_TITLES = {"pareto": "Size against accuracy", "latency": "Latency", "generation": "Generation speed",
+               "memory": "Memory per model", "layers": "Per-layer sparsity and bit-width", "loss": "Training loss"}
 
 # (label, getter, format, lower_is_better)
 _COLUMNS: list[tuple[str, Any, str, bool | None]] = [
@@ -26,6 +27,9 @@ _COLUMNS: list[tuple[str, Any, str, bool | None]] = [
     ("perplexity", lambda p: p.accuracy and p.accuracy.perplexity, "float", True),
     ("agreement", lambda p: p.accuracy and p.accuracy.agreement, "pct", False),
 ]
+
+
+_SPEED_LABELS = {"lat b1 ms", "lat bN ms", "seq/s"}
 
 
 def _fmt(value: Any, kind: str) -> str:
@@ -56,14 +60,17 @@ def comparison_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     """Header and rows: every eval point with absolute values and, against the baseline, ratios."""
     base = report.baseline
     used = [c for c in _COLUMNS if any(c[1](p) is not None for p in report.points)]
-    header = ["eval point"] + [c[0] for c in used]
+    # With a side-by-side pass, the timings taken at each point stay, labelled, without ratios: the
+    # ratios worth quoting are the side-by-side ones.
+    alone = report.side_by_side is not None and report.side_by_side.mode in ("interleaved", "processes")
+    header = ["eval point"] + [f"{c[0]} (alone)" if alone and c[0] in _SPEED_LABELS else c[0] for c in used]
     rows = []
     for point in report.points:
         row = [point.name]
-        for _label, get, kind, _lower in used:
+        for label, get, kind, _lower in used:
             value = get(point)
             cell = _fmt(value, kind)
-            if base is not None and point is not base:
+            if base is not None and point is not base and not (alone and label in _SPEED_LABELS):
                 ref = get(base)
                 cell += _delta_points(value, ref) if kind == "pct" else _ratio(value, ref)
             row.append(cell)
@@ -77,11 +84,13 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _speed_note(point: EvalPoint | None) -> str:
+def _speed_note(point: EvalPoint | None, side_by_side: bool = False) -> str:
     if point is None or point.speed is None:
         return ""
     s = point.speed
-    return (f"Speed: {s.device}, {s.threads} threads, sequence length {s.seq_len}, batch N = {s.batch_size}; "
+    label = ("Speed (alone): each point timed on its own when it was reached during the run, minutes apart "
+             "from the others; see Side by side for ratios. " if side_by_side else "Speed: ")
+    return (f"{label}{s.device}, {s.threads} threads, sequence length {s.seq_len}, batch N = {s.batch_size}; "
             f"median of {s.repeats} runs after {s.warmup} warm-up runs. Peak memory is {s.peak_memory_kind}.")
 
 
@@ -110,9 +119,17 @@ def render_markdown(report: Report, plots: dict[str, str] | None = None) -> str:
         header, rows = comparison_rows(report)
         out += ["## Eval points", "", "Ratios (×) and point differences (pt) are against the baseline.", "",
                 _table(header, rows), ""]
-        note = _speed_note(report.final)
+        note = _speed_note(report.final, report.side_by_side is not None)
         if note:
             out += [note, ""]
+    if report.side_by_side is not None:
+        out += ["## Side by side", "", setup_note(report), ""]
+        header, rows = speed_rows(report)
+        if rows:
+            out += [_table(header, rows), ""]
+        header, rows = memory_rows(report)
+        if rows:
+            out += ["Memory, each model alone:", "", _table(header, rows), ""]
     harness = [(p.name, p.accuracy.lm_eval) for p in report.points if p.accuracy and p.accuracy.lm_eval]
     if harness:
         keys = sorted({f"{task}/{metric}" for _, res in harness for task, ms in res.items() for metric in ms})

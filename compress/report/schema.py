@@ -6,7 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "1.0"
+# 1.1: side-by-side timing, generation speed and isolated memory (all optional: 1.0 reports load).
+SCHEMA_VERSION = "1.1"
 
 
 class _Model(BaseModel):
@@ -45,6 +46,63 @@ class SpeedMetrics(_Model):
     peak_memory_kind: str | None = Field(None, description="cuda-allocated or cpu-rss-increase.")
 
 
+class Spread(_Model):
+    """A figure measured once per round: its smallest, median and largest value."""
+
+    min: float
+    median: float
+    max: float
+
+
+class Ratio(Spread):
+    """Speed-up over the baseline, one value per round (paired within the round); > 1 is faster."""
+
+    significant: bool = Field(description="False when the spread includes 1.0: the difference is noise.")
+
+
+class SideBySideTiming(_Model):
+    """One model's figures from the side-by-side pass (all models timed together, interleaved)."""
+
+    latency_b1_ms: Spread | None = None
+    latency_bn_ms: Spread | None = None
+    ttft_ms: Spread | None = Field(None, description="Time to first token, prompt of prompt_tokens, batch 1.")
+    decode_b1_tps: Spread | None = Field(None, description="Decode tokens/s with the KV cache, batch 1.")
+    decode_bn_tps: Spread | None = Field(None, description="Decode tokens/s (all sequences), batch generate_batch_size.")
+    speedup: dict[str, Ratio] = Field(default_factory=dict,
+                                      description="Against the baseline, by figure (latency_b1, latency_bn, ...).")
+
+
+class MemoryMetrics(_Model):
+    """Memory of one model measured alone, in a fresh process (CPU) or from the allocator (GPU)."""
+
+    kind: str = Field(description="cpu-rss (fresh process per model) or cuda-allocated.")
+    resident_bytes: int = Field(description="Memory the loaded model holds: RSS once it has run (buffers freed), "
+                                "or CUDA memory allocated after the load, minus the level before the load.")
+    peak_bytes: int = Field(description="Peak above the pre-load level during `workload`, weights included.")
+    workload: str = Field(description="What ran for the peak, e.g. 'forward 32x128' or 'generate 8x(128+32)'.")
+    weight_bytes: int | None = Field(None, description="Bytes of the model's tensors (state_dict), for comparison.")
+
+
+class SideBySide(_Model):
+    """How the side-by-side pass was run; renderers state it next to the ratios."""
+
+    mode: str = Field(description="interleaved (one process) or processes (alternating fresh processes).")
+    device: str
+    threads: int
+    rounds: int
+    repeats: int = Field(description="Calls per model per round for forward timing (the round keeps their median).")
+    warmup: int
+    batch_size: int
+    seq_len: int
+    prompt_tokens: int | None = None
+    new_tokens: int | None = None
+    generate_batch_size: int | None = None
+    load_average: list[float] | None = Field(None, description="1-minute load average before and after the pass.")
+    seconds: float | None = None
+    memory_isolation: str | None = Field(None, description="How memory was isolated, in words.")
+    notes: list[str] = Field(default_factory=list)
+
+
 class AccuracyMetrics(_Model):
     examples: int
     accuracy: float | None = None
@@ -61,6 +119,8 @@ class EvalPoint(_Model):
     size: SizeMetrics | None = None
     speed: SpeedMetrics | None = None
     accuracy: AccuracyMetrics | None = None
+    timing: SideBySideTiming | None = Field(None, description="From the side-by-side pass (report.side_by_side).")
+    memory: MemoryMetrics | None = None
     stage_seconds: float | None = None
     stage_info: dict[str, Any] = Field(default_factory=dict, description="What the stage reported.")
     notes: list[str] = Field(default_factory=list)
@@ -98,6 +158,7 @@ class Report(_Model):
     environment: Environment
     points: list[EvalPoint] = Field(default_factory=list)
     goals: list[GoalResult] = Field(default_factory=list)
+    side_by_side: SideBySide | None = Field(None, description="Settings of the side-by-side pass, if one ran.")
 
     @property
     def goals_passed(self) -> bool:

@@ -108,12 +108,12 @@ def load_4bit(model: Any, task: str, folder: Path, *, compute_dtype: str, double
     result carries a `quantization_config` and saves/reloads as a normal Hugging Face folder.
     (Used when the float model is already in memory; a QLoRA base read from its checkpoint loads
     straight into 4-bit instead: compress.loading.)"""
-    from compress.bundle import auto_class
-    from compress.quant.bnb import linear_subclasses_as_linear
-
     # Written with huggingface_hub rather than save_pretrained, which writes on distributed rank 0
     # only: every process of a distributed QLoRA reloads its own copy (the caller gives each its folder).
     from huggingface_hub import save_torch_state_dict
+
+    from compress.bundle import auto_class
+    from compress.quant.bnb import linear_subclasses_as_linear
 
     model.config.save_pretrained(folder)
     save_torch_state_dict({k: v.detach() for k, v in model.state_dict().items()}, folder)

@@ -1,0 +1,159 @@
+"""The one timing implementation, shared by eval points, the side-by-side pass and `bench/`.
+
+Models are timed in interleaved rounds (A B C A B C ...): machine noise from other processes then
+falls on every model alike, so ratios taken round by round stay meaningful on a shared machine.
+Timing a single model is the one-model case of the same loop.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+Call = Callable[[], Any]
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Run with `n` torch threads (torch's default when None); yields the count in use."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+
+
+def random_ids(vocab: int, batch: int, seq_len: int, seed: int = 0, low: int = 1000) -> torch.Tensor:
+    """Token ids drawn reproducibly from [min(low, vocab // 2), vocab): real tokens, not special ones."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(low=min(low, vocab // 2), high=vocab, size=(batch, seq_len), generator=gen)
+
+
+def model_vocab(model: Any, tokenizer: Any = None) -> int:
+    """The vocabulary size a model's embedding accepts."""
+    return int(getattr(model.config, "vocab_size", None) or len(tokenizer))
+
+
+def forward_call(model: Any, ids: torch.Tensor) -> Call:
+    """One forward pass over `ids` (all positions attended), without autograd."""
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def call() -> Any:
+        with torch.inference_mode():
+            return model(**inputs)
+
+    return call
+
+
+class _StepClock:
+    """A logits processor that only notes the time: transformers calls it once per generation step,
+    right after that step's forward pass, so its first call marks the end of prefill."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def generate_call(model: Any, ids: torch.Tensor, new_tokens: int, pad_token_id: int | None,
+                  clock: _StepClock | None = None) -> Call:
+    """Greedy generation of exactly `new_tokens` tokens after the prompt `ids`, with the KV cache.
+
+    transformers' `generate` handles every architecture's cache; min_new_tokens keeps an early EOS
+    from cutting a timed run short. A `clock` records when each step's forward pass ended."""
+    from transformers import LogitsProcessorList
+
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "do_sample": False, "num_beams": 1,
+              "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "use_cache": True,
+              "pad_token_id": pad_token_id}
+    if clock is not None:
+        kwargs["logits_processor"] = LogitsProcessorList([clock])
+
+    def call() -> Any:
+        with torch.inference_mode():
+            return model.generate(**kwargs)
+
+    return call
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(call: Call, device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    call()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def time_interleaved(calls: Sequence[Call], *, warmup: int, rounds: int, repeats: int = 1,
+                     device: str = "cpu") -> list[list[float]]:
+    """Seconds per call for each callable: `rounds` values each, one per round.
+
+    Every round runs each callable `repeats` times in turn (A B C A B C ...) and keeps the median of
+    its repeats. Warm-up calls (untimed) are interleaved the same way first."""
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    out: list[list[float]] = [[] for _ in calls]
+    for _ in range(rounds):
+        for j, call in enumerate(calls):
+            out[j].append(statistics.median(_timed(call, device) for _ in range(repeats)))
+    return out
+
+
+def spread(values: Sequence[float]) -> tuple[float, float, float]:
+    """(min, median, max)."""
+    return min(values), statistics.median(values), max(values)
+
+
+def round_ratios(base: Sequence[float], other: Sequence[float], higher_is_better: bool = False) -> list[float]:
+    """Speed-up of `other` over `base` in each round: base/other for times, other/base for rates."""
+    return [(o / b) if higher_is_better else (b / o) for b, o in zip(base, other, strict=True)]
+
+
+def significant(ratios: Sequence[float]) -> bool:
+    """A ratio is significant when its whole spread lies on one side of 1.0."""
+    return min(ratios) > 1.0 or max(ratios) < 1.0
+
+
+def time_generation(models: Sequence[Any], ids: torch.Tensor, new_tokens: int, pad_ids: Sequence[int | None], *,
+                    warmup: int, rounds: int, device: str = "cpu") -> list[dict[str, list[float]]]:
+    """Time to first token (s) and decode tokens/s for each model, per round, interleaved.
+
+    Each round runs one greedy generation of 1 + new_tokens tokens per model in turn. Within that one
+    call, the time to first token is the start to the end of prefill (the first step), and decode
+    speed is batch * new_tokens over the time of the remaining new_tokens steps (KV cache in use)."""
+    clocks = [_StepClock(device) for _ in models]
+    calls = [generate_call(m, ids, 1 + new_tokens, pad, clock)
+             for m, pad, clock in zip(models, pad_ids, clocks, strict=True)]
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    out: list[dict[str, list[float]]] = [{"ttft_s": [], "decode_tps": []} for _ in models]
+    for _ in range(rounds):
+        for k, call in enumerate(calls):
+            clocks[k].times.clear()
+            _sync(device)
+            start = time.perf_counter()
+            call()
+            steps = clocks[k].times
+            if len(steps) != 1 + new_tokens:  # a transformers change would make the figures wrong: say so
+                raise RuntimeError(f"generation timing expected {1 + new_tokens} steps, saw {len(steps)}")
+            out[k]["ttft_s"].append(steps[0] - start)
+            out[k]["decode_tps"].append(ids.shape[0] * new_tokens / (steps[-1] - steps[0]))
+    return out
