@@ -23,7 +23,7 @@ from compress.errors import CompressError, RecipeError
 from compress.io import write_json_atomic, write_text_atomic
 from compress.ownership import write_marker
 from compress.report.plots import pareto_front, plot_pareto
-from compress.report.render import _table
+from compress.report.render import markdown_table
 from compress.report.schema import Report
 
 log = logging.getLogger("compress")
@@ -206,6 +206,6 @@ def _write_outputs(output: Path, base: Any, summary: dict[str, Any], recipes: li
            f"→ `winner.yaml`." if winner else "No candidate met the budget.")
     md = [f"# compress autotune: {base.name}", "",
           f"{summary['candidates']} candidates in {summary['seconds']} s; {summary['stages_reused']} stage outputs "
-          f"reused from shared prefixes. Budget: {summary['budget']}.", "", win, "", _table(header, rows), "",
+          f"reused from shared prefixes. Budget: {summary['budget']}.", "", win, "", markdown_table(header, rows), "",
           "![Autotune frontier](frontier.png)", ""]
     write_text_atomic(output / "autotune.md", "\n".join(md))

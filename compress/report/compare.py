@@ -10,7 +10,7 @@ from compress.errors import CompressError, RunFolderError
 from compress.io import atomic_dir, write_json_atomic, write_text_atomic
 from compress.ownership import check_output, write_marker
 from compress.report.plots import plot_pareto
-from compress.report.render import _fmt, _table
+from compress.report.render import format_number, markdown_table
 from compress.report.schema import EvalPoint, Report
 from compress.report.sidebyside import fmt_ratio, headline_speedup
 
@@ -57,13 +57,13 @@ def compare_rows(reports: list[Report]) -> tuple[list[str], list[list[str]]]:
             size = point.size.disk_bytes if point.size else None
             base_size = base.size.disk_bytes if base and base.size else None
             rows.append([
-                report.name, point.name, _fmt(size, "bytes"),
+                report.name, point.name, format_number(size, "bytes"),
                 f"{base_size / size:.2f}" if size and base_size else "–",
-                _fmt(_latency(point, "latency_b1"), "float"),
-                _fmt(_latency(point, "latency_bn"), "float"),
+                format_number(_latency(point, "latency_b1"), "float"),
+                format_number(_latency(point, "latency_bn"), "float"),
                 _faster_bn(report, point),
-                _fmt(point.accuracy.accuracy if point.accuracy else None, "pct"),
-                _fmt(point.accuracy.perplexity if point.accuracy else None, "float"),
+                format_number(point.accuracy.accuracy if point.accuracy else None, "pct"),
+                format_number(point.accuracy.perplexity if point.accuracy else None, "float"),
                 report.status,
             ])
     return header, rows
@@ -87,7 +87,7 @@ def compare_runs(run_dirs: list[str | Path], output: str | Path) -> Path:
                  "each run's side-by-side pass (median and min–max over rounds; n.s.: the spread includes 1.0), "
                  "latencies are side-by-side medians.")
         md = ["# compress comparison", "", intro,
-              "", _table(header, rows), ""]
+              "", markdown_table(header, rows), ""]
         if plot:
             md += ["![Size against accuracy](compare.png)", ""]
         write_text_atomic(tmp / "compare.md", "\n".join(md))

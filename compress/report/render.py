@@ -32,7 +32,7 @@ _COLUMNS: list[tuple[str, Any, str, bool | None]] = [
 _SPEED_LABELS = {"lat b1 ms", "lat bN ms", "seq/s"}
 
 
-def _fmt(value: Any, kind: str) -> str:
+def format_number(value: Any, kind: str) -> str:
     if value is None:
         return "–"
     if kind == "count":
@@ -69,7 +69,7 @@ def comparison_rows(report: Report) -> tuple[list[str], list[list[str]]]:
         row = [point.name]
         for label, get, kind, _lower in used:
             value = get(point)
-            cell = _fmt(value, kind)
+            cell = format_number(value, kind)
             if base is not None and point is not base and not (alone and label in _SPEED_LABELS):
                 ref = get(base)
                 cell += _delta_points(value, ref) if kind == "pct" else _ratio(value, ref)
@@ -78,7 +78,8 @@ def comparison_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table (shared by the report, compare and autotune)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -118,7 +119,7 @@ def render_markdown(report: Report, plots: dict[str, str] | None = None) -> str:
     if report.points:
         header, rows = comparison_rows(report)
         out += ["## Eval points", "", "Ratios (×) and point differences (pt) are against the baseline.", "",
-                _table(header, rows), ""]
+                markdown_table(header, rows), ""]
         note = _speed_note(report.final, report.side_by_side is not None)
         if note:
             out += [note, ""]
@@ -126,20 +127,20 @@ def render_markdown(report: Report, plots: dict[str, str] | None = None) -> str:
         out += ["## Side by side", "", setup_note(report), ""]
         header, rows = speed_rows(report)
         if rows:
-            out += [_table(header, rows), ""]
+            out += [markdown_table(header, rows), ""]
         header, rows = memory_rows(report)
         if rows:
-            out += ["Memory, each model alone:", "", _table(header, rows), ""]
+            out += ["Memory, each model alone:", "", markdown_table(header, rows), ""]
     harness = [(p.name, p.accuracy.lm_eval) for p in report.points if p.accuracy and p.accuracy.lm_eval]
     if harness:
         keys = sorted({f"{task}/{metric}" for _, res in harness for task, ms in res.items() for metric in ms})
-        rows = [[name] + [_fmt(res.get(k.split("/")[0], {}).get(k.split("/")[1]), "float") for k in keys]
+        rows = [[name] + [format_number(res.get(k.split("/")[0], {}).get(k.split("/")[1]), "float") for k in keys]
                 for name, res in harness]
-        out += ["## lm-evaluation-harness", "", _table(["eval point", *keys], rows), ""]
+        out += ["## lm-evaluation-harness", "", markdown_table(["eval point", *keys], rows), ""]
     if report.goals:
         passed = sum(g.passed for g in report.goals)
         out += ["## Goals", "", f"{passed} of {len(report.goals)} passed (final model against the baseline).", "",
-                _table(*goal_rows(report.goals)), ""]
+                markdown_table(*goal_rows(report.goals)), ""]
     if plots:
         out += ["## Plots", ""]
         out += [f"![{PLOT_TITLES.get(name, name)}]({rel})" for name, rel in plots.items()]
