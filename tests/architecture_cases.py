@@ -150,7 +150,7 @@ def run_stage(assets: Assets, arch: str, case: str, work: Path) -> tuple[Any, An
 
 def check_promise(before: Any, result: Any, case: str, folder: Path) -> dict[str, Any]:
     """Save the output, reload it and check what its stage promises. Returns measured facts."""
-    out, facts = result.bundle, result.facts
+    out, stage_facts = result.bundle, result.facts
     from compress.bundle import ModelBundle, auto_class
     from compress.pruning.masks import check_nm
     from compress.pruning.targets import oriented
@@ -184,7 +184,7 @@ def check_promise(before: Any, result: Any, case: str, folder: Path) -> dict[str
         assert count < sum(p.numel() for p in before.model.parameters()), f"{case}: nothing removed"
         facts["parameters"] = count
     elif family == "finetune":
-        change = facts["merge_max_abs_logit_change"]
+        change = stage_facts["merge_max_abs_logit_change"]
         bound = 1e-3 if case == "qlora" else 1e-4  # merging out of 4-bit rounds once more
         assert change <= bound * max(1.0, facts["max_abs_logit"]), f"{case}: merge moved logits by {change}"
         facts["merge_change"] = change
