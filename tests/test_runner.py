@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from compress import DataError, RecipeError, run
-from compress import registry
+from compress import DataError, RecipeError, registry, run
 from compress.errors import RunFolderError
+from compress.report.schema import SCHEMA_VERSION
 
 FAST = {"type": "finetune", "method": "full", "lr": 5e-3, "max_steps": 4, "batch_size": 8}
 
@@ -33,7 +33,7 @@ def test_run_writes_report_manifest_and_stage_folders(cls_recipe):
     out = Path(cls_recipe["output_dir"])
 
     assert [p.name for p in report.points] == ["baseline", "01-finetune", "02-finetune"]
-    assert report.status == "complete" and report.schema_version == "1.0"
+    assert report.status == "complete" and report.schema_version == SCHEMA_VERSION
     base, final = report.baseline, report.final
     assert 0 <= final.accuracy.accuracy <= 1 and 0 <= final.accuracy.macro_f1 <= 1
     assert final.accuracy.agreement is not None and base.accuracy.agreement is None
