@@ -76,8 +76,8 @@ def export_finished_run(run_dir: str | Path, fmt: str, *, stage: str | None = No
     data = load_data(spec, bundle.task, seed)
     ctx = RunContext(output_dir=run_dir, seed=seed, device="cpu", data=data, logger=log)
     log.info("exporting %s as %s", folder.name, fmt)
-    out = run_export(bundle, config, ctx)
-    return {"stage": folder.name, **out.info["last_stage"]}
+    result = run_export(bundle, config, ctx)
+    return {"stage": folder.name, **result.facts}
 
 
 def cmd_export(args: argparse.Namespace) -> int:
