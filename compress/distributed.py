@@ -107,7 +107,10 @@ def current_ranks() -> Ranks:
 
 
 def _picklable(outcome: tuple[str, Any]) -> tuple[str, Any]:
-    """Errors cross processes by pickle; one that does not pickle travels as its message."""
+    """Errors cross processes by pickle (torch's broadcast_object_list, between this launch's own
+    ranks; nothing read from disk or the network); one that does not pickle travels as its message.
+    The loads below only round-trips bytes this process just made, to find exceptions whose
+    constructor cannot rebuild them."""
     try:
         pickle.loads(pickle.dumps(outcome))  # some exceptions pickle but cannot be rebuilt
         return outcome
