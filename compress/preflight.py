@@ -18,6 +18,7 @@ import torch
 from compress.errors import CompressError, RecipeError
 from compress.loading import load_config, resolve_dtype
 from compress.recipe import Recipe
+from compress.registry import base_load_plan
 
 log = logging.getLogger("compress")
 
@@ -187,8 +188,7 @@ def check_memory(config: Any, recipe: Recipe, task: str, device: str, students: 
     dtype = resolve_dtype(recipe.model, config, device)  # `auto` becomes the checkpoint's own dtype
     width = _BYTES[dtype]
     dtype_said = dtype
-    first = recipe.stages[0] if recipe.stages else None
-    if first is not None and first.stage_type() == "finetune" and getattr(first, "method", None) == "qlora":
+    if base_load_plan(recipe.stages) is not None:  # the first stage loads the base in NF4 (QLoRA)
         # QLoRA's base loads straight into NF4: half a byte per weight plus its block statistics
         # (one absmax per 64 weights), rounded up to 0.6 to leave room for the float heads.
         width, dtype_said = 0.6, "NF4, as QLoRA loads it"
