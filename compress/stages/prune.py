@@ -15,7 +15,7 @@ from compress.calibration import batch_rows, calibration_batches, input_norms
 from compress.context import RunContext
 from compress.errors import StageError
 from compress.pruning import importance as imp
-from compress.pruning import sparsegpt, verify
+from compress.pruning import owl, sparsegpt, verify
 from compress.pruning import structured as st
 from compress.pruning.masks import magnitude_score, nm_mask, unstructured_mask, wanda_score
 from compress.pruning.targets import (
@@ -68,8 +68,17 @@ class Prune(StageConfig):
                                       "(unstructured, n:m); default: every linear layer not excluded.")
     exclude: list[str] | None = Field(None, description="Regexes of layer names never pruned; default: "
                                       "lm_head, classifier / score heads and embeddings.")
+    allocation: Literal["uniform", "owl"] = Field("uniform", description=(
+        "Unstructured: how sparsity is spread over the model's blocks. uniform = every layer gets "
+        "`sparsity`; owl = outlier-weighted layer-wise sparsity (Yin et al. 2024): blocks with more "
+        "outlier Wanda scores are pruned less, within sparsity ± owl_spread, keeping the overall "
+        "sparsity (needs calibration data). Helps most at 60-70% sparsity."))
+    owl_threshold: float = Field(5.0, gt=0, description=(
+        "owl: a score counts as an outlier above this many times its block's mean score (OWL's M)."))
+    owl_spread: float = Field(0.08, gt=0, lt=0.5, description=(
+        "owl: the largest difference of a block's sparsity from `sparsity` (OWL's lambda)."))
     calibration_samples: int | None = Field(None, gt=0, description=(
-        "wanda / sparsegpt / activation / taylor: calibration blocks of data.max_length tokens, drawn with "
+        "wanda / sparsegpt / owl / activation / taylor: calibration blocks of data.max_length tokens, drawn with "
         "the stage seed (one example per block for classification); default: data.calibration_samples."))
 
     @model_validator(mode="after")
@@ -103,6 +112,20 @@ class Prune(StageConfig):
             for name in ("count", "importance"):
                 if name in set_fields and getattr(self, name) is not None:
                     raise ValueError(f"{name}: only used by structured pruning (heads, ffn, layers)")
+        if self.allocation == "owl":
+            if s != "unstructured":
+                raise ValueError(f"allocation: owl spreads unstructured sparsity over blocks; {s} pruning "
+                                 f"has a fixed pattern or shape, use allocation: uniform")
+            if self.layer_sparsity:
+                raise ValueError("allocation: owl chooses each block's sparsity itself; remove "
+                                 "layer_sparsity or use allocation: uniform")
+            if not self.owl_spread <= self.sparsity < 1 - self.owl_spread:
+                raise ValueError(f"owl_spread: sparsity {self.sparsity} ± {self.owl_spread} leaves [0, 1); "
+                                 f"lower owl_spread")
+        else:
+            for name in ("owl_threshold", "owl_spread"):
+                if name in set_fields:
+                    raise ValueError(f"{name}: only used with allocation: owl; remove it or set allocation")
         for name, value in self.layer_sparsity.items():
             if not 0 <= value < 1:
                 raise ValueError(f"layer_sparsity: {value} for {name!r} is outside [0, 1)")
@@ -122,7 +145,7 @@ class Prune(StageConfig):
     def needs_data(self) -> bool:
         if self.structure in STRUCTURED:
             return self.ranking() in ("activation", "taylor")
-        return self.method in ("wanda", "sparsegpt")
+        return self.method in ("wanda", "sparsegpt") or self.allocation == "owl"
 
 
 # ---------------------------------------------------------------------------- checks
@@ -220,8 +243,8 @@ def _sparsity(tensors: list[torch.Tensor]) -> float:
     return round(zeros / total, 6) if total else 0.0
 
 
-def _score_masks(config: Prune, linears: dict[str, torch.nn.Linear],
-                 norms: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+def _score_masks(config: Prune, linears: dict[str, torch.nn.Linear], norms: dict[str, torch.Tensor],
+                 sparsity: dict[str, float]) -> Iterator[tuple[str, torch.Tensor]]:
     """Magnitude or Wanda: a keep-mask per layer from a score, weights left as they are."""
     for name, lin in linears.items():
         weight = oriented(lin)  # (out, in) for Conv1D too, so rows are outputs and N:M runs along inputs
@@ -229,18 +252,17 @@ def _score_masks(config: Prune, linears: dict[str, torch.nn.Linear],
         if config.structure == "n:m":
             yield name, nm_mask(score, *config.nm())
         else:
-            yield name, unstructured_mask(score, pattern_value(name, config.layer_sparsity, config.sparsity),
-                                          per_row=config.method == "wanda")
+            yield name, unstructured_mask(score, sparsity[name], per_row=config.method == "wanda")
 
 
-def _sparsegpt_masks(model: Any, config: Prune, linears: dict[str, torch.nn.Linear],
-                     batches: list) -> Iterator[tuple[str, torch.Tensor]]:
+def _sparsegpt_masks(model: Any, config: Prune, linears: dict[str, torch.nn.Linear], batches: list,
+                     sparsity: dict[str, float]) -> Iterator[tuple[str, torch.Tensor]]:
     """SparseGPT block by block; each layer's weights are pruned and updated in place."""
     nm = config.nm() if config.structure == "n:m" else None
 
     def prune_layer(name: str, lin: torch.nn.Linear, hessian: torch.Tensor) -> torch.Tensor:
-        sparsity = pattern_value(name, config.layer_sparsity, config.sparsity) if nm is None else 0.0
-        weight, mask = sparsegpt.sparsegpt_prune(oriented(lin), hessian, sparsity, nm)
+        share = sparsity[name] if nm is None else 0.0
+        weight, mask = sparsegpt.sparsegpt_prune(oriented(lin), hessian, share, nm)
         oriented(lin).copy_(weight)
         return mask
 
@@ -252,12 +274,22 @@ def _prune_masks(bundle: ModelBundle, config: Prune, ctx: RunContext) -> StageRe
     linears = select_linears(model, config.targets, config.exclude, conv1d=True)
     batches = (calibration_batches(bundle, ctx.data, config.calibration_samples, ctx.seed)
                if config.needs_data() else None)
-    norms = input_norms(model, linears, batches) if config.method == "wanda" else {}
+    norms = input_norms(model, linears, batches) if config.method == "wanda" or config.allocation == "owl" else {}
+    owl_facts: dict[str, Any] = {}
+    if config.structure == "n:m":
+        sparsity = {}
+    elif config.allocation == "owl":
+        ratios = owl.outlier_ratios(linears, norms, config.owl_threshold)
+        blocks = owl.block_sparsities(ratios, config.sparsity, config.owl_spread)
+        sparsity = owl.layer_sparsities(linears, blocks, config.sparsity)
+        owl_facts.update(block_outlier_ratio={b: round(r, 6) for b, r in ratios.items()}, block_sparsity=blocks)
+    else:
+        sparsity = {n: pattern_value(n, config.layer_sparsity, config.sparsity) for n in linears}
     masks = dict(bundle.masks)
     per_layer = {}
     with torch.no_grad():
-        chosen = (_sparsegpt_masks(model, config, linears, batches) if config.method == "sparsegpt"
-                  else _score_masks(config, linears, norms))
+        chosen = (_sparsegpt_masks(model, config, linears, batches, sparsity) if config.method == "sparsegpt"
+                  else _score_masks(config, linears, norms, sparsity))
         for name, mask in chosen:
             weight = linears[name].weight
             if is_conv1d(linears[name]):  # masks are kept in the parameter's own (in, out) layout
@@ -268,14 +300,19 @@ def _prune_masks(bundle: ModelBundle, config: Prune, ctx: RunContext) -> StageRe
             weight.mul_(mask.to(weight.dtype))
             masks[key] = mask.cpu()
             per_layer[name] = _sparsity([weight])
-    verify.check_masked(config.label(), linears, masks,
-                        None if config.structure == "n:m" else
-                        {n: pattern_value(n, config.layer_sparsity, config.sparsity) for n in linears},
+    verify.check_masked(config.label(), linears, masks, sparsity or None,
                         config.nm() if config.structure == "n:m" else None)
+    if config.allocation == "owl":
+        overall = _sparsity([lin.weight for lin in linears.values()])
+        # OWL moves sparsity between blocks; it must not change how much is pruned overall.
+        if abs(overall - config.sparsity) > 0.01:
+            raise StageError(f"{config.label()}: owl allocation pruned {overall:.4f} of the selected "
+                             f"weights overall, not the target {config.sparsity} (within 0.01): "
+                             f"block sparsities {owl_facts['block_sparsity']}")
     out = bundle.replace(model=model, masks=masks)
     target_sparsity = (1 - config.nm()[0] / config.nm()[1]) if config.structure == "n:m" else config.sparsity
     facts = {
-        "structure": config.structure, "method": config.method,
+        "structure": config.structure, "method": config.method, "allocation": config.allocation,
         "pattern": config.pattern if config.structure == "n:m" else None,
         "target_sparsity": target_sparsity, "layers_pruned": len(linears),
         "measured_sparsity_pruned_layers": _sparsity([lin.weight for lin in linears.values()]),
@@ -284,7 +321,7 @@ def _prune_masks(bundle: ModelBundle, config: Prune, ctx: RunContext) -> StageRe
         "speed_note": NOTE_NM if config.structure == "n:m" else NOTE_DENSE,
     }
     out.record("prune", config.model_dump(mode="json"), **facts)
-    return StageResult(out, {**facts, "per_layer_sparsity": per_layer})
+    return StageResult(out, {**facts, **owl_facts, "per_layer_sparsity": per_layer})
 
 
 def _lowest(scores: torch.Tensor, remove: int) -> torch.Tensor:
