@@ -67,7 +67,7 @@ def test_two_four_output_is_exact_and_masks_are_kept(tiny_llama_dir, tmp_path, l
 
 def test_per_layer_sparsity_and_targets(tiny_bert_dir, tmp_path):
     bundle = ModelBundle.load(tiny_bert_dir)
-    config = Prune(sparsity=0.5, targets=[r"encoder\.layer\.\d+\."], layer_sparsity={r"layer\.1\.": 0.25})
+    config = Prune(sparsity=0.5, targets=[r"encoder\.layer\.\d+\..*"], layer_sparsity={r"layer\.1\..*": 0.25})
     out = run_prune(bundle, config, _ctx(tmp_path))
     per_layer = out.facts["per_layer_sparsity"]
     assert per_layer["bert.encoder.layer.0.intermediate.dense"] == 0.5
@@ -130,8 +130,28 @@ def test_targets_matching_nothing_name_the_layers_including_conv1d(tmp_path):
         bundle = ModelBundle.load(make_tiny_model(arch, tmp_path / arch))
         assert check_prune(bundle, Prune(sparsity=0.5), _ctx(tmp_path)) == []
         problems = check_prune(bundle, Prune(sparsity=0.5, targets=["nothing"]), _ctx(tmp_path))
-        assert len(problems) == 1 and "no linear layer matches targets ['nothing']" in problems[0], problems
+        assert len(problems) == 1 and problems[0].startswith("targets: 'nothing' matches no layer"), problems
         assert expected in problems[0], problems
+        # A pattern that matches a head only: the head is left out by default, so nothing is left.
+        problems = check_prune(bundle, Prune(sparsity=0.5, ignore=[".*"]), _ctx(tmp_path))
+        assert len(problems) == 1 and "no linear layer is left after leaving out ['.*']" in problems[0]
+
+
+def test_one_selector_anchors_patterns_to_whole_name_parts(tiny_llama_dir):
+    from compress.layers import matches
+    from compress.pruning.targets import select_linears
+
+    assert matches("model.layers.1.self_attn.q_proj", "q_proj")
+    assert not matches("model.layers.10.self_attn.q_proj", r"layers\.1\..*")  # an unanchored search hits it
+    assert matches("model.layers.1.self_attn.q_proj", r"layers\.1\..*")
+    assert not matches("model.layers.1.self_attn.q_proj", "proj")
+    model = ModelBundle.load(tiny_llama_dir).model
+    assert "lm_head" not in select_linears(model, None, None)  # heads are left alone by default
+    assert "lm_head" in select_linears(model, ["lm_head"], None)  # unless targets names them
+    picked = select_linears(model, [r"mlp\..*"], ["down_proj"])
+    assert sorted(n.split(".", 3)[-1] for n in picked) == ["mlp.gate_proj"] * 2 + ["mlp.up_proj"] * 2
+    # `exclude` is still accepted, as the old name of `ignore`.
+    assert Prune(sparsity=0.5, exclude=["q_proj"]).ignore == ["q_proj"]
 
 
 def test_conv1d_masks_are_kept_in_the_parameters_layout(tmp_path, lm_data):

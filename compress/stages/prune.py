@@ -8,24 +8,18 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 
 from compress.bundle import ModelBundle
 from compress.calibration import batch_rows, calibration_batches, input_norms
 from compress.context import RunContext
 from compress.errors import StageError
+from compress.layers import bad_patterns, first_match, pattern_problems
 from compress.pruning import importance as imp
 from compress.pruning import owl, sparsegpt, verify
 from compress.pruning import structured as st
 from compress.pruning.masks import magnitude_score, nm_mask, unstructured_mask, wanda_score
-from compress.pruning.targets import (
-    bad_patterns,
-    in_features,
-    is_conv1d,
-    oriented,
-    pattern_value,
-    select_linears,
-)
+from compress.pruning.targets import in_features, is_conv1d, oriented, select_linears
 from compress.registry import StageConfig, StageResult, register_stage
 
 STRUCTURED = ("heads", "ffn", "layers")
@@ -55,7 +49,7 @@ class Prune(StageConfig):
         "heads, FFN channels or layers (structured). Not used by n:m, whose pattern fixes it.")
     layer_sparsity: dict[str, float] = Field(
         default_factory=dict, description="Per-layer sparsity for unstructured pruning: "
-        "{name regex: sparsity}; the first matching pattern wins, others get `sparsity`.")
+        "{name pattern: sparsity} (patterns as in targets); the first match wins, others get `sparsity`.")
     pattern: str = Field("2:4", description="N:M pattern for structure n:m: keep N of every M consecutive "
                          "input weights (2:4, 4:8).")
     count: int | None = Field(None, gt=0, description="Structured only, instead of sparsity: heads or FFN "
@@ -64,10 +58,12 @@ class Prune(StageConfig):
         None, description="Structured only: how units are ranked. weight = weight norms; activation = "
         "activation norms (layers: block influence); taylor = |weight * gradient|. Default: weight for "
         "heads/ffn, activation for layers.")
-    targets: list[str] | None = Field(None, description="Regexes of linear-layer names to prune "
-                                      "(unstructured, n:m); default: every linear layer not excluded.")
-    exclude: list[str] | None = Field(None, description="Regexes of layer names never pruned; default: "
-                                      "lm_head, classifier / score heads and embeddings.")
+    targets: list[str] | None = Field(None, description=(
+        "Patterns of linear-layer names to prune (unstructured, n:m), each matching whole trailing name parts ('q_proj', "
+        "'mlp\\..*', 'layers\\.0\\..*'); default: every linear layer but the heads and embeddings."))
+    ignore: list[str] | None = Field(None, validation_alias=AliasChoices("ignore", "exclude"), description=(
+        "Patterns of layers never pruned (also accepted as `exclude`). Output heads and embeddings are "
+        "left alone anyway unless `targets` names them."))
     allocation: Literal["uniform", "owl"] = Field("uniform", description=(
         "Unstructured: how sparsity is spread over the model's blocks. uniform = every layer gets "
         "`sparsity`; owl = outlier-weighted layer-wise sparsity (Yin et al. 2024): blocks with more "
@@ -129,7 +125,7 @@ class Prune(StageConfig):
         for name, value in self.layer_sparsity.items():
             if not 0 <= value < 1:
                 raise ValueError(f"layer_sparsity: {value} for {name!r} is outside [0, 1)")
-        bad = (bad_patterns(self.targets) + bad_patterns(self.exclude)
+        bad = (bad_patterns(self.targets) + bad_patterns(self.ignore)
                + bad_patterns(list(self.layer_sparsity)))
         if bad:
             raise ValueError(f"targets: invalid regular expression {', '.join(bad)}")
@@ -216,13 +212,18 @@ def check_prune(bundle: ModelBundle, config: Prune, ctx: RunContext) -> list[str
                         f"recipe has no data section; add one or use {fix}")
     if config.structure in STRUCTURED:
         return problems + _structured_problems(bundle, config)
-    linears = select_linears(bundle.model, config.targets, config.exclude, conv1d=True)
-    if not linears:
+    unmatched = pattern_problems(bundle.model, {"targets": config.targets, "ignore": config.ignore,
+                                                "layer_sparsity": list(config.layer_sparsity)})
+    linears = select_linears(bundle.model, config.targets, config.ignore, conv1d=True)
+    if unmatched or not linears:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in bundle.model.named_modules()
                         if isinstance(m, torch.nn.Linear) or is_conv1d(m)})
+    if unmatched:
+        return problems + [f"{p}; linear layers here: {', '.join(names)}" for p in unmatched]
+    if not linears:
         chosen = (f"matches targets {config.targets}" if config.targets else "is left")
-        return problems + [(f"targets: no linear layer {chosen} after excluding "
-                           f"{config.exclude if config.exclude is not None else 'the heads and embeddings'}; "
+        return problems + [(f"targets: no linear layer {chosen} after leaving out "
+                           f"{config.ignore or 'the heads and embeddings'}; "
                            f"linear layers here: {', '.join(names)}")]
     if config.structure == "n:m":
         _, m = config.nm()
@@ -230,7 +231,7 @@ def check_prune(bundle: ModelBundle, config: Prune, ctx: RunContext) -> list[str
         if bad:
             problems.append(f"pattern: M={m} does not divide the input dimension of {', '.join(bad[:3])}"
                             f"{' and others' if len(bad) > 3 else ''}; choose an M that divides it or "
-                            f"exclude those layers")
+                            f"ignore those layers")
     return problems
 
 
@@ -271,7 +272,7 @@ def _sparsegpt_masks(model: Any, config: Prune, linears: dict[str, torch.nn.Line
 
 def _prune_masks(bundle: ModelBundle, config: Prune, ctx: RunContext) -> StageResult:
     model = bundle.model
-    linears = select_linears(model, config.targets, config.exclude, conv1d=True)
+    linears = select_linears(model, config.targets, config.ignore, conv1d=True)
     batches = (calibration_batches(bundle, ctx.data, config.calibration_samples, ctx.seed)
                if config.needs_data() else None)
     norms = input_norms(model, linears, batches) if config.method == "wanda" or config.allocation == "owl" else {}
@@ -284,7 +285,7 @@ def _prune_masks(bundle: ModelBundle, config: Prune, ctx: RunContext) -> StageRe
         sparsity = owl.layer_sparsities(linears, blocks, config.sparsity)
         owl_facts.update(block_outlier_ratio={b: round(r, 6) for b, r in ratios.items()}, block_sparsity=blocks)
     else:
-        sparsity = {n: pattern_value(n, config.layer_sparsity, config.sparsity) for n in linears}
+        sparsity = {n: first_match(n, config.layer_sparsity, config.sparsity) for n in linears}
     masks = dict(bundle.masks)
     per_layer = {}
     with torch.no_grad():
