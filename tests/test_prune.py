@@ -212,7 +212,8 @@ def test_owl_allocation_that_misses_the_target_is_a_stage_error(tiny_llama_dir, 
 
 
 @pytest.mark.parametrize(("fields", "message"), [
-    ({"structure": "n:m", "allocation": "owl"}, "allocation: owl spreads unstructured sparsity"),
+    ({"structure": "n:m", "allocation": "owl"},
+     "allocation: applies to structure unstructured only \\(this stage.s structure is n:m\\); remove it"),
     ({"sparsity": 0.5, "allocation": "owl", "layer_sparsity": {"q_proj": 0.2}},
      "allocation: owl chooses each block's sparsity itself"),
     ({"sparsity": 0.95, "allocation": "owl"}, r"owl_spread: sparsity 0.95 ± 0.08 leaves \[0, 1\)"),

@@ -133,8 +133,8 @@ def plan_prune(label: str, stage: Any, weights: Weights, shape: Shape, setting: 
     act = weights.float_bytes
     n = stage.calibration_samples or setting.calibration_samples
     masked = 0
-    chosen = shape.selected(stage.targets, stage.ignore) or shape.linears
     if stage.structure in ("unstructured", "n:m"):
+        chosen = shape.selected(stage.targets, stage.ignore) or shape.linears
         masked = sum(i * o for i, o in chosen.values())  # a bool mask per weight of every pruned layer
         plan.parts["masks"] = masked
         if stage.method == "sparsegpt":
@@ -154,7 +154,7 @@ def plan_prune(label: str, stage: Any, weights: Weights, shape: Shape, setting: 
         i, o = max(chosen.values(), key=lambda s: s[0] * s[1])
         plan.parts.setdefault("layer workspace", 2 * i * o * 4)  # the fp32 score and its sort of one layer
     else:
-        importance = stage.importance or ("activation" if stage.structure == "layers" else "weight")
+        importance = stage.ranking()
         if importance == "taylor":
             plan.parts["gradients"] = shape.total * weights.float_bytes
             plan.parts["calibration forward"] = training_activations(
