@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -200,6 +202,15 @@ def test_owl_prunes_the_outlier_block_less_and_keeps_overall_sparsity(tiny_llama
     assert per_layer["model.layers.1.mlp.down_proj"] == pytest.approx(0.42, abs=0.02)
     assert per_layer["model.layers.0.mlp.down_proj"] == pytest.approx(0.58, abs=0.02)
     assert facts["measured_sparsity_pruned_layers"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_owl_block_sparsities_reach_the_report(lm_recipe):
+    lm_recipe["stages"] = [{"type": "prune", "method": "wanda", "sparsity": 0.5, "allocation": "owl"}]
+    report = run(lm_recipe, show_progress=False)
+    blocks = report.final.stage_info["block_sparsity"]
+    assert sum(blocks.values()) / len(blocks) == pytest.approx(0.5, abs=1e-6)
+    md = (Path(lm_recipe["output_dir"]) / "report.md").read_text()
+    assert "sparsity per block (owl): 0: " in md
 
 
 def test_owl_allocation_that_misses_the_target_is_a_stage_error(tiny_llama_dir, tmp_path, lm_data, monkeypatch):
