@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from pydantic import AliasChoices, Field
+
 # Heads peft trains in full for a classification task (never adapter targets).
 CLASSIFIER_HEADS = ("classifier", "score", "qa_outputs")
 # Every output head: the most sensitive layers, left alone by pruning, factorisation and quantization
@@ -86,3 +88,17 @@ def pattern_problems(model: Any, fields: dict[str, list[str] | None]) -> list[st
     return [f"{field}: {p!r} matches no layer of this model (patterns match whole trailing name parts, "
             f"e.g. 'q_proj', 'mlp\\..*' or 'layers\\.0\\..*')"
             for field, patterns in fields.items() for p in unmatched_patterns(names, patterns)]
+
+
+def targets_field(verb: str) -> Any:
+    """The `targets` field of a stage that picks linear layers by name (one wording everywhere)."""
+    return Field(None, description=(
+        f"Patterns of linear-layer names to {verb}, each matching whole trailing name parts ('q_proj', "
+        f"'mlp\\..*', 'layers\\.0\\..*'); default: every linear layer but the heads and embeddings."))
+
+
+def ignore_field(participle: str) -> Any:
+    """The `ignore` field (also accepted as its older name `exclude`)."""
+    return Field(None, validation_alias=AliasChoices("ignore", "exclude"), description=(
+        f"Patterns of layers never {participle} (also accepted as `exclude`). Output heads and embeddings "
+        f"are left alone anyway unless `targets` names them."))

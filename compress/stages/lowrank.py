@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import Field, model_validator
 
 from compress.bundle import ModelBundle, ModelFormat, auto_class, register_format
 from compress.context import RunContext
 from compress.errors import ModelError, StageError
-from compress.layers import bad_patterns, pattern_problems
+from compress.layers import bad_patterns, ignore_field, pattern_problems, targets_field
 from compress.pruning.targets import oriented, select_linears
 from compress.registry import StageConfig, StageResult, register_stage
 
@@ -49,12 +49,8 @@ class LowRank(StageConfig):
     energy: float | None = Field(None, gt=0, le=1, description="Instead of rank: keep the smallest rank "
                                  "whose singular values hold this share of the squared Frobenius norm "
                                  "(e.g. 0.9).")
-    targets: list[str] | None = Field(None, description=(
-        "Patterns of linear-layer names to factorise, each matching whole trailing name parts ('q_proj', "
-        "'mlp\\..*', 'layers\\.0\\..*'); default: every linear layer but the heads and embeddings."))
-    ignore: list[str] | None = Field(None, validation_alias=AliasChoices("ignore", "exclude"), description=(
-        "Patterns of layers never factorised (also accepted as `exclude`). Output heads and embeddings are "
-        "left alone anyway unless `targets` names them."))
+    targets: list[str] | None = targets_field("factorise")
+    ignore: list[str] | None = ignore_field("factorised")
     skip_if_larger: bool = Field(True, description="Leave a layer dense when r * (in + out) >= in * out, "
                                  "i.e. when the two factors would not be smaller than the original.")
     latency_tokens: int = Field(2048, gt=0, description="Tokens in the per-layer latency probe.")

@@ -8,13 +8,13 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import Field, model_validator
 
 from compress.bundle import ModelBundle
 from compress.calibration import batch_rows, calibration_batches, input_norms
 from compress.context import RunContext
 from compress.errors import StageError
-from compress.layers import bad_patterns, first_match, pattern_problems
+from compress.layers import bad_patterns, first_match, ignore_field, pattern_problems, targets_field
 from compress.methods import MethodFamily
 from compress.pruning import importance as imp
 from compress.pruning import owl, sparsegpt, verify
@@ -64,12 +64,8 @@ class _MaskPrune(Prune):
         "(needs calibration data); sparsegpt also updates the kept weights so each layer's output on "
         "calibration data changes least (needs calibration data; slower: one Hessian per layer, blocks "
         "pruned in order).")
-    targets: list[str] | None = Field(None, description=(
-        "Patterns of linear-layer names to prune, each matching whole trailing name parts ('q_proj', "
-        "'mlp\\..*', 'layers\\.0\\..*'); default: every linear layer but the heads and embeddings."))
-    ignore: list[str] | None = Field(None, validation_alias=AliasChoices("ignore", "exclude"), description=(
-        "Patterns of layers never pruned (also accepted as `exclude`). Output heads and embeddings are "
-        "left alone anyway unless `targets` names them."))
+    targets: list[str] | None = targets_field("prune")
+    ignore: list[str] | None = ignore_field("pruned")
 
     @model_validator(mode="after")
     def _patterns(self) -> _MaskPrune:
