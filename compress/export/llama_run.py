@@ -33,7 +33,6 @@ def _run(args: list[str], what: str, env: dict[str, str] | None = None) -> str:
 
 def convert(tools: LlamaCppTools, hf_folder: Path, out: Path, outtype: str) -> None:
     """llama.cpp's convert_hf_to_gguf.py, with the gguf-py of the same llama.cpp source."""
-    # --no-lazy: compute every tensor before writing; the lazy path adds nothing for a local folder.
     _run([sys.executable, str(tools.converter), str(hf_folder), "--outfile", str(out), "--outtype", outtype],
          f"convert_hf_to_gguf.py --outtype {outtype}", env={"HF_HUB_OFFLINE": "1"})
 
