@@ -118,6 +118,7 @@ def torch_speed(model: Any, vocab: int, prompt: int, decode: int) -> dict[str, f
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, prompt), generator=gen).to(device)
+    model(input_ids=ids, use_cache=False)  # warm-up, untimed (llama-bench warms up too)
     start = time.perf_counter()
     model(input_ids=ids, use_cache=False)
     prefill = time.perf_counter() - start
@@ -125,7 +126,10 @@ def torch_speed(model: Any, vocab: int, prompt: int, decode: int) -> dict[str, f
     start = time.perf_counter()
     for _ in range(decode):
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+        # transformers 5.24 names the KV cache `cache` (`past_key_values` is deprecated); older ones the latter.
+        state = {"cache": out.cache} if getattr(out, "cache", None) is not None else {
+            "past_key_values": out.past_key_values}
+        out = model(input_ids=token, use_cache=True, **state)
     return {"prefill_tokens_per_s": prompt / prefill, "decode_tokens_per_s": decode / (time.perf_counter() - start)}
 
 
