@@ -253,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="folder name under RUN_DIR/exports (default: the format)")
     p.add_argument("--quantize", choices=["int8", "none"], help="onnx: int8 dynamic (default) or the fp32 graph")
     p.add_argument("--eval-samples", type=int, help="held-out rows the export is checked on (default 1000)")
+    p.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="gguf: the converter's output type (default f16)")
+    p.add_argument("--llama-quantize", metavar="TYPE",
+                   help="gguf: then llama-quantize to TYPE, e.g. Q4_K_M, Q8_0, Q4_0")
+    p.add_argument("--max-ppl-diff", type=float,
+                   help="gguf: allowed relative perplexity difference from PyTorch (default by type)")
+    p.add_argument("--ppl-ctx", type=int, help="gguf: tokens per perplexity chunk (default 128)")
     from compress.export.from_run import cmd_export
 
     p.set_defaults(func=cmd_export)

@@ -2,7 +2,7 @@
 
 - `onnx`: ONNX Runtime (CPU classifiers): fp32 graph, ORT graph optimisations, int8 dynamic.
 - `compressed-tensors`: transformers / vLLM: W8A8 int8, W4A16, sparse bitmask.
-- `gguf`: llama.cpp (not written yet; refused with that reason).
+- `gguf`: llama.cpp (llama.cpp's converter and quantizer; perplexity and speed in llama.cpp).
 
 `problems()` refuses what cannot work before any work; `export_bundle()` writes and checks.
 """
@@ -24,8 +24,8 @@ def problems(bundle: Any, fmt: str, field: str = "format") -> list[str]:
     if why:
         found.append(f"{field}: {why}")
     if fmt == "gguf":
-        found.append(f"{field}: gguf export is not implemented in this version of compress yet; use onnx or "
-                     f"compressed-tensors")
+        archs = list(getattr(getattr(bundle.model, "config", None), "architectures", None) or [])
+        found.extend(f"{field}: {why}" for why in gguf_problems(bundle.format, archs))
     why = missing_runtime(fmt)
     if why:
         found.append(f"{field}: {why}")
@@ -41,9 +41,29 @@ def problems(bundle: Any, fmt: str, field: str = "format") -> list[str]:
     return found
 
 
-def export_bundle(bundle: Any, fmt: str, folder: Path, batches: list[dict[str, Any]], options: Any,
+def gguf_problems(bundle_format: str, architectures: list[str]) -> list[str]:
+    """Why a model of `bundle_format` and `architectures` cannot go to GGUF here: llama.cpp's tools not
+    built, an architecture its converter does not know, or a format with no plain float form. Cheap:
+    file reads only."""
+    from compress.export.gguf_float import format_problem
+    from compress.export.llama_cpp import converter_architectures, find_tools, missing_tools_message
+
+    found = []
+    tools = find_tools()
+    if tools is None:
+        found.append(missing_tools_message())
+    elif architectures and not set(architectures) & converter_architectures(tools):
+        found.append(f"llama.cpp's converter does not support {', '.join(architectures)}; gguf export is for the "
+                     f"architectures it registers (Llama, Mistral, Qwen2, Gemma, Phi-3, GPT-2, ...)")
+    why = format_problem(bundle_format)
+    return found + ([f"gguf export: {why}"] if why else [])
+
+
+def export_bundle(bundle: Any, fmt: str, folder: Path, batches: Any, options: Any,
                   logger: Any) -> dict[str, Any]:
-    """Write `bundle` as `fmt` into `folder` (which must exist) and check it in its runtime."""
+    """Write `bundle` as `fmt` into `folder` (which must exist) and check it in its runtime.
+
+    `batches`: held-out batches (onnx, compressed-tensors) or the held-out text (gguf)."""
     if fmt == "onnx":
         from compress.export.onnx import export_onnx
 
@@ -52,7 +72,11 @@ def export_bundle(bundle: Any, fmt: str, folder: Path, batches: list[dict[str, A
         from compress.export.compressed import export_compressed
 
         return export_compressed(bundle, folder, batches, options, logger)
+    if fmt == "gguf":
+        from compress.export.gguf import export_gguf
+
+        return export_gguf(bundle, folder, batches, options, logger)
     raise ValueError(f"unknown export format {fmt!r}")
 
 
-__all__ = ["EXTRA", "FORMATS", "export_bundle", "missing_runtime", "problems"]
+__all__ = ["EXTRA", "FORMATS", "export_bundle", "gguf_problems", "missing_runtime", "problems"]

@@ -65,8 +65,13 @@ def export_finished_run(run_dir: str | Path, fmt: str, *, stage: str | None = No
     meta = json.loads((folder / "compress_bundle.json").read_text())
     early = [why for why in (task_problem(fmt, meta.get("task", "")), missing_runtime(fmt)) if why]
     if fmt == "gguf":
-        early.append("gguf export is not implemented in this version of compress yet; use onnx or "
-                     "compressed-tensors")
+        from compress.export import gguf_problems
+
+        try:
+            archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
+        except (OSError, ValueError):
+            archs = []
+        early += gguf_problems(meta.get("format", "hf"), archs)
     if early:
         raise RecipeError(f"export --format {fmt}: " + "; ".join(early))
     # The run's own data section and seed: the same held-out rows the run was evaluated on.
@@ -82,8 +87,10 @@ def export_finished_run(run_dir: str | Path, fmt: str, *, stage: str | None = No
 
 def cmd_export(args: argparse.Namespace) -> int:
     """The `compress export` command: export, then print where and the runtime's numbers."""
-    settings: dict[str, Any] = {k: v for k, v in (("name", args.name), ("quantize", args.quantize),
-                                                  ("eval_samples", args.eval_samples)) if v is not None}
+    pairs = (("name", args.name), ("quantize", args.quantize), ("eval_samples", args.eval_samples),
+             ("outtype", getattr(args, "outtype", None)), ("llama_quantize", getattr(args, "llama_quantize", None)),
+             ("max_ppl_diff", getattr(args, "max_ppl_diff", None)), ("ppl_ctx", getattr(args, "ppl_ctx", None)))
+    settings: dict[str, Any] = {k: v for k, v in pairs if v is not None}
     facts = export_finished_run(args.run_dir, args.format, stage=args.stage, settings=settings)
     print(f"exported {facts['stage']} as {args.format}: {facts['folder']}")
     for key, value in facts.items():
