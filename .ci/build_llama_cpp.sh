@@ -5,10 +5,11 @@
 # A no-op when they are built. About 3 minutes on 2 quiet cores. Run inside the project's venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The system's cmake/ninja where present (what the build was tested with), else the pinned wheels.
-if ! command -v cmake >/dev/null 2>&1 || ! command -v ninja >/dev/null 2>&1; then
-  pip install -c requirements.lock cmake ninja
-fi
+# The system's cmake/ninja where present (what the build was tested with: Debian's cmake 3.25), else
+# the pinned wheel of only the missing one, so a machine with cmake but no ninja keeps its cmake.
+for tool in cmake ninja; do
+  command -v "$tool" >/dev/null 2>&1 || pip install -c requirements.lock "$tool"
+done
 if ! command -v c++ >/dev/null 2>&1; then
   (apt-get update -qq && apt-get install -y -qq g++ >/dev/null) || { echo "no C++ compiler: install g++"; exit 1; }
 fi
