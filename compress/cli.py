@@ -115,13 +115,21 @@ def _describe_field(name: str, field: Any) -> str:
 
 
 def cmd_stages(args: argparse.Namespace) -> int:
+    from compress.methods import family_of
     from compress.registry import stage_entries
 
     for entry in sorted(stage_entries(), key=lambda e: e.type):
         print(f"{entry.type}: {entry.summary}")
-        for name, field in entry.config_cls.model_fields.items():
+        base = entry.config_cls.model_fields
+        for name, field in base.items():
             if name != "type":
                 print(_describe_field(name, field))
+        family = family_of(entry.config_cls)
+        for method in family.methods() if family else []:
+            print(f"  {family.key}: {method.name} -- {method.summary}")
+            for name, field in method.config_cls.model_fields.items():
+                if name not in base:
+                    print("  " + _describe_field(name, field))
         print()
     return 0
 

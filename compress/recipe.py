@@ -18,6 +18,7 @@ from compress.autotune import AutotuneSpec
 from compress.errors import RecipeError
 from compress.goals import Goal
 from compress.hub import PublishSpec
+from compress.methods import MethodFamily, family_of
 from compress.recipe_text import apply_overrides, expand_env, find_secrets, parse_yaml
 from compress.registry import StageConfig, registry_version, stage_entries
 
@@ -140,7 +141,7 @@ def ensure_stage_union() -> None:
     if _union_version == registry_version():
         return
     _union_version = registry_version()
-    configs = tuple(entry.config_cls for entry in stage_entries())
+    configs = tuple(entry.validation_type() for entry in stage_entries())
     item: Any = configs[0] if len(configs) == 1 else Annotated[Union[configs], Field(discriminator="type")]  # noqa: UP007
     Recipe.model_fields["stages"].annotation = list[item]
     Recipe.model_rebuild(force=True)
@@ -220,19 +221,25 @@ def _guess_encoding(raw: bytes) -> str:
 
 def format_validation_errors(exc: ValidationError, data: Any = None) -> list[str]:
     """One line per pydantic error: `stages[2].sparsity: must be < 1`, with hints for unknown keys."""
-    tags = {entry.type for entry in stage_entries()}
+    families = {entry.type: family_of(entry.config_cls) for entry in stage_entries()}
     lines = []
     for err in exc.errors(include_url=False):
         loc = list(err["loc"])
-        # Drop the discriminator tag pydantic puts after a list index: stages.2.prune.sparsity.
+        # Drop the discriminator tags pydantic puts after a list index (stages.2.prune.sparsity) and,
+        # in a method family, after the stage's tag (stages.2.quantize.gptq.damp).
         clean: list[Any] = []
+        family = None
         for i, part in enumerate(loc):
-            if isinstance(part, str) and part in tags and i > 0 and isinstance(loc[i - 1], int):
+            if isinstance(part, str) and part in families and i > 0 and isinstance(loc[i - 1], int):
+                family = families[part]
+                continue
+            if family is not None and loc[i - 1] in families and part in family.names():
                 continue
             clean.append(part)
+        method_tag = family is not None and loc[-1] in families
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            clean.append("type")
-        message = _message(err, clean, data)
+            clean.append(family.key if method_tag else "type")
+        message = _method_tag_message(err, family) if method_tag else _message(err, clean, data)
         # A whole-model validator names its field at the start ("pattern: ..."): make it part of the path.
         named = re.match(r"([a-z_][a-z0-9_]*): (.*)", message, re.DOTALL) if err["type"] == "value_error" else None
         if named and clean and named.group(1) in _valid_keys(clean, data):
@@ -241,6 +248,17 @@ def format_validation_errors(exc: ValidationError, data: Any = None) -> list[str
         where = _format_loc(clean)
         lines.append(f"{where}: {message}" if where else message)
     return lines
+
+
+def _method_tag_message(err: dict[str, Any], family: MethodFamily) -> str:
+    """A stage's method key missing or naming no registered method."""
+    names = family.names()
+    if err["type"] == "union_tag_not_found":
+        return f"is required (one of: {', '.join(names)})"
+    tag = str((err.get("ctx") or {}).get("tag"))
+    guess = difflib.get_close_matches(tag, names, n=1)
+    hint = f"; did you mean {guess[0]!r}?" if guess else ""
+    return f"unknown {family.key} {tag!r}{hint} (available: {', '.join(names)})"
 
 
 def _format_loc(loc: list[Any]) -> str:
@@ -324,7 +342,7 @@ def _stage_model(node: Any) -> type[BaseModel] | None:
     if isinstance(node, dict):
         for entry in stage_entries():
             if entry.type == node.get("type"):
-                return entry.config_cls
+                return entry.config_for(node)
     return None
 
 

@@ -69,6 +69,20 @@ class StageEntry:
     # Ends a recipe: only other terminal stages may follow it (exports write artefacts, not models).
     terminal: bool = False
 
+    def validation_type(self) -> Any:
+        """What the recipe validates this stage with: its method family's union, or its config class."""
+        from compress.methods import family_of
+
+        family = family_of(self.config_cls)
+        return family.union() if family is not None else self.config_cls
+
+    def config_for(self, node: Any) -> type[StageConfig]:
+        """The config class for a raw recipe node of this type (a method's class in a family)."""
+        from compress.methods import family_of
+
+        family = family_of(self.config_cls)
+        return family.config_for(node) if family is not None else self.config_cls
+
 
 _STAGES: dict[str, StageEntry] = {}
 _version = 0
@@ -93,13 +107,18 @@ def register_stage(config_cls: type[StageConfig], run: StageFn, summary: str | N
     doc = (summary or config_cls.__doc__ or "").strip().splitlines()
     entry = StageEntry(stage_type, config_cls, run, doc[0] if doc else "", check, distributed, load_plan, terminal)
     _STAGES[stage_type] = entry
-    global _version
-    _version += 1  # the recipe rebuilds its stage union when it next validates (compress/recipe.py)
+    note_registry_change()
     return entry
 
 
+def note_registry_change() -> None:
+    """A stage type or a method was registered: the recipe rebuilds its stage union when it next validates."""
+    global _version
+    _version += 1
+
+
 def registry_version() -> int:
-    """Changes whenever a stage type is registered, so the recipe knows its stage union is stale."""
+    """Changes whenever a stage type or method is registered, so the recipe knows its stage union is stale."""
     return _version
 
 
