@@ -8,5 +8,5 @@ fields) and its handler, registered in `compress.quant.config.QUANTIZE_SCHEMES`.
 - `awq`: activation-aware scaling folded into the previous op, with clipping search
 """
 
-from compress.quant.schemes import bnb, dynamic, rtn  # noqa: I001, F401  (registration order = listing order)
-from compress.quant.schemes import gptq  # noqa: F401
+# Registration order is the order `compress stages` and error messages list the schemes in.
+from compress.quant.schemes import bnb, dynamic, rtn, gptq, awq  # noqa: F401, I001
