@@ -241,3 +241,23 @@ def test_group_size_that_does_not_divide_is_named_before_the_run(tiny_llama_dir,
     problems = check_quantize(_bundle(tiny_llama_dir), Quantize(scheme="awq", group_size=48),
                               _ctx(tmp_path, lm_recipe))
     assert any("in_features 64 is not a multiple of group_size 48" in p for p in problems)
+
+
+@pytest.mark.slow
+def test_awq_exports_to_compressed_tensors_and_reloads_exactly(lm_recipe):
+    import json
+    from pathlib import Path
+
+    from compress import run
+
+    pytest.importorskip("compressed_tensors")
+    lm_recipe["eval"] = {"speed": False}
+    lm_recipe["stages"] = [{"type": "quantize", "scheme": "awq", "group_size": 32, "calibration_samples": 8,
+                            "evaluate": False},
+                           {"type": "export", "format": "compressed-tensors", "evaluate": False}]
+    run(lm_recipe, show_progress=False)
+    out = Path(lm_recipe["output_dir"])
+    facts = json.loads((out / "exports" / "compressed-tensors" / "export.json").read_text())
+    # The folded norms travel as plain float weights; the layers as W4A16 groups, reloaded bit for bit.
+    assert facts["schemes"].startswith("W4A16-asym") and facts["max_rel_weight_diff"] == 0.0
+    assert facts["max_rel_logit_diff"] <= 1e-5 and facts["top1_agreement"] == 1.0

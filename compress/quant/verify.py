@@ -46,9 +46,11 @@ WEIGHT_ERROR_BOUND: dict[str, float] = {
     # a little weight error for less output error, as GPTQ's updates do.
     "awq": 0.35,
 }
-# Below 4 bits the grid is 2-4x coarser: measured worst layer, 3 / 2 bits, g128, round-to-nearest
-# and GPTQ: see LOW_BIT_NOTES. The bounds still fail an all-zero (1.0) or wrongly unpacked (>1) layer.
-LOW_BIT_ERROR_BOUND: dict[int, float] = {3: 0.6, 2: 0.9}
+# Below 4 bits the grid is 2-4x coarser. Measured worst layer (tiny Llama / GPT-2 / OPT, group 32,
+# 8 calibration blocks): 3 bits RTN 0.178, AWQ 0.184, GPTQ act-order 0.313; 2 bits RTN 0.417, AWQ
+# 0.367, GPTQ act-order 0.713 (GPTQ trades weight error for output error). The 3-bit bound still
+# fails a doubled scale or an all-zero layer (1.0); at 2 bits only a wrongly unpacked layer (>1) fails.
+LOW_BIT_ERROR_BOUND: dict[int, float] = {3: 0.6, 2: 0.95}
 EMBEDDING_ERROR_BOUND: dict[str, float] = {"int8": 0.05, "int4": 0.3}
 _PROBE_ROWS = 8192
 
