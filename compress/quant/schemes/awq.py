@@ -36,8 +36,9 @@ HALF_FOLD_TOLERANCE = 0.05
 
 
 class Awq(WeightOnly):
-    """AWQ: per-input-channel scales from calibration activations, folded into the previous op, then
-    per-group clipping search; weight-only layers of 4, 3 or 2 bits."""
+    """AWQ: activation-aware input-channel scales folded into the previous op, then clipping search.
+
+    Weight-only layers of 4, 3 or 2 bits, the same kind as int4-weight and gptq."""
 
     scheme: Literal["awq"] = "awq"
     bits: Literal[2, 3, 4] = Field(4, description=BITS_HELP)
