@@ -208,6 +208,15 @@ def test_low_bit_codes_pack_to_their_width_and_round_trip(bits):
     assert row["bits_per_weight"] == pytest.approx(bits + 40 / 64)  # codes + fp32 scale + uint8 zero per 64
 
 
+def test_the_int4_layout_of_saved_models_is_unchanged():
+    """Folders saved before 3/2 bits existed hold int4 as two nibbles per byte, low nibble first."""
+    codes = torch.randint(0, 16, (3, 16))
+    expected = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+    assert torch.equal(pack_codes(codes, 4), expected)
+    layer = WeightOnlyLinear(16, 3, False, 4, 0)
+    assert layer.qweight.shape == (3, 8) and layer.zeros.dtype == torch.uint8
+
+
 def test_the_low_bit_bound_fails_a_broken_three_bit_layer():
     lin = nn.Linear(128, 16)
     good = WeightOnlyLinear.from_linear(lin, 3, 32)
