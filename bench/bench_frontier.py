@@ -8,12 +8,14 @@ Writes reports/frontier.json after every variant and reports/frontier.md at the 
 
     python -m bench.bench_frontier              # every variant (3-bit rows first)
     python -m bench.bench_frontier render       # only rewrite reports/frontier.md from the JSON
+    python -m bench.bench_frontier only AWQ W3 g64   # one variant, into reports/frontier-<variant>.json
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -37,16 +39,20 @@ def _variants() -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def run_all() -> list[dict[str, Any]]:
+def run_all(only: str | None = None) -> list[dict[str, Any]]:
+    """Run every variant (or only the one labelled `only`, into its own part file: two can run at once)."""
     from compress import run
 
     rows: list[dict[str, Any]] = []
     for label, stages in _variants().items():
+        if only is not None and label != only:
+            continue
         started = time.perf_counter()
         report = run({"name": "bench-frontier", "model": {"path": SMOLLM2, "task": "causal-lm"},
                       "data": lm_data(train=2000, eval_size=EVAL_TWEETS),
                       "eval": {"baseline": not stages, "speed": False, "eval_batch_size": 64},
-                      "output_dir": str(CACHE / "bench-frontier"), "stages": stages},
+                      "output_dir": str(CACHE / f"bench-frontier{'-' + _slug(only) if only else ''}"),
+                      "stages": stages},
                      overwrite=True, show_progress=False)
         point = report.final
         info = {k: v for k, v in point.stage_info.items() if not isinstance(v, (list, dict))}
@@ -54,20 +60,29 @@ def run_all() -> list[dict[str, Any]]:
                      "eval_examples": point.accuracy.examples, "stage_seconds": point.stage_seconds,
                      "wall_seconds": round(time.perf_counter() - started, 1), "stage_info": info})
         print(f"{label}: perplexity {point.accuracy.perplexity:.3f}, stage {point.stage_seconds} s", flush=True)
-        _write_json(rows)
+        _write_json(rows, f"frontier-{_slug(only)}.json" if only else "frontier.json")
     return rows
 
 
-def _write_json(rows: list[dict[str, Any]]) -> None:
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def _write_json(rows: list[dict[str, Any]], name: str) -> None:
     REPORTS.mkdir(exist_ok=True)
     data = {"machine": machine_line(), "load": os.getloadavg(), "group_size": GROUP, "eval_tweets": EVAL_TWEETS,
             "rows": rows}
-    (REPORTS / "frontier.json").write_text(json.dumps(data, indent=1) + "\n")
+    (REPORTS / name).write_text(json.dumps(data, indent=1) + "\n")
 
 
 def render() -> None:
     data = json.loads((REPORTS / "frontier.json").read_text())
     rows = data["rows"]
+    # Rows run on their own (`only=`) join the main file, in the order of the variants.
+    for part in sorted(REPORTS.glob("frontier-*.json")):
+        rows += [r for r in json.loads(part.read_text())["rows"] if r["variant"] not in {x["variant"] for x in rows}]
+    order = list(_variants())
+    rows.sort(key=lambda r: order.index(r["variant"]))
     dense = next((r["perplexity"] for r in rows if r["variant"] == "dense"), None)
     lines = ["# Weight-only quantization frontier: SmolLM2-135M-Instruct", "",
              "`python -m bench.bench_frontier` (each row one `compress run`; numbers from that run).", "",
@@ -89,10 +104,16 @@ def render() -> None:
         if "weight_error_max" in info:
             notes.append(f"worst layer weight error {info['weight_error_max']}")
         lines.append(f"| {r['variant']} | {ppl:.3f} | {rel} | {r['stage_seconds'] or '–'} | {'; '.join(notes)} |")
+    missing = [v for v in _variants() if v not in {r["variant"] for r in rows}]
+    if missing:
+        lines += ["", f"Not measured yet (the run was stopped before them): {', '.join(missing)}."]
     (REPORTS / "frontier.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["render"]:
+    args = sys.argv[1:]
+    if args[:1] == ["only"]:
+        run_all(" ".join(args[1:]))
+    elif args != ["render"]:
         run_all()
     render()
