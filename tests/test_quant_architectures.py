@@ -38,6 +38,9 @@ SCHEMES = {
     "int8-dynamic": {"scheme": "int8-dynamic"},
     "int4-weight": {"scheme": "int4-weight"},
     "gptq": {"scheme": "gptq", "calibration_samples": 8},
+    "awq": {"scheme": "awq", "group_size": 32, "calibration_samples": 8},
+    "gptq-act-order-3bit": {"scheme": "gptq", "bits": 3, "act_order": True, "mse_scale": True, "group_size": 32,
+                            "calibration_samples": 8},
     "int8-dynamic+emb": {"scheme": "int8-dynamic", "embeddings": "int8"},
     "int8-dynamic+smooth": {"scheme": "int8-dynamic", "smooth_alpha": 0.5, "calibration_samples": 8},
     # Slow everywhere: the same code paths as nf4 / int4-weight / int8 embeddings with other numbers.
@@ -132,10 +135,18 @@ def test_quantize_keeps_its_promises(arch, case, assets, tmp_path):
     assert info["quantized_layers"] == len(linears) + len(embedded) > 0
 
     # Each layer's dequantized weight is within the scheme's bound of the float weight.
-    bound = WEIGHT_ERROR_BOUND[config.scheme]
-    errors = {n: weight_error(model.get_submodule(n), dense_weight(dense.get_submodule(n))) for n in linears}
-    assert 0 < max(errors.values()) <= bound, errors
-    assert info["weight_error_max"] == pytest.approx(max(errors.values()), abs=1e-5)
+    bound = config.error_bound()
+    assert bound == WEIGHT_ERROR_BOUND[config.scheme] or config.bits < 4
+    if config.scheme == "awq":
+        # AWQ's error is measured on the weight it rounded, W diag(s) after folding (not kept here);
+        # that the folded float model is unchanged is test_awq's, here: the quantized model is sane.
+        assert 0 < info["weight_error_max"] <= bound
+        cos = torch.nn.functional.cosine_similarity(_logits(model).flatten(), _logits(dense).flatten(), dim=0)
+        assert cos > 0.95, cos
+    else:
+        errors = {n: weight_error(model.get_submodule(n), dense_weight(dense.get_submodule(n))) for n in linears}
+        assert 0 < max(errors.values()) <= bound, errors
+        assert info["weight_error_max"] == pytest.approx(max(errors.values()), abs=1e-5)
 
     if config.embeddings != "none":
         emb, dense_emb = model.get_input_embeddings(), dense.get_input_embeddings()
@@ -215,14 +226,16 @@ def test_quantize_head_alone_on_tied_model_is_refused(assets, tmp_path):
 
 
 def test_a_selected_layer_left_float_fails(assets, tmp_path, monkeypatch):
+    from compress.quant.schemes import common as scheme_common
+
     path, task, data = assets("gpt2")
-    real = qstage._swap
+    real = scheme_common.set_module
 
     def forgetful(model, name, module):
         if name != "transformer.h.1.mlp.c_proj":
             real(model, name, module)
 
-    monkeypatch.setattr(qstage, "_swap", forgetful)
+    monkeypatch.setattr(scheme_common, "set_module", forgetful)
     with pytest.raises(StageError, match=r"quantize: layer transformer\.h\.1\.mlp\.c_proj was selected for "
                                          r"int4-weight but is still a Conv1D \(not quantized; 7 of 8"):
         run_quantize(_bundle(path, task), Quantize(scheme="int4-weight"), _ctx(tmp_path, data))

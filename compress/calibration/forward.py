@@ -105,17 +105,27 @@ def input_hessians(model: Any, modules: dict[str, torch.nn.Module],
 
 
 class InputStats:
-    """Per input channel absolute maximum (SmoothQuant) and optionally the Hessian XᵀX / n (GPTQ)."""
+    """Per input channel absolute maximum (SmoothQuant) and mean absolute value (AWQ), and optionally
+    the Hessian XᵀX / n (GPTQ, AWQ)."""
 
     def __init__(self, in_features: int, hessian: bool):
         self.absmax = torch.zeros(in_features)
+        self.abs_sum = torch.zeros(in_features, dtype=torch.float64)
+        self.rows = 0
         self.hessian = HessianSum(in_features) if hessian else None
 
     def add(self, x: torch.Tensor) -> None:
         """Add real-token inputs `x` (tokens, features)."""
-        self.absmax = torch.maximum(self.absmax, x.detach().float().abs().amax(dim=0).cpu())
+        magnitude = x.detach().float().abs()
+        self.absmax = torch.maximum(self.absmax, magnitude.amax(dim=0).cpu())
+        self.abs_sum += magnitude.sum(dim=0).cpu().double()
+        self.rows += magnitude.shape[0]
         if self.hessian is not None:
             self.hessian.add(x)
+
+    def mean_abs(self) -> torch.Tensor:
+        """Mean |x| per input channel over the real tokens seen (zeros when none was)."""
+        return (self.abs_sum / max(self.rows, 1)).float()
 
     def mean_hessian(self) -> torch.Tensor:
         """H = XᵀX / n (zeros for a layer that never ran: GPTQ then treats every input as dead)."""

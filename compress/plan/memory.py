@@ -35,10 +35,12 @@ def linear_bytes(fmt: str, in_f: int, out_f: int, float_bytes: int, group: int |
         return bnb4_bytes(n, double_quant)
     if fmt in ("int8", "int8-dynamic"):
         return n + 4 * out_f  # int8 codes + an fp32 scale per output row (bnb SCB / compress's scales)
-    if fmt in ("int8-weight", "int4-weight", "gptq"):
+    base, _, low = fmt.partition("@")  # "gptq@3": a weight-only format below 4 bits
+    if base in ("int8-weight", "int4-weight", "gptq", "awq"):
+        bits = 8 if base == "int8-weight" else int(low or 4)
         groups = math.ceil(in_f / group) if group else 1
-        codes = n if fmt == "int8-weight" else math.ceil(n / 2)
-        zeros = 0 if fmt == "int8-weight" else out_f * groups  # uint8 zero points for 4-bit
+        codes = math.ceil(n * bits / 8)
+        zeros = 0 if bits == 8 else out_f * groups  # uint8 zero points below 8 bits
         return codes + 4 * out_f * groups + zeros  # fp32 scales per (row, group)
     raise ValueError(f"unknown weight format {fmt!r}")
 

@@ -177,7 +177,7 @@ def plan_recipe(recipe: Recipe, *, device: str | None = None, world_size: int = 
         elif kind == "quantize":
             row, formats, groups = plan_quantize(label + f" ({stage.scheme})", stage, weights, shape, setting)
             rows.append(row)
-            weights = Weights(shape, dtype, formats, groups, double_quant=stage.double_quant,
+            weights = Weights(shape, dtype, formats, groups, double_quant=getattr(stage, "double_quant", True),
                               masked=weights.masked)
         elif kind == "lowrank":
             row, kept = plan_lowrank(label, stage, weights, shape)

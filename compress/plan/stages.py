@@ -170,17 +170,21 @@ def plan_quantize(label: str, stage: Any, weights: Weights, shape: Shape,
                   setting: Setting) -> tuple[StagePlan, dict[str, str], dict[str, int | None]]:
     """Quantize: the float model, its quantized copy, and GPTQ's Hessians (all collected in one pass)."""
     plan = StagePlan(label)
-    group = stage.group_size if stage.group_size is not None else (
-        0 if stage.scheme == "int8-weight" else 128)
+    group = getattr(stage, "group_size", None)
+    if group is None:
+        group = 0 if stage.scheme == "int8-weight" else 128
+    bits = getattr(stage, "bits", 4)
+    fmt = stage.scheme if bits == 4 else f"{stage.scheme}@{bits}"
     layers = shape.selected(stage.include, stage.exclude)
     if not layers:
         plan.parts["weights"] = weights.total()
         plan.notes.append("include / exclude leave no linear layer to quantize")
         return plan, dict(weights.formats), dict(weights.group)
-    formats = {**weights.formats, **dict.fromkeys(layers, stage.scheme)}
+    formats = {**weights.formats, **dict.fromkeys(layers, fmt)}
     groups = {**weights.group, **dict.fromkeys(layers, group or None)}
     plan.parts["weights"] = weights.total()
-    quantized = sum(linear_bytes(stage.scheme, i, o, weights.float_bytes, group or None, stage.double_quant)
+    double_quant = getattr(stage, "double_quant", True)
+    quantized = sum(linear_bytes(fmt, i, o, weights.float_bytes, group or None, double_quant)
                     for i, o in layers.values())
     if stage.scheme in ("int8", "nf4", "fp4"):
         # transformers' bitsandbytes loader builds the quantized model beside the float one.
@@ -189,12 +193,13 @@ def plan_quantize(label: str, stage: Any, weights: Weights, shape: Shape,
         i, o = max(layers.values(), key=lambda s: s[0] * s[1])
         plan.parts["layer workspace"] = 2 * i * o * 4
     n = stage.calibration_samples or setting.calibration_samples
-    if stage.scheme == "gptq":
-        # compress.quant.calibration collects every layer's Hessian in float64 in one pass.
+    if stage.scheme in ("gptq", "awq"):
+        # compress.calibration collects every layer's Hessian in float64 in one pass.
         plan.parts["hessians (float64)"] = sum(i * i * 8 for i, _ in layers.values())
         plan.parts["calibration forward"] = inference_activations(shape, 1, setting.seq, weights.float_bytes,
                                                                   loss=False)
-        plan.notes.append(f"gptq: {n} calibration sequences, Hessians of {len(layers)} layers held at once")
+        plan.notes.append(f"{stage.scheme}: {n} calibration sequences, Hessians of {len(layers)} layers held "
+                          f"at once")
     elif stage.scheme == "int8-dynamic" and stage.smooth_alpha is not None:
         plan.parts["calibration forward"] = inference_activations(shape, 1, setting.seq, weights.float_bytes,
                                                                   loss=False)

@@ -5,9 +5,11 @@ need CUDA/MSLK kernels, its CPU int8 weight-only path measured ~2x slower than f
 machine, and its tensor subclasses do not serialise to plain safetensors. The layout below is
 plain tensors (int codes, fp32 scales, uint8 zero points), so it saves and reloads exactly.
 
-Layout: int8 is symmetric (codes -127..127, zero point 0, not stored); int4 is asymmetric
-(codes 0..15 with a uint8 zero point per group, two codes packed per byte). The grid always
-contains 0, so pruned (zero) weights stay exactly zero after quantization.
+Layout: int8 is symmetric (codes -127..127, zero point 0, not stored); 4, 3 and 2 bits are
+asymmetric (codes 0..2^bits-1 with a uint8 zero point per group). int4 packs two codes per byte;
+int3 packs eight codes into three bytes and int2 four codes per byte, little-endian (the same
+rule that gives int4's nibble order), so the stored bits per weight are the nominal ones. The grid
+always contains 0, so pruned (zero) weights stay exactly zero after quantization.
 """
 
 from __future__ import annotations
@@ -26,14 +28,21 @@ def effective_group(in_features: int, group_size: int) -> int:
     return in_features if group_size <= 0 or group_size >= in_features else group_size
 
 
+SUPPORTED_BITS = (2, 3, 4, 8)
+# Codes packed together so they fill whole bytes: int4 two per byte, int3 eight in three bytes, int2 four.
+PACK_COUNT = {2: 4, 3: 8, 4: 2}
+
+
 def group_problem(in_features: int, bits: int, group_size: int) -> str | None:
     """Why a layer with `in_features` inputs cannot use this layout, or None when it can."""
     g = effective_group(in_features, group_size)
     if in_features % g:
         return (f"in_features {in_features} is not a multiple of group_size {group_size}; "
                 f"use a group_size dividing {in_features}, or 0 (one group per row)")
-    if bits == 4 and in_features % 2:
-        return f"in_features {in_features} is odd, and int4 packs two weights per byte"
+    count = PACK_COUNT.get(bits, 1)
+    if in_features % count:
+        return (f"in_features {in_features} is not a multiple of {count}, and int{bits} packs {count} "
+                f"weights together")
     return None
 
 
@@ -58,6 +67,14 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return (torch.round(w / scale) + zero).clamp(0, 2**bits - 1)
 
 
+def symmetric_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per row of `w` for a symmetric grid in the asymmetric layout: zero = 2^(bits-1),
+    scale = absmax / (2^(bits-1) - 1), so 0 is a code and the grid is centred (AWQ's zero_point: false)."""
+    half = 2 ** (bits - 1)
+    scale = (w.abs().amax(dim=-1) / (half - 1)).clamp(min=1e-12)
+    return scale, torch.full_like(scale, float(half))
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     codes = codes.to(torch.uint8)
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
@@ -70,10 +87,37 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes (0..2^bits-1) along the last dimension into uint8: int4 as `pack_int4`, int3 and int2
+    as little-endian runs of PACK_COUNT[bits] codes (hand-written: torch has no sub-byte dtypes to save)."""
+    if bits == 4:
+        return pack_int4(codes)
+    count = PACK_COUNT[bits]
+    runs = codes.to(torch.int32).reshape(*codes.shape[:-1], -1, count)
+    shifts = torch.arange(count, device=codes.device, dtype=torch.int32) * bits
+    value = (runs << shifts).sum(-1)  # count * bits = 8 * nbytes bits per run
+    nbytes = count * bits // 8
+    parts = [(value >> (8 * i)) & 0xFF for i in range(nbytes)]
+    return torch.stack(parts, -1).reshape(*codes.shape[:-1], -1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of `pack_codes`: uint8 codes along the last dimension."""
+    if bits == 4:
+        return unpack_int4(packed)
+    count = PACK_COUNT[bits]
+    nbytes = count * bits // 8
+    runs = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, nbytes)
+    value = (runs << (torch.arange(nbytes, device=packed.device, dtype=torch.int32) * 8)).sum(-1)
+    shifts = torch.arange(count, device=packed.device, dtype=torch.int32) * bits
+    codes = (value.unsqueeze(-1) >> shifts) & (2**bits - 1)
+    return codes.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+
+
 def group_limit_bits(bits: int, group: int) -> float:
-    """Bits per weight on an infinitely large layer: codes + one fp32 scale (+ an 8-bit zero for int4)
-    per group."""
-    return bits + (32 + (8 if bits == 4 else 0)) / group
+    """Bits per weight on an infinitely large layer: codes + one fp32 scale (+ an 8-bit zero below 8
+    bits) per group."""
+    return bits + (32 + (8 if bits < 8 else 0)) / group
 
 
 class QuantizedWeight(nn.Module):
@@ -85,19 +129,19 @@ class QuantizedWeight(nn.Module):
     """
 
     def _setup_quant(self, rows: int, cols: int, bits: int, group_size: int) -> None:
-        if bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, not {bits}")
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, not {bits}")
         self.q_rows, self.q_cols, self.bits = rows, cols, bits
         self.group = effective_group(cols, group_size)
         groups = cols // self.group
         if bits == 8:
             codes = torch.zeros(rows, cols, dtype=torch.int8)
         else:
-            codes = torch.zeros(rows, cols // 2, dtype=torch.uint8)
+            codes = torch.zeros(rows, cols * bits // 8, dtype=torch.uint8)
         self.qweight = nn.Parameter(codes, requires_grad=False)
         self.qweight.quant_shape = (rows, cols)
         self.register_buffer("scales", torch.ones(rows, groups))
-        if bits == 4:
+        if bits < 8:
             self.register_buffer("zeros", torch.zeros(rows, groups, dtype=torch.uint8))
         else:
             self.zeros = None
@@ -115,7 +159,7 @@ class QuantizedWeight(nn.Module):
             if self.bits == 8:
                 self.qweight.copy_(codes.to(torch.int8))
             else:
-                self.qweight.copy_(pack_int4(codes))
+                self.qweight.copy_(pack_codes(codes, self.bits))
                 self.zeros.copy_(zero.to(torch.uint8))
             self.scales.copy_(scale.float())
 
@@ -131,7 +175,7 @@ class QuantizedWeight(nn.Module):
             q = codes.float().reshape(*lead, -1, self.group)
             w = q * scales.unsqueeze(-1)
         else:
-            q = unpack_int4(codes).float().reshape(*lead, -1, self.group)
+            q = unpack_codes(codes, self.bits).float().reshape(*lead, -1, self.group)
             w = (q - zeros.float().unsqueeze(-1)) * scales.unsqueeze(-1)
         return w.reshape(*lead, self.q_cols)
 
