@@ -253,7 +253,8 @@ def test_group_size_that_does_not_divide_is_named_before_the_run(tiny_llama_dir,
 
 
 @pytest.mark.slow
-def test_awq_exports_to_compressed_tensors_and_reloads_exactly(lm_recipe):
+@pytest.mark.parametrize("bits", [4, 3])
+def test_awq_exports_to_compressed_tensors_and_reloads_exactly(lm_recipe, bits):
     import json
     from pathlib import Path
 
@@ -262,11 +263,12 @@ def test_awq_exports_to_compressed_tensors_and_reloads_exactly(lm_recipe):
     pytest.importorskip("compressed_tensors")
     lm_recipe["eval"] = {"speed": False}
     lm_recipe["stages"] = [{"type": "quantize", "scheme": "awq", "group_size": 32, "calibration_samples": 8,
-                            "evaluate": False},
+                            "bits": bits, "evaluate": False},
                            {"type": "export", "format": "compressed-tensors", "evaluate": False}]
     run(lm_recipe, show_progress=False)
     out = Path(lm_recipe["output_dir"])
     facts = json.loads((out / "exports" / "compressed-tensors" / "export.json").read_text())
     # The folded norms travel as plain float weights; the layers as W4A16 groups, reloaded bit for bit.
-    assert facts["schemes"].startswith("W4A16-asym") and facts["max_rel_weight_diff"] == 0.0
+    # (3-bit zero points shift by 4, not 4-bit's 8: a fixed shift reloaded different weights.)
+    assert facts["schemes"].startswith(f"W{bits}A16-asym") and facts["max_rel_weight_diff"] == 0.0
     assert facts["max_rel_logit_diff"] <= 1e-5 and facts["top1_agreement"] == 1.0

@@ -78,7 +78,7 @@ def _scheme_of(module: Any) -> tuple[str, dict[str, Any], str]:
                "symmetric": module.bits == 8, "dynamic": False}
     if module.bits == 8:
         return (f"W8A16-g{module.group}", {"weights": weights}, "int-quantized")
-    return (f"W4A16-asym-g{module.group}", {"weights": weights}, "naive-quantized")
+    return (f"W{module.bits}A16-asym-g{module.group}", {"weights": weights}, "naive-quantized")
 
 
 def _fill_qparams(target: Any, module: Any) -> None:
@@ -88,7 +88,9 @@ def _fill_qparams(target: Any, module: Any) -> None:
         target.weight_scale.copy_(module.scales.reshape(target.weight_scale.shape).to(target.weight_scale.dtype))
         if getattr(module, "zeros", None) is not None:
             # compress: w = (q - z) * s with q, z in [0, 15]; compressed-tensors: signed codes in [-8, 7].
-            zero = module.zeros.to(torch.int16) - 8
+            # compress stores unsigned codes with zero points in [0, 2^bits); compressed-tensors holds
+            # signed codes, so both shift by half the range (8 at 4 bits, 4 at 3 bits).
+            zero = module.zeros.to(torch.int16) - 2 ** (module.bits - 1)
             target.weight_zero_point.copy_(zero.reshape(target.weight_zero_point.shape)
                                            .to(target.weight_zero_point.dtype))
 
