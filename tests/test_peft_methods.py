@@ -253,3 +253,19 @@ def test_methods_that_cannot_use_a_4bit_base_are_refused_with_the_reason(method,
     config = _config(method, **({"merge": "merge"} if field == "merge" else {}))
     problems = check_finetune(nf4_llama, config, _ctx(tmp_path, lm_data))
     assert len(problems) == 1 and problems[0].startswith(f"{field}: ") and reason in problems[0]
+
+
+@pytest.mark.parametrize("method", ["loha", "vera", "ia3", "prompt-tuning", "prefix-tuning", "p-tuning"])
+def test_the_memory_plan_counts_the_trainable_parameters_peft_trains(method, tiny_llama_dir, lm_recipe):
+    from peft import get_peft_model
+
+    from compress.plan.planner import plan_recipe
+
+    config = _config(method)
+    base = ModelBundle.load(tiny_llama_dir)
+    model = get_peft_model(base.model, ft.method_of(config).peft_config(config, base.model, base.task))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lm_recipe["stages"] = [{"type": "finetune", "method": method, **SETTINGS.get(method, {})}]
+    row = next(r for r in plan_recipe(load_recipe(lm_recipe), device="cpu", check_devices=False).stages
+               if r.label.startswith("1 finetune"))
+    assert row.parts["adapters"] == trainable * 4  # fp32
