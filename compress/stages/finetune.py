@@ -1,8 +1,11 @@
-"""Fine-tuning stage: LoRA / DoRA / QLoRA adapters (peft) or full fine-tuning, on the shared loop.
+"""Fine-tuning stage: peft adapters (methods in compress/stages/finetune_methods.py) or full fine-tuning,
+on the shared loop.
 
 Merge policies: `none` keeps the adapter (saved in PEFT format next to the base), `merge` folds it
 into float weights, `dequantize-merge-requantize` folds it into a bitsandbytes base and checks the
-result is still quantized. A pruned base stays pruned: LoRA is masked and the merge is checked.
+result is still quantized. Methods that cannot merge (prompt/prefix/P-tuning) keep the adapter. A
+pruned base stays pruned: additive updates are masked, IA³ scales (a zero stays zero), prompt
+methods leave the weights alone, and the zeros are checked after the merge.
 """
 
 from __future__ import annotations
