@@ -65,7 +65,7 @@ LM_VARIANTS: dict[str, list[dict[str, Any]]] = {
     "heads 50% (1 of 2 KV groups)": [{"type": "prune", "structure": "heads", "sparsity": 0.5,
                                       "importance": "activation"}],
     "1 of 4 layers (block influence)": [{"type": "prune", "structure": "layers", "count": 1}],
-    "lowrank MLP energy 0.9": [{"type": "lowrank", "energy": 0.9, "targets": [r"mlp\."]}],
+    "lowrank MLP energy 0.9": [{"type": "lowrank", "energy": 0.9, "targets": [r"mlp\..*"]}],
 }
 MINILM_VARIANTS: dict[str, list[dict[str, Any]]] = {
     "dense": [],

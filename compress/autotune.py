@@ -83,12 +83,29 @@ def _figures(report: Report) -> dict[str, Any]:
     acc = final.accuracy if final else None
     return {
         "disk_bytes": final.size.disk_bytes if final and final.size else None,
+        # Timed alone, minutes apart from the other candidates: kept for reference only.
         "latency_bn_ms": final.speed.latency_bn_ms if final and final.speed else None,
+        # Timed side by side with the baseline in interleaved rounds: comparable across candidates,
+        # because every candidate is paired with the same baseline model.
+        **_side_by_side_speedup(final),
         "accuracy": acc.accuracy if acc else None,
         "perplexity": acc.perplexity if acc else None,
         "baseline_accuracy": base.accuracy.accuracy if base and base.accuracy else None,
         "baseline_perplexity": base.accuracy.perplexity if base and base.accuracy else None,
     }
+
+
+def pick_winner(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The smallest candidate within budget; among equal sizes, the larger side-by-side speed-up over
+    the baseline (never the alone timings, which are minutes apart and carry the machine's load)."""
+    feasible = [r for r in rows if r["feasible"]]
+    return min(feasible, key=lambda r: (r["disk_bytes"], -(r.get("speedup_bn") or 0)), default=None)
+
+
+def _side_by_side_speedup(final: Any) -> dict[str, Any]:
+    ratio = final.timing.speedup.get("latency_bn") if final and final.timing else None
+    return {"speedup_bn": ratio.median if ratio else None,
+            "speedup_bn_significant": ratio.significant if ratio else None}
 
 
 def within_budget(fig: dict[str, Any], budget: dict[str, float]) -> bool:
@@ -157,9 +174,7 @@ def autotune(recipe_source: Any, output: str | Path, *, space: dict[str, list[An
     front = set(pareto_front([(r["disk_bytes"], r[key]) for r in measured if r[key] is not None], lower))
     for r in measured:
         r["pareto"] = (r["disk_bytes"], r[key]) in front
-    feasible = sorted((r for r in measured if r["feasible"]),
-                      key=lambda r: (r["disk_bytes"], r.get("latency_bn_ms") or 0))
-    winner = feasible[0] if feasible else None
+    winner = pick_winner(measured)
     summary = {"candidates": len(combos), "seconds": round(seconds, 1), "budget": budget, "space": space,
                "stages_reused": sum(r.get("stages_reused", 0) for r in rows), "winner": winner, "rows": rows}
     _write_outputs(output, base, summary, recipes, winner)
@@ -194,18 +209,28 @@ def _write_outputs(output: Path, base: Any, summary: dict[str, Any], recipes: li
             point.name = r["candidate"]
             series["within budget" if r["feasible"] else "over budget"].append(point)
     plot_pareto({k: v for k, v in series.items() if v}, output / "frontier.png", title="Autotune frontier")
-    header = ["candidate", "settings", "disk MiB", "lat bN ms", "accuracy", "perplexity", "within budget", "Pareto"]
+    header = ["candidate", "settings", "disk MiB", "speed-up bN (side by side)", "accuracy", "perplexity",
+              "within budget", "Pareto"]
     rows = [[r["candidate"], ", ".join(f"{k}={v}" for k, v in r["settings"].items()),
              f"{r['disk_bytes'] / 2**20:.2f}" if r.get("disk_bytes") else "–",
-             f"{r['latency_bn_ms']:.1f}" if r.get("latency_bn_ms") else "–",
+             _speedup_cell(r),
              f"{100 * r['accuracy']:.2f}%" if r.get("accuracy") is not None else "–",
              f"{r['perplexity']:.3f}" if r.get("perplexity") is not None else "–",
              "yes" if r["feasible"] else ("error: " + r["error"][:60] if r.get("error") else "no"),
              "yes" if r.get("pareto") else ""] for r in summary["rows"]]
+    md_note = ("Speed-up: each candidate's final model against the baseline, timed side by side in "
+               "interleaved rounds within its own run (median of rounds; n.s. = the spread includes 1.0).")
     win = (f"Winner: **{winner['candidate']}** ({', '.join(f'{k}={v}' for k, v in winner['settings'].items())}) "
            f"→ `winner.yaml`." if winner else "No candidate met the budget.")
     md = [f"# compress autotune: {base.name}", "",
           f"{summary['candidates']} candidates in {summary['seconds']} s; {summary['stages_reused']} stage outputs "
-          f"reused from shared prefixes. Budget: {summary['budget']}.", "", win, "", markdown_table(header, rows), "",
+          f"reused from shared prefixes. Budget: {summary['budget']}.", "", win, "",
+          markdown_table(header, rows), "", md_note, "",
           "![Autotune frontier](frontier.png)", ""]
     write_text_atomic(output / "autotune.md", "\n".join(md))
+
+
+def _speedup_cell(row: dict[str, Any]) -> str:
+    if row.get("speedup_bn") is None:
+        return "–"
+    return f"{row['speedup_bn']:.2f}×" + ("" if row.get("speedup_bn_significant") else " (n.s.)")

@@ -165,7 +165,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     if not repo_id:
         raise PublishError("push: give --repo-id ORG/NAME (or set publish.repo_id in the recipe)")
     private = spec.private if args.private is None else args.private
-    result = push(args.run_dir, repo_id, private=private, spec=spec, dry_run=args.dry_run, output=args.output)
+    result = push(args.run_dir, repo_id, private=private, spec=spec, dry_run=args.dry_run, output=args.output,
+                  export=args.export)
     verb = "would upload" if result["dry_run"] else "uploaded"
     print(f"{verb} {len(result['files'])} files to {repo_id} ({'private' if private else 'public'}); "
           f"folder: {result['folder']}")
@@ -229,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument("--public", dest="private", action="store_false", help="public repo")
     p.add_argument("--dry-run", action="store_true", help="only write the folder that would be uploaded")
     p.add_argument("--output", help="where to write that folder (default: RUN_DIR/publish)")
+    p.add_argument("--export", help="publish this export of the run (RUN_DIR/exports/NAME: onnx, "
+                                    "compressed-tensors, gguf) instead of its final model")
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("autotune", help="search stage settings for the smallest model within an accuracy budget")

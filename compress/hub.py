@@ -103,8 +103,40 @@ model, tokenizer = bundle.model, bundle.tokenizer
 ```"""
 
 
+EXPORTS_DIR = "exports"
+EXPORT_FACTS = "export.json"
+EXPORT_HOW_TO = "HOW_TO_LOAD.md"
+# An export's own runtime decides how it loads (the card says which); transformers only for these.
+_EXPORT_LIBRARY = {"onnx": "onnx", "gguf": "gguf", "compressed-tensors": "transformers"}
+
+
+def publish_dir_name(export: str | None) -> str:
+    """The run's own folder for what a push uploads: `publish/`, or `publish-<export>/` for an export."""
+    return "publish" if export is None else f"publish-{export}"
+
+
+def export_folder(run_dir: Path, name: str) -> Path:
+    """A finished export of the run (`exports/<name>/` with its runtime check's facts)."""
+    folder = run_dir / EXPORTS_DIR / name
+    if not (folder / EXPORT_FACTS).is_file():
+        root = run_dir / EXPORTS_DIR
+        known = sorted(p.name for p in root.iterdir() if (p / EXPORT_FACTS).is_file()) if root.is_dir() else []
+        raise PublishError(f"--export {name}: {run_dir} has no finished export of that name (exports: "
+                           f"{', '.join(known) or 'none'}); write one with `compress export {run_dir} --format "
+                           f"onnx|compressed-tensors|gguf` or an export stage")
+    return folder
+
+
+def _export_how_to(folder: Path, name: str) -> str:
+    short = name.split("/")[-1]
+    text = (folder / EXPORT_HOW_TO).read_text() if (folder / EXPORT_HOW_TO).is_file() else ""
+    body = text.split("\n", 1)[1].strip() if text.startswith("#") else text.strip()
+    return (f"Download the repository, then run the snippet from inside that folder:\n\n```bash\n"
+            f"hf download {name} --local-dir {short} && cd {short}\n```\n\n{body}")
+
+
 def build_model_card(report: Report, spec: PublishSpec, task: str, repo_id: str | None,
-                     fmt: str = "hf") -> str:
+                     fmt: str = "hf", export: Path | None = None) -> str:
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     recipe = report.recipe
@@ -121,10 +153,10 @@ def build_model_card(report: Report, spec: PublishSpec, task: str, repo_id: str 
     stage_types = [s.get("type") for s in recipe.get("stages", [])]
     data = ModelCardData(
         base_model=spec.base_model or _hub_id(recipe.get("model", {}).get("path", "")),
-        library_name="transformers",
+        library_name=_EXPORT_LIBRARY.get(fmt, "transformers") if export else "transformers",
         license=spec.license,
         pipeline_tag=_task_tag(task),
-        tags=["compress", *stage_types, *spec.tags],
+        tags=["compress", *stage_types, *([fmt] if export else []), *spec.tags],
         model_name=(repo_id or report.name).split("/")[-1],
         eval_results=results or None,
     )
@@ -157,8 +189,8 @@ Full report: `report.md` / `report.html` (plots in `{PLOTS_DIR}/`), raw figures 
 
 ## How to load
 
-{how_to_load(task, fmt, name)}
-
+{_export_how_to(export, name) if export else how_to_load(task, fmt, name)}
+{_export_checks(export) if export else ""}
 ## Reproduce
 
 Install compress from its source repository (`pip install -c requirements.lock -e .` in a clone; the
@@ -173,9 +205,19 @@ compress run recipe.yaml
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content
 
 
+def _export_checks(folder: Path) -> str:
+    """The export's runtime check, in the card: the figures its export stage measured and enforced."""
+    facts = json.loads((folder / EXPORT_FACTS).read_text())
+    lines = [f"| {k} | {v} |" for k, v in facts.items()
+             if k != "folder" and isinstance(v, (int, float, str, bool)) and v is not None]
+    return ("\n## Checked in its runtime\n\nMeasured by compress on held-out rows when the export was written "
+            "(its `" + EXPORT_FACTS + "`):\n\n| figure | value |\n|---|---|\n" + "\n".join(lines) + "\n")
+
+
 def build_publish_folder(run_dir: str | Path, output: str | Path, spec: PublishSpec,
-                         repo_id: str | None = None) -> Path:
-    """Write exactly what would be uploaded into `output` (atomically) and return it."""
+                         repo_id: str | None = None, export: str | None = None) -> Path:
+    """Write exactly what would be uploaded into `output` (atomically) and return it: the run's final
+    model, or with `export` that export of it (`exports/<export>/`, for its runtime)."""
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").exists() or not (run_dir / "report.json").exists():
         raise PublishError(f"{run_dir}: not a finished compress run (no run.json/report.json)")
@@ -184,14 +226,17 @@ def build_publish_folder(run_dir: str | Path, output: str | Path, spec: PublishS
         raise PublishError(f"{run_dir}: the run's status is {report.status!r}; only complete runs are published")
     model_dir = final_stage_dir(run_dir)
     bundle_meta = json.loads((model_dir / "compress_bundle.json").read_text())
+    exported = export_folder(run_dir, export) if export else None
     # The folder is replaced as a whole: only a new one, or one an earlier push wrote (the run's
     # own publish/ included), may be.
-    output = check_output(output, "publish", inputs=[run_dir], allowed_inside=run_dir / "publish")
+    output = check_output(output, "publish", inputs=[run_dir], allowed_inside=run_dir / publish_dir_name(export))
     with atomic_dir(output) as tmp:
-        for item in model_dir.iterdir():
+        if exported is not None:
+            _copy_export(exported, tmp)
+        for item in model_dir.iterdir() if exported is None else []:
             if item.is_file() and item.name not in SKIP_FILES:
                 shutil.copy2(item, tmp / item.name)
-        if bundle_meta.get("format") == "peft-adapter":  # the fine-tune itself: without it, only the base
+        if exported is None and bundle_meta.get("format") == "peft-adapter":  # the fine-tune itself: without it, only the base
             shutil.copytree(model_dir / ADAPTER_DIR, tmp / ADAPTER_DIR)
         for name in ("report.json", "report.md", "report.html"):
             if (run_dir / name).exists():
@@ -200,10 +245,24 @@ def build_publish_folder(run_dir: str | Path, output: str | Path, spec: PublishS
             shutil.copytree(run_dir / PLOTS_DIR, tmp / PLOTS_DIR)
         recipe = {k: v for k, v in report.recipe.items() if k != "output_dir"}
         (tmp / "recipe.yaml").write_text("# compress run recipe.yaml\n" + yaml.safe_dump(recipe, sort_keys=False))
-        (tmp / "README.md").write_text(build_model_card(report, spec, bundle_meta["task"], repo_id,
-                                                        bundle_meta.get("format", "hf")))
+        fmt = (json.loads((exported / EXPORT_FACTS).read_text()).get("format", export) if exported
+               else bundle_meta.get("format", "hf"))
+        (tmp / "README.md").write_text(build_model_card(report, spec, bundle_meta["task"], repo_id, fmt,
+                                                        export=exported))
         write_marker(tmp, "publish", entries=[p.name for p in tmp.iterdir()])
     return output
+
+
+def _copy_export(folder: Path, tmp: Path) -> None:
+    """The export's files as written, less the local folder path its facts record."""
+    for item in folder.rglob("*"):
+        if item.is_file() and item.name != MARKER:
+            target = tmp / item.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(item, target)
+    facts = json.loads((folder / EXPORT_FACTS).read_text())
+    facts.pop("folder", None)
+    (tmp / EXPORT_FACTS).write_text(json.dumps(facts, indent=1))
 
 
 def _assert_no_secret(folder: Path, token: str | None) -> None:
@@ -216,14 +275,15 @@ def _assert_no_secret(folder: Path, token: str | None) -> None:
 
 
 def push(run_dir: str | Path, repo_id: str, *, private: bool = True, spec: PublishSpec | None = None,
-         dry_run: bool = False, output: str | Path | None = None, endpoint: str | None = None) -> dict[str, Any]:
+         dry_run: bool = False, output: str | Path | None = None, endpoint: str | None = None,
+         export: str | None = None) -> dict[str, Any]:
     """Build the publish folder, then (unless dry_run) create the repo and upload it in one commit."""
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
     run_dir = Path(run_dir)
     spec = spec or PublishSpec()
-    folder = Path(output) if output else run_dir / "publish"
-    build_publish_folder(run_dir, folder, spec, repo_id)
+    folder = Path(output) if output else run_dir / publish_dir_name(export)
+    build_publish_folder(run_dir, folder, spec, repo_id, export)
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
     if dry_run:
         return {"dry_run": True, "folder": str(folder), "files": files, "repo_id": repo_id, "private": private}

@@ -99,12 +99,36 @@ class MethodFamily:
         method = self._methods.get(self.name_in(node) or "")
         return method.config_cls if method else self.base
 
+    def foreign_fields(self, config_cls: type[StageConfig], data: dict[str, Any]) -> list[str]:
+        """For each key of `data` that `config_cls` does not take but another method does: a problem
+        naming whose field it is (for a config's before-validator; plain "unknown key" gives no fix)."""
+        name = self.name_in(data)
+        problems = []
+        for key in data:
+            if key in accepted_keys(config_cls):
+                continue
+            owners = [m.name for m in self.methods() if key in accepted_keys(m.config_cls)]
+            if owners:
+                problems.append(f"{key}: applies to {self.key} {' / '.join(owners)} only (this stage's "
+                                f"{self.key} is {name}); remove it")
+        return problems
+
     def union(self) -> Any:
         """The annotation the recipe validates this stage with: one member per method."""
         if not self._methods:
             return self.base
         members = tuple(Annotated[m.config_cls, Tag(m.name)] for m in self._methods.values())
         return Annotated[Union[members], Discriminator(self.name_in)]  # noqa: UP007
+
+
+def accepted_keys(config_cls: type[StageConfig]) -> set[str]:
+    """The keys a config takes: its field names and their validation aliases."""
+    keys = set(config_cls.model_fields)
+    for field in config_cls.model_fields.values():
+        alias = field.validation_alias
+        choices = getattr(alias, "choices", None)
+        keys.update(c for c in (choices or [alias]) if isinstance(c, str))
+    return keys
 
 
 def family_of(config_cls: type[StageConfig]) -> MethodFamily | None:

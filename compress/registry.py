@@ -130,9 +130,17 @@ def base_load_plan(stages: list[StageConfig]) -> dict[str, Any] | None:
     return entry.load_plan(stages[0]) if entry.load_plan else None
 
 
+def _with_builtin_stages() -> dict[str, StageEntry]:
+    # The built-in stages register when compress.stages is imported; `compress` itself imports
+    # lazily, so whoever asks the registry first (e.g. `compress stages`) must not find it empty.
+    import compress.stages  # noqa: F401
+
+    return _STAGES
+
+
 def get_stage(stage_type: str) -> StageEntry:
-    return _STAGES[stage_type]
+    return _with_builtin_stages()[stage_type]
 
 
 def stage_entries() -> list[StageEntry]:
-    return list(_STAGES.values())
+    return list(_with_builtin_stages().values())

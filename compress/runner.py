@@ -193,7 +193,8 @@ class Runner:
         try:
             self._run_all(task, data, device, bundle)
             # Rank 0 times every eval point's model side by side, before the goals read the figures.
-            ranks.on_main(lambda: measure_side_by_side(self.report, recipe, self.out, task, data, device))
+            ranks.on_main(lambda: measure_side_by_side(self.report, recipe, self.out, task, data, device,
+                                                       self.stop))
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
             wrapped = self._explain(exc)

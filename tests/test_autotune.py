@@ -82,3 +82,14 @@ def test_a_python_recipe_takes_overrides_that_switch_the_scheme():
     switched = load_recipe(recipe, ["stages[0].scheme=int8-weight"])
     assert switched.stages[0].scheme == "int8-weight"
     assert load_recipe(switched.to_dict(explicit_only=True)).stages[0].type == "quantize"
+
+
+def test_winner_ties_break_on_the_side_by_side_speedup_not_the_alone_timing():
+    from compress.autotune import pick_winner
+
+    rows = [{"candidate": "c0", "feasible": True, "disk_bytes": 100, "latency_bn_ms": 5.0, "speedup_bn": 1.1},
+            {"candidate": "c1", "feasible": True, "disk_bytes": 100, "latency_bn_ms": 9.0, "speedup_bn": 1.9},
+            {"candidate": "c2", "feasible": False, "disk_bytes": 50, "speedup_bn": 3.0},
+            {"candidate": "c3", "feasible": True, "disk_bytes": 120, "speedup_bn": 4.0}]
+    assert pick_winner(rows)["candidate"] == "c1"  # c0 looked faster alone; paired rounds say c1
+    assert pick_winner([r for r in rows if not r["feasible"]]) is None

@@ -68,3 +68,15 @@ def test_python_tag_recipe_exits_2(tmp_path, capsys):
     assert main(["run", str(path)]) == 2
     assert "refused" in capsys.readouterr().err
     assert not (tmp_path / "pwned").exists()
+
+
+def test_stages_lists_every_stage_and_method_in_a_fresh_process():
+    """`compress` imports lazily: the first thing a fresh process asks the registry must still see
+    the built-in stages (an empty listing went unnoticed while every in-process test had them loaded)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "compress.cli", "stages"], capture_output=True, text=True,
+                         check=True).stdout
+    for line in ("prune: ", "quantize: ", "finetune: ", "structure: n:m -- ", "allocation: "):
+        assert line in out, line

@@ -144,7 +144,7 @@ def test_push_refuses_a_folder_containing_the_token(finished_run, tmp_path, monk
     from compress import hub as hub_module
 
     real = hub_module.build_model_card
-    monkeypatch.setattr(hub_module, "build_model_card", lambda *a: real(*a) + f"\n{TOKEN}\n")
+    monkeypatch.setattr(hub_module, "build_model_card", lambda *a, **k: real(*a, **k) + f"\n{TOKEN}\n")
     with FakeHub() as hub, pytest.raises(PublishError, match="contains your Hub token"):
         hub_module.push(finished_run, "acme/x", output=tmp_path / "pub", endpoint=hub.url)
     assert hub.commits == [] and hub.repos == {}
@@ -191,3 +191,38 @@ def test_published_folder_loads_as_its_card_says(stages, fmt, tiny_bert_dir, sen
         model = ModelBundle.load(folder).model
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-6)
+
+
+def test_push_an_export_publishes_what_its_runtime_loads(tiny_bert_dir, sentiment_csv, tmp_path, capsys):
+    """`compress push --export NAME`: the export's files, its runtime check in the card, no local paths."""
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForSequenceClassification
+
+    from compress import testing
+
+    out = tmp_path / "run"
+    recipe = testing.tiny_recipe(tiny_bert_dir, sentiment_csv, "sequence-classification", out,
+                                 stages=[{"type": "quantize", "scheme": "int8-dynamic"}])
+    run(recipe)
+    assert main(["push", str(out), "--repo-id", "acme/x", "--export", "onnx", "--dry-run"]) == 2
+    assert "--export onnx: " in capsys.readouterr().err
+    assert main(["export", str(out), "--format", "compressed-tensors", "--eval-samples", "16"]) == 0
+    assert main(["push", str(out), "--repo-id", "acme/x", "--export", "compressed-tensors", "--dry-run"]) == 0
+    folder = out / "publish-compressed-tensors"
+    facts = json.loads((folder / "export.json").read_text())
+    assert facts["format"] == "compressed-tensors" and "folder" not in facts  # no local path leaves
+    assert str(tmp_path) not in (folder / "README.md").read_text()
+    card = ModelCard.load(folder / "README.md")
+    assert "compressed-tensors" in card.data.tags and card.data.library_name == "transformers"
+    assert "## Checked in its runtime" in card.text and "hf download acme/x --local-dir x" in card.text
+    import torch
+
+    # Plain transformers loads it, as the card says, into the very model the export checked.
+    published = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    exported = AutoModelForSequenceClassification.from_pretrained(out / "exports" / "compressed-tensors").eval()
+    ids = torch.tensor([[1, 5, 7, 2]])  # the tiny vocabulary
+    with torch.no_grad():
+        assert torch.equal(published(input_ids=ids).logits, exported(input_ids=ids).logits)
+    # Unknown exports are named with the ones the run has.
+    assert main(["push", str(out), "--repo-id", "acme/x", "--export", "gguf", "--dry-run"]) == 2
+    assert "(exports: compressed-tensors)" in capsys.readouterr().err

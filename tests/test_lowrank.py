@@ -51,7 +51,7 @@ def test_energy_threshold_picks_smallest_rank():
 
 def test_lowrank_stage_saves_and_reloads_identically(tiny_llama_dir, tmp_path):
     bundle = ModelBundle.load(tiny_llama_dir)
-    out = run_lowrank(bundle, LowRank(rank=8, targets=[r"mlp\."]), _ctx(tmp_path))
+    out = run_lowrank(bundle, LowRank(rank=8, targets=[r"mlp\..*"]), _ctx(tmp_path))
     mlp = out.bundle.model.model.layers[0].mlp
     assert isinstance(mlp.up_proj, LowRankLinear) and mlp.up_proj.first.weight.shape == (8, 64)
     assert not isinstance(out.bundle.model.model.layers[0].self_attn.q_proj, LowRankLinear)
@@ -88,7 +88,7 @@ def test_rank_larger_than_layer_fails_before_work(lm_recipe):
         run(lm_recipe, show_progress=False)
     assert str(err.value) == (
         "stages[0].rank: 40 is larger than min(in, out) = 32 of model.layers.0.self_attn.k_proj and 3 other "
-        "layer(s); use rank <= 32, an energy threshold, or exclude those layers")
+        "layer(s); use rank <= 32, an energy threshold, or ignore those layers")
 
 
 def test_rank_or_energy_exactly_one(lm_recipe):

@@ -72,6 +72,59 @@ def test_generation_timing_counts_prefill_apart(tiny_llama_dir):
     assert len(res["ttft_s"]) == 2 and all(t > 0 for t in res["ttft_s"]) and all(r > 0 for r in res["decode_tps"])
 
 
+def test_a_stop_request_ends_interleaved_timing_at_the_next_round():
+    import threading
+
+    stop, order = threading.Event(), []
+
+    def call_b():
+        order.append("B")
+        stop.set()  # Ctrl-C arrives during the first round
+
+    with pytest.raises(timing.MeasurementStopped):
+        timing.time_interleaved([lambda: order.append("A"), call_b], warmup=0, rounds=5, stop=stop)
+    assert "".join(order) == "AB"  # the round in progress finished; no further round started
+
+
+def test_a_stop_request_ends_the_isolated_worker(tmp_path):
+    import threading
+    import time
+
+    from compress.evaluate.isolated import run_isolated
+
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    started = time.monotonic()
+    job = {"path": str(tmp_path / "missing"), "device": "cpu", "threads": 1, "memory": None, "timing": None}
+    with pytest.raises(timing.MeasurementStopped):
+        run_isolated([job] * 50, stop=stop)
+    assert time.monotonic() - started < 30  # ended here, not after the worker's 50 jobs
+
+
+def test_ctrl_c_during_the_side_by_side_pass_completes_the_run_without_its_figures(lm_recipe, monkeypatch):
+    import threading
+
+    from compress.evaluate import side_by_side
+    from compress.runner import Runner
+
+    lm_recipe["stages"] = [QUANT]
+    lm_recipe["eval"]["side_by_side"] = True
+    stop = threading.Event()
+    real = side_by_side.time_interleaved
+
+    def first_ctrl_c(*args, **kwargs):
+        stop.set()  # the handler's first Ctrl-C: set while the pass is timing
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(side_by_side, "time_interleaved", first_ctrl_c)
+    report = Runner(load_recipe(lm_recipe), show_progress=False, stop=stop).run()
+    assert report.status == "complete" and report.side_by_side is None
+    assert all(p.timing is None for p in report.points) and report.final.speed is not None
+    assert side_by_side.STOPPED_NOTE in report.final.notes
+    saved = Report.model_validate_json((Path(lm_recipe["output_dir"]) / "report.json").read_text())
+    assert saved.status == "complete" and side_by_side.STOPPED_NOTE in saved.final.notes
+
+
 def test_side_by_side_pass_in_a_run(lm_recipe):
     lm_recipe["stages"] = [QUANT]
     lm_recipe["eval"]["side_by_side"] = True  # tiny recipes leave it off to keep the suite fast

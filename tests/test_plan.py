@@ -189,6 +189,20 @@ def test_chain_tracks_masks_quantization_and_gptq_hessians(lm_recipe):
     assert lora.parts["weights"] < prune.parts["weights"]  # 4-bit linears after gptq
 
 
+@pytest.mark.parametrize(("stage", "part"), [
+    ({"type": "prune", "structure": "ffn", "sparsity": 0.25, "importance": "taylor"}, "gradients"),
+    ({"type": "prune", "structure": "layers", "count": 1}, "calibration forward"),
+    ({"type": "prune", "structure": "n:m", "method": "wanda", "targets": [r"mlp\..*"]}, "masks"),
+])
+def test_every_prune_structure_plans_with_its_own_fields(lm_recipe, stage, part):
+    lm_recipe["stages"] = [stage]
+    plan = plan_recipe(load_recipe(lm_recipe), device="cpu", check_devices=False)
+    assert plan.stages[1].parts[part] > 0
+    if part == "masks":  # only the targeted MLP layers are masked
+        mlp = sum(i * o for n, (i, o) in model_shape_of(lm_recipe).linears.items() if ".mlp." in n)
+        assert plan.stages[1].parts["masks"] == mlp
+
+
 def model_shape_of(recipe_dict):
     from compress.loading import load_config
 

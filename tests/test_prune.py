@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -67,7 +69,7 @@ def test_two_four_output_is_exact_and_masks_are_kept(tiny_llama_dir, tmp_path, l
 
 def test_per_layer_sparsity_and_targets(tiny_bert_dir, tmp_path):
     bundle = ModelBundle.load(tiny_bert_dir)
-    config = Prune(sparsity=0.5, targets=[r"encoder\.layer\.\d+\."], layer_sparsity={r"layer\.1\.": 0.25})
+    config = Prune(sparsity=0.5, targets=[r"encoder\.layer\.\d+\..*"], layer_sparsity={r"layer\.1\..*": 0.25})
     out = run_prune(bundle, config, _ctx(tmp_path))
     per_layer = out.facts["per_layer_sparsity"]
     assert per_layer["bert.encoder.layer.0.intermediate.dense"] == 0.5
@@ -130,8 +132,28 @@ def test_targets_matching_nothing_name_the_layers_including_conv1d(tmp_path):
         bundle = ModelBundle.load(make_tiny_model(arch, tmp_path / arch))
         assert check_prune(bundle, Prune(sparsity=0.5), _ctx(tmp_path)) == []
         problems = check_prune(bundle, Prune(sparsity=0.5, targets=["nothing"]), _ctx(tmp_path))
-        assert len(problems) == 1 and "no linear layer matches targets ['nothing']" in problems[0], problems
+        assert len(problems) == 1 and problems[0].startswith("targets: 'nothing' matches no layer"), problems
         assert expected in problems[0], problems
+        # A pattern that matches a head only: the head is left out by default, so nothing is left.
+        problems = check_prune(bundle, Prune(sparsity=0.5, ignore=[".*"]), _ctx(tmp_path))
+        assert len(problems) == 1 and "no linear layer is left after leaving out ['.*']" in problems[0]
+
+
+def test_one_selector_anchors_patterns_to_whole_name_parts(tiny_llama_dir):
+    from compress.layers import matches
+    from compress.pruning.targets import select_linears
+
+    assert matches("model.layers.1.self_attn.q_proj", "q_proj")
+    assert not matches("model.layers.10.self_attn.q_proj", r"layers\.1\..*")  # an unanchored search hits it
+    assert matches("model.layers.1.self_attn.q_proj", r"layers\.1\..*")
+    assert not matches("model.layers.1.self_attn.q_proj", "proj")
+    model = ModelBundle.load(tiny_llama_dir).model
+    assert "lm_head" not in select_linears(model, None, None)  # heads are left alone by default
+    assert "lm_head" in select_linears(model, ["lm_head"], None)  # unless targets names them
+    picked = select_linears(model, [r"mlp\..*"], ["down_proj"])
+    assert sorted(n.split(".", 3)[-1] for n in picked) == ["mlp.gate_proj"] * 2 + ["mlp.up_proj"] * 2
+    # `exclude` is still accepted, as the old name of `ignore`.
+    assert Prune(sparsity=0.5, exclude=["q_proj"]).ignore == ["q_proj"]
 
 
 def test_conv1d_masks_are_kept_in_the_parameters_layout(tmp_path, lm_data):
@@ -144,3 +166,70 @@ def test_conv1d_masks_are_kept_in_the_parameters_layout(tmp_path, lm_data):
     layer = out.bundle.model.transformer.h[0].mlp.c_proj  # Conv1D(128 -> 64): weight (128, 64)
     assert out.bundle.masks["transformer.h.0.mlp.c_proj.weight"].shape == layer.weight.shape == (128, 64)
     assert check_nm(oriented(layer), 2, 4) and not check_nm(layer.weight, 2, 4)
+
+
+# ------------------------------------------------------------------------------ OWL
+
+
+def test_owl_allocation_falls_with_outliers_and_keeps_the_mean():
+    from compress.pruning.owl import block_of, block_sparsities
+
+    assert block_of("model.layers.12.mlp.up_proj") == "model.layers.12" and block_of("lm_head") is None
+    ratios = {"b.0": 0.01, "b.1": 0.03, "b.2": 0.02, "b.3": 0.01}
+    sparsity = block_sparsities(ratios, 0.7, 0.08)
+    assert sum(sparsity.values()) / 4 == pytest.approx(0.7, abs=1e-6)
+    assert sparsity["b.1"] == pytest.approx(0.7 - 0.08 - (0.7 - 0.7), abs=0.1)
+    assert sparsity["b.1"] < sparsity["b.2"] < sparsity["b.0"] == sparsity["b.3"]  # more outliers, less pruned
+    assert max(sparsity.values()) - min(sparsity.values()) == pytest.approx(0.16, abs=1e-6)  # 2 x spread
+    assert set(block_sparsities({"b.0": 0.02, "b.1": 0.02}, 0.5, 0.08).values()) == {0.5}
+
+
+def _owl_prune(tiny_llama_dir, tmp_path, lm_data, **fields):
+    bundle = ModelBundle.load(tiny_llama_dir)
+    with torch.no_grad():  # block 1's query projection gets 16 loud input columns: the outlier block
+        bundle.model.model.layers[1].self_attn.q_proj.weight[:, :16] *= 10
+    config = Prune(sparsity=0.5, method="wanda", allocation="owl", **fields)
+    return run_prune(bundle, config, _ctx(tmp_path, lm_data))
+
+
+def test_owl_prunes_the_outlier_block_less_and_keeps_overall_sparsity(tiny_llama_dir, tmp_path, lm_data):
+    out = _owl_prune(tiny_llama_dir, tmp_path, lm_data)
+    facts = out.facts
+    blocks = facts["block_sparsity"]
+    assert facts["block_outlier_ratio"]["model.layers.1"] > facts["block_outlier_ratio"]["model.layers.0"]
+    assert blocks == {"model.layers.0": pytest.approx(0.58), "model.layers.1": pytest.approx(0.42)}
+    per_layer = facts["per_layer_sparsity"]
+    assert per_layer["model.layers.1.mlp.down_proj"] == pytest.approx(0.42, abs=0.02)
+    assert per_layer["model.layers.0.mlp.down_proj"] == pytest.approx(0.58, abs=0.02)
+    assert facts["measured_sparsity_pruned_layers"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_owl_block_sparsities_reach_the_report(lm_recipe):
+    lm_recipe["stages"] = [{"type": "prune", "method": "wanda", "sparsity": 0.5, "allocation": "owl"}]
+    report = run(lm_recipe, show_progress=False)
+    blocks = report.final.stage_info["block_sparsity"]
+    assert sum(blocks.values()) / len(blocks) == pytest.approx(0.5, abs=1e-6)
+    md = (Path(lm_recipe["output_dir"]) / "report.md").read_text()
+    assert "sparsity per block (owl): 0: " in md
+
+
+def test_owl_allocation_that_misses_the_target_is_a_stage_error(tiny_llama_dir, tmp_path, lm_data, monkeypatch):
+    from compress.pruning import owl
+
+    monkeypatch.setattr(owl, "block_sparsities", lambda ratios, target, spread: dict.fromkeys(ratios, 0.3))
+    with pytest.raises(StageError, match=r"owl allocation pruned 0\.29\d* of the selected weights overall, "
+                                         r"not the target 0\.5"):
+        _owl_prune(tiny_llama_dir, tmp_path, lm_data)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"structure": "n:m", "allocation": "owl"},
+     "allocation: applies to structure unstructured only \\(this stage.s structure is n:m\\); remove it"),
+    ({"sparsity": 0.5, "allocation": "owl", "layer_sparsity": {"q_proj": 0.2}},
+     "allocation: owl chooses each block's sparsity itself"),
+    ({"sparsity": 0.95, "allocation": "owl"}, r"owl_spread: sparsity 0.95 ± 0.08 leaves \[0, 1\)"),
+    ({"sparsity": 0.5, "owl_spread": 0.1}, "owl_spread: only used with allocation: owl"),
+])
+def test_owl_settings_that_cannot_work_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        Prune(**fields)

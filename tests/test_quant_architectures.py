@@ -345,8 +345,8 @@ def test_lowrank_names_what_it_could_factorise(arch, names, assets, tmp_path):
 
     path, task, data = assets(arch)
     problems = check_lowrank(_bundle(path, task), LowRank(rank=8, targets=["nothing"]), _ctx(tmp_path, data))
-    expected = (f"targets: no layer is left to factorise by targets ['nothing'] minus the default exclude "
-                f"(heads, embeddings); factorisable layers here: {names}")
+    expected = (f"targets: 'nothing' matches no layer of this model (patterns match whole trailing name "
+                f"parts, e.g. 'q_proj', 'mlp\\..*' or 'layers\\.0\\..*'); factorisable layers here: {names}")
     assert problems == [expected]
 
 

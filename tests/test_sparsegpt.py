@@ -91,7 +91,8 @@ def test_sparsegpt_bad_input_is_named_before_any_work(tiny_llama_dir, tmp_path):
 
     from compress.stages.prune import check_prune
 
-    with pytest.raises(ValidationError, match="method: sparsegpt prunes single weights; for ffn set importance"):
+    with pytest.raises(ValidationError, match=r"method: applies to structure unstructured / n:m only \(this "
+                                              r"stage's structure is ffn\); remove it"):
         Prune(structure="ffn", sparsity=0.25, method="sparsegpt")
     ctx = RunContext(output_dir=tmp_path, seed=0, device="cpu", data=None, show_progress=False)
     assert check_prune(ModelBundle.load(tiny_llama_dir), Prune(method="sparsegpt", sparsity=0.5), ctx) == [

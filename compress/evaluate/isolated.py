@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from compress.errors import CompressError
+from compress.evaluate.timing import check_stop
 
 # Job keys: source ({"folder": path} or {"base": model spec dict, "task", "label_names", "seed"}),
 # device, threads, memory (workload dict or None), timing (settings dict or None).
@@ -208,18 +212,38 @@ def _serve(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return results
 
 
-def run_isolated(jobs: list[dict[str, Any]], timeout: float | None = None) -> list[dict[str, Any]]:
-    """Each job in its own fresh process, in order; returns one {"ok": ...} or {"error": ...} per job."""
+def run_isolated(jobs: list[dict[str, Any]], timeout: float | None = None,
+                 stop: threading.Event | None = None) -> list[dict[str, Any]]:
+    """Each job in its own fresh process, in order; returns one {"ok": ...} or {"error": ...} per job.
+
+    The worker runs in its own session, so a terminal's Ctrl-C reaches only this process, whose
+    handler sets `stop`; the worker is then ended here and MeasurementStopped raised (a Ctrl-C that
+    killed the worker directly used to fail the finished run as a measuring error)."""
     if not jobs:
         return []
+    check_stop(stop)
     root = str(Path(__file__).resolve().parents[2])  # this compress, whatever the installed one is
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run([sys.executable, "-m", "compress.evaluate.isolated"], input=json.dumps(jobs),
-                          capture_output=True, text=True, env=env, timeout=timeout, check=False)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+    proc = subprocess.Popen([sys.executable, "-m", "compress.evaluate.isolated"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pending: str | None = json.dumps(jobs)
+    while True:
+        try:
+            stdout, stderr = proc.communicate(pending, timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            pending = None  # the input was sent with the first call
+            if (stop is not None and stop.is_set()) or (deadline is not None and time.monotonic() > deadline):
+                os.killpg(proc.pid, signal.SIGKILL)  # the worker and the child measuring for it
+                proc.communicate()
+                check_stop(stop)
+                raise CompressError(f"the isolated measuring process took longer than {timeout} s") from None
+    lines = [line for line in stdout.splitlines() if line.startswith("[")]
     if proc.returncode != 0 or not lines:
         raise CompressError(f"the isolated measuring process failed (exit {proc.returncode}): "
-                            f"{proc.stderr.strip()[-800:]}")
+                            f"{stderr.strip()[-800:]}")
     return json.loads(lines[-1])
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from compress.errors import CompressError
 from compress.evaluate.isolated import run_isolated
 from compress.evaluate.timing import (
+    MeasurementStopped,
     forward_call,
     model_vocab,
     random_ids,
@@ -103,7 +105,7 @@ def _load(source: dict[str, Any], device: str) -> Any:
     return bundle
 
 
-def _time_in_process(sources: dict[str, dict[str, Any]], spec: EvalSpec, device: str, seed: int,
+def _time_in_process(sources: dict[str, dict[str, Any]], spec: EvalSpec, device: str, seed: int, stop: Any,
                      generate: bool) -> tuple[dict[str, dict[str, list[float]]], int]:
     """Per model, per figure: one value per round, all models timed in one process."""
     bundles = {name: _load(src, device) for name, src in sources.items()}
@@ -115,7 +117,7 @@ def _time_in_process(sources: dict[str, dict[str, Any]], spec: EvalSpec, device:
                 ids = random_ids(vocab, batch, spec.seq_len, seed).to(device)
                 calls = [forward_call(b.model, ids) for b in bundles.values()]
                 times = time_interleaved(calls, warmup=spec.warmup, rounds=spec.rounds, repeats=spec.repeats,
-                                         device=device)
+                                         device=device, stop=stop)
                 for name, t in zip(bundles, times, strict=True):
                     rounds[name][figure] = t
             if generate:
@@ -123,7 +125,7 @@ def _time_in_process(sources: dict[str, dict[str, Any]], spec: EvalSpec, device:
                 for key, batch in (("b1", 1), ("bn", spec.generate_batch_size)):
                     ids = random_ids(vocab, batch, spec.prompt_tokens, seed).to(device)
                     gen = time_generation([b.model for b in bundles.values()], ids, spec.new_tokens, pads,
-                                          warmup=1, rounds=spec.rounds, device=device)
+                                          warmup=1, rounds=spec.rounds, device=device, stop=stop)
                     for name, res in zip(bundles, gen, strict=True):
                         rounds[name][f"decode_{key}"] = res["decode_tps"]
                         if batch == 1:
@@ -134,7 +136,7 @@ def _time_in_process(sources: dict[str, dict[str, Any]], spec: EvalSpec, device:
     return rounds, threads
 
 
-def _time_in_processes(sources: dict[str, dict[str, Any]], spec: EvalSpec, device: str,
+def _time_in_processes(sources: dict[str, dict[str, Any]], spec: EvalSpec, device: str, stop: Any,
                        generate: bool) -> tuple[dict[str, dict[str, list[float]]], int]:
     """Alternating fresh processes (A B C A B C ...), one model each: one value per process."""
     timing = {"batch": spec.batch_size, "seq_len": spec.seq_len, "warmup": spec.warmup, "repeats": spec.repeats,
@@ -143,7 +145,7 @@ def _time_in_processes(sources: dict[str, dict[str, Any]], spec: EvalSpec, devic
     names = list(sources)
     jobs = [{"source": sources[n], "device": device, "threads": spec.threads, "timing": timing}
             for _ in range(spec.rounds) for n in names]
-    results = run_isolated(jobs)
+    results = run_isolated(jobs, stop=stop)
     rounds: dict[str, dict[str, list[float]]] = {n: {} for n in names}
     threads = 0
     keys = {"latency_b1_s": "latency_b1", "latency_bn_s": "latency_bn", "ttft_s": "ttft",
@@ -159,7 +161,7 @@ def _time_in_processes(sources: dict[str, dict[str, Any]], spec: EvalSpec, devic
     return rounds, threads
 
 
-def _memory(sources: dict[str, dict[str, Any]], spec: EvalSpec, device: str,
+def _memory(sources: dict[str, dict[str, Any]], spec: EvalSpec, device: str, stop: Any,
             generate: bool) -> dict[str, MemoryMetrics]:
     workload = ({"kind": "generate", "batch": spec.generate_batch_size, "prompt": spec.prompt_tokens,
                  "new": spec.new_tokens} if generate
@@ -167,17 +169,38 @@ def _memory(sources: dict[str, dict[str, Any]], spec: EvalSpec, device: str,
     jobs = [{"source": src, "device": device, "threads": spec.threads, "memory": workload}
             for src in sources.values()]
     out = {}
-    for name, res in zip(sources, run_isolated(jobs), strict=True):
+    for name, res in zip(sources, run_isolated(jobs, stop=stop), strict=True):
         if "error" in res:
             raise CompressError(f"memory measurement of {name} failed: {res['error']}")
         out[name] = MemoryMetrics(**res["ok"]["memory"])
     return out
 
 
-def measure_side_by_side(report: Report, recipe: Recipe, out: Path, task: str, data: Any, device: str) -> None:
+STOPPED_NOTE = ("The side-by-side timing pass was stopped on request (Ctrl-C or SIGTERM) before it ended: "
+                "this report has no side-by-side figures, only the timings taken at each eval point.")
+
+
+def measure_side_by_side(report: Report, recipe: Recipe, out: Path, task: str, data: Any, device: str,
+                         stop: threading.Event | None = None) -> None:
     """Time every eval point's model side by side and measure each one's memory alone; store both in
     `report` (point.timing, point.memory, report.side_by_side). Does nothing when eval.side_by_side
-    or eval.speed is off, or no eval point has a model to load."""
+    or eval.speed is off, or no eval point has a model to load.
+
+    A set `stop` (the first Ctrl-C) ends the pass at the next round: the stages are all done, so the
+    run still completes, without side-by-side figures and with a note on the final point saying why."""
+    try:
+        _measure(report, recipe, out, task, data, device, stop)
+    except MeasurementStopped:
+        for point in report.points:
+            point.timing = point.memory = None
+        report.side_by_side = None
+        if report.final is not None:
+            report.final.notes = [*report.final.notes, STOPPED_NOTE]
+        log.warning("side-by-side timing stopped on request; the report keeps the per-point timings")
+
+
+def _measure(report: Report, recipe: Recipe, out: Path, task: str, data: Any, device: str,
+             stop: threading.Event | None) -> None:
     spec = recipe.eval
     if not spec.side_by_side or not spec.speed:  # eval.speed covers timing and memory alike
         return
@@ -197,9 +220,9 @@ def measure_side_by_side(report: Report, recipe: Recipe, out: Path, task: str, d
     setup.mode = mode
     log.info("timing %d model(s) side by side (%s, %d rounds)", len(sources), mode, spec.rounds)
     if mode == "interleaved":
-        rounds, setup.threads = _time_in_process(sources, spec, device, recipe.seed, generate)
+        rounds, setup.threads = _time_in_process(sources, spec, device, recipe.seed, stop, generate)
     else:
-        rounds, setup.threads = _time_in_processes(sources, spec, device, generate)
+        rounds, setup.threads = _time_in_processes(sources, spec, device, stop, generate)
         setup.notes.append("Models timed in alternating fresh processes (A B C A B C ...), one model per "
                            "process: they would not fit in memory together. Each round's value is one "
                            f"process's median of {spec.repeats} calls after {spec.warmup} warm-up calls.")
@@ -220,7 +243,7 @@ def measure_side_by_side(report: Report, recipe: Recipe, out: Path, task: str, d
         point.timing = timing
     if spec.memory:
         log.info("measuring memory of %d model(s), each alone in a fresh process", len(sources))
-        for name, metrics in _memory(sources, spec, device, generate).items():
+        for name, metrics in _memory(sources, spec, device, stop, generate).items():
             point = report.point(name)
             if point is not None:
                 point.memory = metrics

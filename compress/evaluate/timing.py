@@ -8,12 +8,15 @@ Timing a single model is the one-model case of the same loop.
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+
+from compress.errors import CompressError
 
 Call = Callable[[], Any]
 
@@ -100,17 +103,29 @@ def _timed(call: Call, device: str) -> float:
     return time.perf_counter() - start
 
 
+class MeasurementStopped(CompressError):
+    """The user asked to stop (Ctrl-C, SIGTERM) while models were being timed or measured."""
+
+
+def check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise MeasurementStopped("stopped on request while timing")
+
+
 def time_interleaved(calls: Sequence[Call], *, warmup: int, rounds: int, repeats: int = 1,
-                     device: str = "cpu") -> list[list[float]]:
+                     device: str = "cpu", stop: threading.Event | None = None) -> list[list[float]]:
     """Seconds per call for each callable: `rounds` values each, one per round.
 
     Every round runs each callable `repeats` times in turn (A B C A B C ...) and keeps the median of
-    its repeats. Warm-up calls (untimed) are interleaved the same way first."""
+    its repeats. Warm-up calls (untimed) are interleaved the same way first. A set `stop` ends the
+    timing at the next round with MeasurementStopped."""
+    check_stop(stop)
     for _ in range(warmup):
         for call in calls:
             call()
     out: list[list[float]] = [[] for _ in calls]
     for _ in range(rounds):
+        check_stop(stop)
         for j, call in enumerate(calls):
             out[j].append(statistics.median(_timed(call, device) for _ in range(repeats)))
     return out
@@ -132,7 +147,8 @@ def significant(ratios: Sequence[float]) -> bool:
 
 
 def time_generation(models: Sequence[Any], ids: torch.Tensor, new_tokens: int, pad_ids: Sequence[int | None], *,
-                    warmup: int, rounds: int, device: str = "cpu") -> list[dict[str, list[float]]]:
+                    warmup: int, rounds: int, device: str = "cpu",
+                    stop: threading.Event | None = None) -> list[dict[str, list[float]]]:
     """Time to first token (s) and decode tokens/s for each model, per round, interleaved.
 
     Each round runs one greedy generation of 1 + new_tokens tokens per model in turn. Within that one
@@ -146,6 +162,7 @@ def time_generation(models: Sequence[Any], ids: torch.Tensor, new_tokens: int, p
             call()
     out: list[dict[str, list[float]]] = [{"ttft_s": [], "decode_tps": []} for _ in models]
     for _ in range(rounds):
+        check_stop(stop)
         for k, call in enumerate(calls):
             clocks[k].times.clear()
             _sync(device)

@@ -56,24 +56,14 @@ class Shape:
         # a module inside another chosen one is already counted with it
         return sum(self.module_params[n] for n in chosen if not any(n.startswith(o + ".") for o in chosen))
 
-    def selected(self, include: list[str] | None, exclude: list[str] | None,
-                 style: str = "search") -> dict[str, tuple[int, int]]:
-        """The linears a prune / low-rank (`search`: regexes searched in the name, heads and embeddings
-        excluded by default) or quantize stage (`suffix`: regexes on trailing dotted parts) picks."""
-        import re
+    def selected(self, targets: list[str] | None, ignore: list[str] | None) -> dict[str, tuple[int, int]]:
+        """The linears a prune / low-rank / quantize stage picks (compress.layers' one rule; the head is
+        not among `linears`, embedding-side layers are left out unless `targets` names them)."""
+        from compress.layers import is_default_ignored, matches_any
 
-        if style == "suffix":
-            def hit(name: str, p: str) -> bool:
-                return re.search(rf"(?:^|\.)(?:{p})$", name) is not None
-            exc = exclude or []
-        else:
-            from compress.pruning.targets import DEFAULT_EXCLUDE
-
-            def hit(name: str, p: str) -> bool:
-                return re.search(p, name) is not None
-            exc = DEFAULT_EXCLUDE if exclude is None else exclude
         return {n: s for n, s in self.linears.items()
-                if (include is None or any(hit(n, p) for p in include)) and not any(hit(n, p) for p in exc)}
+                if (matches_any(n, targets) if targets is not None else not is_default_ignored(n, set()))
+                and not matches_any(n, ignore)}
 
     def matching(self, targets: list[str] | None) -> dict[str, tuple[int, int]]:
         """The linears `targets` names (peft's rule: a full name or a dotted suffix); None: all of them."""

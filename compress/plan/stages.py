@@ -158,8 +158,8 @@ def plan_prune(label: str, stage: Any, weights: Weights, shape: Shape, setting: 
     act = weights.float_bytes
     n = stage.calibration_samples or setting.calibration_samples
     masked = 0
-    chosen = shape.selected(stage.targets, stage.exclude) or shape.linears
     if stage.structure in ("unstructured", "n:m"):
+        chosen = shape.selected(stage.targets, stage.ignore) or shape.linears
         masked = sum(i * o for i, o in chosen.values())  # a bool mask per weight of every pruned layer
         plan.parts["masks"] = masked
         if stage.method == "sparsegpt":
@@ -179,7 +179,7 @@ def plan_prune(label: str, stage: Any, weights: Weights, shape: Shape, setting: 
         i, o = max(chosen.values(), key=lambda s: s[0] * s[1])
         plan.parts.setdefault("layer workspace", 2 * i * o * 4)  # the fp32 score and its sort of one layer
     else:
-        importance = stage.importance or ("activation" if stage.structure == "layers" else "weight")
+        importance = stage.ranking()
         if importance == "taylor":
             plan.parts["gradients"] = shape.total * weights.float_bytes
             plan.parts["calibration forward"] = training_activations(
@@ -197,7 +197,7 @@ def plan_quantize(label: str, stage: Any, weights: Weights, shape: Shape,
     plan = StagePlan(label)
     group = stage.group_size if stage.group_size is not None else (
         0 if stage.scheme == "int8-weight" else 128)
-    layers = shape.selected(stage.include, stage.exclude, style="suffix")
+    layers = shape.selected(stage.include, stage.exclude)
     if not layers:
         plan.parts["weights"] = weights.total()
         plan.notes.append("include / exclude leave no linear layer to quantize")
@@ -230,7 +230,7 @@ def plan_lowrank(label: str, stage: Any, weights: Weights, shape: Shape) -> tupl
     """Low-rank: the model plus the SVD of the largest layer in fp32 (W, U, S, Vh)."""
     plan = StagePlan(label)
     plan.parts["weights"] = weights.total()
-    chosen = shape.selected(stage.targets, stage.exclude) or shape.linears
+    chosen = shape.selected(stage.targets, stage.ignore) or shape.linears
     i, o = max(chosen.values(), key=lambda s: s[0] * s[1])
     k = min(i, o)
     plan.parts["svd workspace"] = (i * o + o * k + k * i + k) * 4

@@ -1,15 +1,12 @@
-"""Which linear layers a prune or low-rank stage touches, chosen by regular expressions on names."""
+"""Which linear layers a prune or low-rank stage touches (names chosen by compress.layers' one rule)."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 
-# Output heads and embeddings are tiny next to the blocks but decide every prediction; pruning or
-# factorising them costs far more accuracy than it saves, so they are left alone unless asked for.
-DEFAULT_EXCLUDE = [r"(^|\.)lm_head$", r"(^|\.)classifier(\.|$)", r"(^|\.)score$", r"embed"]
+from compress.layers import is_default_ignored, matches_any, output_heads
 
 
 def is_conv1d(module: Any) -> bool:
@@ -26,21 +23,24 @@ def _float_linear(module: Any) -> bool:
             and module.weight.is_floating_point())
 
 
-def select_linears(model: Any, include: list[str] | None, exclude: list[str] | None,
+def select_linears(model: Any, targets: list[str] | None, ignore: list[str] | None,
                    conv1d: bool = False) -> dict[str, torch.nn.Module]:
-    """`{module name: layer}` whose name matches an `include` pattern (all if None) and no `exclude`.
+    """`{module name: layer}` matched by a `targets` pattern (all if None) and by no `ignore` pattern
+    (the one selector's rule: compress.layers).
 
-    Float linear layers, and with `conv1d` also Conv1D layers (for callers that handle their
-    transposed weight)."""
-    inc = [re.compile(p) for p in include] if include else None
-    exc = [re.compile(p) for p in (DEFAULT_EXCLUDE if exclude is None else exclude)]
+    Output heads and embedding-side layers are tiny next to the blocks but decide every prediction,
+    so they are skipped unless `targets` names them. Float linear layers, and with `conv1d` also
+    Conv1D layers (for callers that handle their transposed weight)."""
+    heads = output_heads(model)
     out = {}
     for name, module in model.named_modules():
         if not (_float_linear(module) or (conv1d and is_conv1d(module))):
             continue
-        if inc is not None and not any(p.search(name) for p in inc):
+        if targets is not None and not matches_any(name, targets):
             continue
-        if any(p.search(name) for p in exc):
+        if targets is None and is_default_ignored(name, heads):
+            continue
+        if matches_any(name, ignore):
             continue
         out[name] = module
     return out
@@ -53,22 +53,3 @@ def oriented(module: Any) -> torch.Tensor:
 
 def in_features(module: Any) -> int:
     return oriented(module).shape[1]
-
-
-def bad_patterns(patterns: list[str] | None) -> list[str]:
-    """Patterns that are not valid regular expressions, with the reason."""
-    problems = []
-    for p in patterns or []:
-        try:
-            re.compile(p)
-        except re.error as exc:
-            problems.append(f"{p!r} ({exc})")
-    return problems
-
-
-def pattern_value(name: str, overrides: dict[str, float] | None, default: float) -> float:
-    """The first override whose pattern matches `name`, else `default` (per-layer sparsity)."""
-    for pattern, value in (overrides or {}).items():
-        if re.search(pattern, name):
-            return value
-    return default

@@ -1,25 +1,21 @@
 """Which layers a quantize stage touches: name patterns, module types, the output head, embeddings.
 
-A pattern matches a module name when it matches, as a regular expression, a whole trailing run of
-dotted components: `query` matches `bert.encoder.layer.0.attention.self.query`, `layer\\.0\\..*`
-matches everything in layer 0, `output.dense` matches both `attention.output.dense` and
-`layer.0.output.dense`.
+Patterns follow the one selector's rule (compress.layers): a pattern matches a whole trailing run of
+dotted name parts, so `query` matches `bert.encoder.layer.0.attention.self.query` and `layer\\.0\\..*`
+everything in layer 0.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
+from compress.layers import bad_patterns, matches, output_heads
 
-
-def matches(name: str, pattern: str) -> bool:
-    return re.search(rf"(?:^|\.)(?:{pattern})$", name) is not None
+__all__ = ["bad_patterns", "head_names", "matches", "select_layers", "unmatched_patterns"]
 
 
 def _conv1d_type() -> type | None:
@@ -110,15 +106,8 @@ def class_names(module: nn.Module) -> set[str]:
 
 
 def head_names(model: nn.Module) -> set[str]:
-    """Names of the output head(s): the output embeddings and the usual classifier names."""
-    heads = set()
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for name, mod in model.named_modules():
-        named_head = name.rsplit(".", 1)[-1] in HEAD_NAMES or name.endswith(("classifier.out_proj",
-                                                                             "classifier.dense"))
-        if named_head or (out is not None and mod is out):
-            heads.add(name)
-    return {h for h in heads if linear_kind(model.get_submodule(h)) is not None}
+    """The output head(s) that are linear layers (compress.layers.output_heads)."""
+    return {h for h in output_heads(model) if linear_kind(model.get_submodule(h)) is not None}
 
 
 @dataclass
@@ -162,16 +151,6 @@ def select_layers(model: nn.Module, include: list[str] | None, exclude: list[str
 
 
 def unmatched_patterns(model: nn.Module, patterns: list[str]) -> list[str]:
-    names = [n for n, _ in model.named_modules() if n]
-    return [p for p in patterns if not any(matches(n, p) for n in names)]
+    from compress.layers import unmatched_patterns as unmatched
 
-
-def bad_patterns(patterns: list[str] | None) -> list[str]:
-    out = []
-    for p in patterns or []:
-        try:
-            re.compile(p)
-        except re.error as exc:
-            out.append(f"{p!r} ({exc})")
-    return out
-
+    return unmatched([n for n, _ in model.named_modules() if n], patterns)

@@ -152,6 +152,10 @@ def render_markdown(report: Report, plots: dict[str, str] | None = None) -> str:
             info = {k: v for k, v in p.stage_info.items() if not isinstance(v, (list, dict))}
             facts = ", ".join(f"{k}={v}" for k, v in info.items())
             out.append(f"- **{p.name}** ({p.stage_seconds} s): {facts}")
+            blocks = p.stage_info.get("block_sparsity")
+            if isinstance(blocks, dict) and blocks:  # OWL's layer-wise allocation, block by block
+                out.append("  - sparsity per block (owl): " + ", ".join(
+                    f"{name.rsplit('.', 1)[-1]}: {100 * value:.1f}%" for name, value in blocks.items()))
             for note in p.notes:
                 out.append(f"  - note: {note}")
         out.append("")

@@ -9,6 +9,9 @@ named), which keeps a pruned model's masks while it recovers from its unpruned s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -268,90 +271,127 @@ def _params(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run_distill(bundle: ModelBundle, config: Distill, ctx: RunContext) -> StageResult:
-    data = ctx.require_data("distill")
+@dataclass
+class _Pair:
+    """The teacher and the student of one distillation, checked to be compatible."""
+
+    teacher: Any
+    t_tok: Any
+    task: str
+    teacher_desc: str
+    student: Any
+    s_tok: Any
+    kept: list[int] | None
+    student_desc: str
+    student_is_incoming: bool
+
+
+def _load_pair(bundle: ModelBundle, config: Distill, ctx: RunContext) -> _Pair:
     teacher, t_tok, t_task, teacher_desc = _teacher(bundle, config, ctx)
     student, s_tok, kept, student_desc = _student(bundle, config, teacher, t_tok, t_task, ctx)
-    student_is_incoming = student is bundle.model
+    incoming = student is bundle.model
     problems = compat.compatibility_problems(teacher.config, t_tok, t_task, student.config, s_tok, t_task
-                                             if not student_is_incoming else bundle.task)
+                                             if not incoming else bundle.task)
     problems += _matching_problems(config, teacher.config, student.config)
     if problems:
         raise StageError("; ".join(problems))
     if student is teacher:
         raise StageError("teacher: the teacher and the student are the same model; name a student")
-    vocab = len(s_tok) if t_task == "causal-lm" else teacher.config.num_labels
+    return _Pair(teacher, t_tok, t_task, teacher_desc, student, s_tok, kept, student_desc, incoming)
 
-    teacher.eval().to(ctx.device)
-    teacher.requires_grad_(False)
-    student.requires_grad_(True)
-    attn_before = {}
-    if config.attention_weight > 0:  # only eager attention returns the maps
-        for m in (teacher, student):
-            attn_before[id(m)] = m.config._attn_implementation
-            m.set_attn_implementation("eager")
-    s_layers, t_layers = _layers(student.config), _layers(teacher.config)
-    layer_map = config.layer_map or st.default_layer_map(s_layers, t_layers, kept)
-    wrapper = StudentWithProjections(student, layer_map, student.config.hidden_size,
-                                     teacher.config.hidden_size,
-                                     with_projections=config.hidden_loss != "none")
 
-    train_set = data.tokenized("train", s_tok)
-    train_set = train_set.add_column("example_index", list(range(len(train_set))))
-    eval_set = data.tokenized("eval", s_tok)
-    base_collate = pad_collate(s_tok)
+@contextmanager
+def _eager_attention(models: list[Any], needed: bool) -> Iterator[None]:
+    """Only eager attention returns the attention maps that attention matching compares."""
+    before = {id(m): m.config._attn_implementation for m in models} if needed else {}
+    for m in models if needed else []:
+        m.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        for m in models if needed else []:
+            m.set_attn_implementation(before[id(m)])
+
+
+def _teacher_cache(pair: _Pair, config: Distill, train_set: Any, collate: Any, vocab: int,
+                   ctx: RunContext) -> Any:
+    """The teacher's top-k softened outputs on the training set, on disk, when asked for (α < 1 only:
+    α = 1 never reads the teacher)."""
+    if config.teacher_cache != "disk" or config.alpha >= 1:
+        return None
+    cached_set = train_set.select(range(min(config.max_train_samples or len(train_set), len(train_set))))
+    # Names the teacher by a checksum of a few of its tensors, so a changed teacher never reads a
+    # stale cache (hashing every weight of a large teacher would cost more than it saves).
+    probe = float(sum(p.double().sum() for p in list(pair.teacher.parameters())[:4]))
+    key = fingerprint(pair.teacher_desc, _params(pair.teacher), probe, cached_set._fingerprint,
+                      config.temperature, vocab)
+    return build_cache(pair.teacher, cached_set, collate, k=config.cache_top_k, temperature=config.temperature,
+                       vocab=vocab, device=ctx.device, folder=ctx.work_dir / "teacher-cache", key=key)
+
+
+def _indexed_collate(tokenizer: Any) -> Any:
+    """Padding collate that also carries each row's index (the teacher cache is keyed by it)."""
+    base_collate = pad_collate(tokenizer)
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = base_collate(rows)
         batch["example_index"] = torch.tensor([r["example_index"] for r in rows])
         return batch
 
-    cache = None
-    work = ctx.work_dir
-    if config.teacher_cache == "disk" and config.alpha < 1:
-        cached_set = train_set.select(range(min(config.max_train_samples or len(train_set), len(train_set))))
-        # Names the teacher by a checksum of a few of its tensors, so a changed teacher never reads a
-        # stale cache (hashing every weight of a large teacher would cost more than it saves).
-        probe = float(sum(p.double().sum() for p in list(teacher.parameters())[:4]))
-        key = fingerprint(teacher_desc, _params(teacher), probe, cached_set._fingerprint, config.temperature,
-                          vocab)
-        cache = build_cache(teacher, cached_set, collate, k=config.cache_top_k,
-                            temperature=config.temperature, vocab=vocab, device=ctx.device,
-                            folder=work / "teacher-cache", key=key)
+    return collate
 
+
+def run_distill(bundle: ModelBundle, config: Distill, ctx: RunContext) -> StageResult:
+    data = ctx.require_data("distill")
+    pair = _load_pair(bundle, config, ctx)
+    teacher, student, t_task = pair.teacher, pair.student, pair.task
+    vocab = len(pair.s_tok) if t_task == "causal-lm" else teacher.config.num_labels
+
+    teacher.eval().to(ctx.device)
+    teacher.requires_grad_(False)
+    student.requires_grad_(True)
+    s_layers, t_layers = _layers(student.config), _layers(teacher.config)
+    layer_map = config.layer_map or st.default_layer_map(s_layers, t_layers, pair.kept)
+    wrapper = StudentWithProjections(student, layer_map, student.config.hidden_size,
+                                     teacher.config.hidden_size,
+                                     with_projections=config.hidden_loss != "none")
+
+    train_set = data.tokenized("train", pair.s_tok)
+    train_set = train_set.add_column("example_index", list(range(len(train_set))))
+    eval_set = data.tokenized("eval", pair.s_tok)
+    collate = _indexed_collate(pair.s_tok)
+    cache = _teacher_cache(pair, config, train_set, collate, vocab, ctx)
     objective = Objective(teacher=teacher, task=t_task, vocab=vocab, alpha=config.alpha,
                           temperature=config.temperature, direction=config.kl_direction,
                           hidden_kind=config.hidden_loss, hidden_weight=config.hidden_weight,
                           attention_weight=config.attention_weight, layer_map=layer_map, cache=cache)
-    masks = {f"student.{k}": v for k, v in bundle.masks.items()} if student_is_incoming else {}
+    masks = {f"student.{k}": v for k, v in bundle.masks.items()} if pair.student_is_incoming else {}
 
     def evaluate(m: Any) -> dict[str, float]:
-        metrics, _ = evaluate_accuracy(m.student, eval_set, s_tok, t_task, device=ctx.device,
+        metrics, _ = evaluate_accuracy(m.student, eval_set, pair.s_tok, t_task, device=ctx.device,
                                        num_labels=data.num_labels)
         return {k: v for k, v in metrics.model_dump().items() if isinstance(v, float)}
 
-    result = train(
-        wrapper, train_set, collate, config, device=ctx.device, seed=ctx.seed, loss_fn=objective,
-        evaluate=evaluate, eval_metric="accuracy" if t_task == "sequence-classification" else "eval_loss",
-        masks=masks or None, show_progress=ctx.show_progress, label=config.label(),
-        checkpoint_dir=work / "checkpoint", resume=ctx.resume, stop=ctx.stop,
-    )
+    with _eager_attention([teacher, student], config.attention_weight > 0):
+        result = train(
+            wrapper, train_set, collate, config, device=ctx.device, seed=ctx.seed, loss_fn=objective,
+            evaluate=evaluate, eval_metric="accuracy" if t_task == "sequence-classification" else "eval_loss",
+            masks=masks or None, show_progress=ctx.show_progress, label=config.label(),
+            checkpoint_dir=ctx.work_dir / "checkpoint", resume=ctx.resume, stop=ctx.stop,
+        )
     student.requires_grad_(False)
     student.eval()
-    for m in (teacher, student):
-        if id(m) in attn_before:
-            m.set_attn_implementation(attn_before[id(m)])
 
-    t_metrics, t_preds = evaluate_accuracy(teacher, eval_set, t_tok, t_task, device=ctx.device,
+    t_metrics, t_preds = evaluate_accuracy(teacher, eval_set, pair.t_tok, t_task, device=ctx.device,
                                            num_labels=data.num_labels)
-    s_metrics, _ = evaluate_accuracy(student, eval_set, s_tok, t_task, device=ctx.device,
+    s_metrics, _ = evaluate_accuracy(student, eval_set, pair.s_tok, t_task, device=ctx.device,
                                      num_labels=data.num_labels, reference=t_preds)
     t_params, s_params = _params(teacher), _params(student)
     metric = "accuracy" if t_task == "sequence-classification" else "perplexity"
     t_score, s_score = getattr(t_metrics, metric), getattr(s_metrics, metric)
     facts: dict[str, Any] = {
-        "teacher": teacher_desc,
-        "student": student_desc,
+        "teacher": pair.teacher_desc,
+        "student": pair.student_desc,
         "teacher_parameters": t_params,
         "student_parameters": s_params,
         "parameter_ratio": round(s_params / t_params, 4),
@@ -363,7 +403,7 @@ def run_distill(bundle: ModelBundle, config: Distill, ctx: RunContext) -> StageR
         "alpha": config.alpha,
         "temperature": config.temperature,
         "kl_direction": config.kl_direction,
-        "teacher_cache": "disk" if cache is not None else "none",  # α=1 never reads the teacher
+        "teacher_cache": "disk" if cache is not None else "none",
         "layer_map": {str(k): v for k, v in layer_map.items()} if config.hidden_loss != "none"
         or config.attention_weight > 0 else None,
         "projections": len(wrapper.proj),
@@ -374,13 +414,11 @@ def run_distill(bundle: ModelBundle, config: Distill, ctx: RunContext) -> StageR
         facts["accuracy_kept"] = round(s_score / t_score, 4)
     if result.eval_curve:
         facts.update({f"last_eval_{k}": v for k, v in result.eval_curve[-1][1].items()})
-    out = bundle.replace(model=student, tokenizer=s_tok, task=t_task,
-                         masks=bundle.masks if student_is_incoming else {},
-                         format=bundle.format if student_is_incoming else "hf")
+    incoming = pair.student_is_incoming
+    out = bundle.replace(model=student, tokenizer=pair.s_tok, task=t_task,
+                         masks=bundle.masks if incoming else {}, format=bundle.format if incoming else "hf")
     out.record("distill", config.model_dump(mode="json"),
                **{k: v for k, v in facts.items() if k not in ("loss_curve", "eval_curve")})
-    if teacher is not bundle.model:
-        del teacher  # a loaded teacher is not needed past this point
     return StageResult(out, facts)
 
 

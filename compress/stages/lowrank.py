@@ -19,7 +19,8 @@ from pydantic import Field, model_validator
 from compress.bundle import ModelBundle, ModelFormat, auto_class, register_format
 from compress.context import RunContext
 from compress.errors import ModelError, StageError
-from compress.pruning.targets import bad_patterns, oriented, select_linears
+from compress.layers import bad_patterns, ignore_field, pattern_problems, targets_field
+from compress.pruning.targets import oriented, select_linears
 from compress.registry import StageConfig, StageResult, register_stage
 
 LOWRANK_FILE = "lowrank.json"
@@ -48,10 +49,8 @@ class LowRank(StageConfig):
     energy: float | None = Field(None, gt=0, le=1, description="Instead of rank: keep the smallest rank "
                                  "whose singular values hold this share of the squared Frobenius norm "
                                  "(e.g. 0.9).")
-    targets: list[str] | None = Field(None, description="Regexes of linear-layer names to factorise; "
-                                      "default: every linear layer not excluded.")
-    exclude: list[str] | None = Field(None, description="Regexes of names left alone; default: lm_head, "
-                                      "classifier / score heads and embeddings.")
+    targets: list[str] | None = targets_field("factorise")
+    ignore: list[str] | None = ignore_field("factorised")
     skip_if_larger: bool = Field(True, description="Leave a layer dense when r * (in + out) >= in * out, "
                                  "i.e. when the two factors would not be smaller than the original.")
     latency_tokens: int = Field(2048, gt=0, description="Tokens in the per-layer latency probe.")
@@ -60,24 +59,27 @@ class LowRank(StageConfig):
     def _one_target(self) -> LowRank:
         if (self.rank is None) == (self.energy is None):
             raise ValueError("rank: give exactly one of rank (e.g. 32) or energy (e.g. 0.9)")
-        bad = bad_patterns(self.targets) + bad_patterns(self.exclude)
+        bad = bad_patterns(self.targets) + bad_patterns(self.ignore)
         if bad:
             raise ValueError(f"targets: invalid regular expression {', '.join(bad)}")
         return self
 
 
 def _select(model: Any, config: LowRank) -> dict[str, torch.nn.Module]:
-    return select_linears(model, config.targets, config.exclude, conv1d=True)
+    return select_linears(model, config.targets, config.ignore, conv1d=True)
 
 
 def check_lowrank(bundle: ModelBundle, config: LowRank, ctx: RunContext) -> list[str]:
+    unmatched = pattern_problems(bundle.model, {"targets": config.targets, "ignore": config.ignore})
     linears = _select(bundle.model, config)
-    if not linears:
-        every = select_linears(bundle.model, None, [], conv1d=True)
+    if unmatched or not linears:
+        every = select_linears(bundle.model, [".*"], None, conv1d=True)
         names = sorted({n.rsplit(".", 1)[-1] for n in every})
+    if unmatched:
+        return [f"{p}; factorisable layers here: {', '.join(names) or 'none'}" for p in unmatched]
+    if not linears:
         chosen = f"targets {config.targets}" if config.targets is not None else "all layers"
-        dropped = (f"exclude {config.exclude}" if config.exclude is not None
-                   else "the default exclude (heads, embeddings)")
+        dropped = f"ignore {config.ignore}" if config.ignore else "the heads and embeddings"
         rule = f"{chosen} minus {dropped}"
         return [(f"targets: no layer is left to factorise by {rule}; factorisable layers here: "
                  f"{', '.join(names) or 'none'}")]
@@ -87,7 +89,7 @@ def check_lowrank(bundle: ModelBundle, config: LowRank, ctx: RunContext) -> list
             name, limit = min(bad, key=lambda b: b[1])
             others = f" and {len(bad) - 1} other layer(s)" if len(bad) > 1 else ""
             return [(f"rank: {config.rank} is larger than min(in, out) = {limit} of {name}{others}; "
-                     f"use rank <= {limit}, an energy threshold, or exclude those layers")]
+                     f"use rank <= {limit}, an energy threshold, or ignore those layers")]
     return []
 
 

@@ -14,18 +14,13 @@ from compress.bundle import ModelBundle
 from compress.calibration import batch_rows, calibration_batches, input_norms
 from compress.context import RunContext
 from compress.errors import StageError
+from compress.layers import bad_patterns, first_match, ignore_field, pattern_problems, targets_field
+from compress.methods import MethodFamily
 from compress.pruning import importance as imp
-from compress.pruning import sparsegpt, verify
+from compress.pruning import owl, sparsegpt, verify
 from compress.pruning import structured as st
 from compress.pruning.masks import magnitude_score, nm_mask, unstructured_mask, wanda_score
-from compress.pruning.targets import (
-    bad_patterns,
-    in_features,
-    is_conv1d,
-    oriented,
-    pattern_value,
-    select_linears,
-)
+from compress.pruning.targets import in_features, is_conv1d, oriented, select_linears
 from compress.registry import StageConfig, StageResult, register_stage
 
 STRUCTURED = ("heads", "ffn", "layers")
@@ -39,90 +34,166 @@ NOTE_NM = ("N:M zeros give no speed-up with dense CPU kernels; 2:4 can be accele
 
 
 class Prune(StageConfig):
-    """Prune weights: unstructured / N:M masks (magnitude, Wanda) or heads / FFN channels / layers."""
+    """Prune weights: unstructured / N:M masks (magnitude, Wanda, SparseGPT) or heads / FFN channels / layers."""
 
     type: Literal["prune"] = "prune"
-    structure: Literal["unstructured", "n:m", "heads", "ffn", "layers"] = Field(
+    structure: str = Field(
         "unstructured", description="What is removed: single weights (masked to zero), N:M groups (masked), "
-        "or whole attention-head groups, FFN channels or layers (shapes shrink).")
-    method: Literal["magnitude", "wanda", "sparsegpt"] = Field(
-        "magnitude", description="Unstructured and n:m: magnitude drops the smallest |W|; wanda drops the "
-        "smallest |W| * ||X|| (needs calibration data); sparsegpt also updates the kept weights so each "
-        "layer's output on calibration data changes least (needs calibration data; slower: one Hessian "
-        "per layer, blocks pruned in order).")
-    sparsity: float | None = Field(
-        None, ge=0, lt=1, description="Share removed: of each layer's weights (unstructured), or of the "
-        "heads, FFN channels or layers (structured). Not used by n:m, whose pattern fixes it.")
-    layer_sparsity: dict[str, float] = Field(
-        default_factory=dict, description="Per-layer sparsity for unstructured pruning: "
-        "{name regex: sparsity}; the first matching pattern wins, others get `sparsity`.")
-    pattern: str = Field("2:4", description="N:M pattern for structure n:m: keep N of every M consecutive "
-                         "input weights (2:4, 4:8).")
-    count: int | None = Field(None, gt=0, description="Structured only, instead of sparsity: heads or FFN "
-                              "channels to remove per layer, or layers to remove.")
-    importance: Literal["weight", "activation", "taylor"] | None = Field(
-        None, description="Structured only: how units are ranked. weight = weight norms; activation = "
-        "activation norms (layers: block influence); taylor = |weight * gradient|. Default: weight for "
-        "heads/ffn, activation for layers.")
-    targets: list[str] | None = Field(None, description="Regexes of linear-layer names to prune "
-                                      "(unstructured, n:m); default: every linear layer not excluded.")
-    exclude: list[str] | None = Field(None, description="Regexes of layer names never pruned; default: "
-                                      "lm_head, classifier / score heads and embeddings.")
+        "or whole attention-head groups, FFN channels or layers (shapes shrink). Each structure takes its "
+        "own fields (see `compress stages`).")
     calibration_samples: int | None = Field(None, gt=0, description=(
-        "wanda / sparsegpt / activation / taylor: calibration blocks of data.max_length tokens, drawn with "
-        "the stage seed (one example per block for classification); default: data.calibration_samples."))
+        "wanda / sparsegpt / owl / activation / taylor: calibration blocks of data.max_length tokens, drawn "
+        "with the stage seed (one example per block for classification); default: data.calibration_samples."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _other_structures_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (problems := PRUNE_STRUCTURES.foreign_fields(cls, data)):
+            raise ValueError("; ".join(problems))
+        return data
+
+    def needs_data(self) -> bool:
+        raise NotImplementedError  # each structure says
+
+
+class _MaskPrune(Prune):
+    """Unstructured and N:M: a keep-mask per selected linear layer; shapes stay."""
+
+    method: Literal["magnitude", "wanda", "sparsegpt"] = Field(
+        "magnitude", description="magnitude drops the smallest |W|; wanda drops the smallest |W| * ||X|| "
+        "(needs calibration data); sparsegpt also updates the kept weights so each layer's output on "
+        "calibration data changes least (needs calibration data; slower: one Hessian per layer, blocks "
+        "pruned in order).")
+    targets: list[str] | None = targets_field("prune")
+    ignore: list[str] | None = ignore_field("pruned")
 
     @model_validator(mode="after")
-    def _consistent(self) -> Prune:
-        s = self.structure
-        set_fields = self.model_fields_set
-        if s == "unstructured" and self.sparsity is None:
-            raise ValueError("sparsity: unstructured pruning needs a target sparsity in [0, 1), e.g. 0.5")
-        if s == "n:m":
-            m = _NM.match(self.pattern)
-            if not m or not 0 < int(m[1]) < int(m[2]):
-                raise ValueError(f"pattern: {self.pattern!r} is not N:M with 0 < N < M; "
-                                 f"use e.g. '2:4' or '4:8'")
-            if self.sparsity is not None:
-                raise ValueError("sparsity: n:m pruning's sparsity is fixed by its pattern (2:4 is 50%); "
-                                 "remove sparsity")
-        if s in STRUCTURED:
-            if (self.sparsity is None) == (self.count is None):
-                raise ValueError(f"sparsity: {s} pruning needs exactly one of sparsity (a share) or count "
-                                 f"(a number per layer)")
-            if "method" in set_fields and self.method != "magnitude":
-                raise ValueError(f"method: {self.method} prunes single weights; for {s} set importance: "
-                                 f"activation")
-            if self.layer_sparsity:
-                raise ValueError(f"layer_sparsity: {s} pruning is uniform across layers (the config holds "
-                                 f"one size for all layers); remove layer_sparsity")
-            if s == "layers" and self.importance == "weight":
-                raise ValueError("importance: weight norms do not compare across layers; "
-                                 "use activation (block influence) or taylor")
-        else:
-            for name in ("count", "importance"):
-                if name in set_fields and getattr(self, name) is not None:
-                    raise ValueError(f"{name}: only used by structured pruning (heads, ffn, layers)")
+    def _patterns(self) -> _MaskPrune:
+        bad = bad_patterns(self.targets) + bad_patterns(self.ignore)
+        if bad:
+            raise ValueError(f"targets: invalid regular expression {', '.join(bad)}")
+        return self
+
+
+class PruneUnstructured(_MaskPrune):
+    """Unstructured: the given share of each selected layer's weights, uniform or OWL layer-wise."""
+
+    structure: Literal["unstructured"] = "unstructured"
+    sparsity: float = Field(..., ge=0, lt=1, description="Share of each layer's weights removed (e.g. 0.5).")
+    layer_sparsity: dict[str, float] = Field(
+        default_factory=dict, description="Per-layer sparsity: {name pattern: sparsity} (patterns as in "
+        "targets); the first match wins, others get `sparsity`.")
+    allocation: Literal["uniform", "owl"] = Field("uniform", description=(
+        "How sparsity is spread over the model's blocks. uniform = every layer gets `sparsity`; owl = "
+        "outlier-weighted layer-wise sparsity (Yin et al. 2024): blocks with more outlier Wanda scores are "
+        "pruned less, within sparsity ± owl_spread, keeping the overall sparsity (needs calibration data). "
+        "Helps most at 60-70% sparsity."))
+    owl_threshold: float = Field(5.0, gt=0, description=(
+        "owl: a score counts as an outlier above this many times its block's mean score (OWL's M)."))
+    owl_spread: float = Field(0.08, gt=0, lt=0.5, description=(
+        "owl: the largest difference of a block's sparsity from `sparsity` (OWL's lambda)."))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PruneUnstructured:
         for name, value in self.layer_sparsity.items():
             if not 0 <= value < 1:
                 raise ValueError(f"layer_sparsity: {value} for {name!r} is outside [0, 1)")
-        bad = (bad_patterns(self.targets) + bad_patterns(self.exclude)
-               + bad_patterns(list(self.layer_sparsity)))
-        if bad:
-            raise ValueError(f"targets: invalid regular expression {', '.join(bad)}")
+        if bad := bad_patterns(list(self.layer_sparsity)):
+            raise ValueError(f"layer_sparsity: invalid regular expression {', '.join(bad)}")
+        if self.allocation == "owl":
+            if self.layer_sparsity:
+                raise ValueError("allocation: owl chooses each block's sparsity itself; remove "
+                                 "layer_sparsity or use allocation: uniform")
+            if not self.owl_spread <= self.sparsity < 1 - self.owl_spread:
+                raise ValueError(f"owl_spread: sparsity {self.sparsity} ± {self.owl_spread} leaves [0, 1); "
+                                 f"lower owl_spread")
+        else:
+            for name in ("owl_threshold", "owl_spread"):
+                if name in self.model_fields_set:
+                    raise ValueError(f"{name}: only used with allocation: owl; remove it or set allocation")
+        return self
+
+    def needs_data(self) -> bool:
+        return self.method in ("wanda", "sparsegpt") or self.allocation == "owl"
+
+
+class PruneNM(_MaskPrune):
+    """N:M: keep N of every M consecutive input weights (2:4 runs on sparse tensor cores)."""
+
+    structure: Literal["n:m"] = "n:m"
+    pattern: str = Field("2:4", description="Keep N of every M consecutive input weights (2:4, 4:8); "
+                                            "the pattern fixes the sparsity (2:4 is 50%).")
+
+    @model_validator(mode="after")
+    def _pattern(self) -> PruneNM:
+        m = _NM.match(self.pattern)
+        if not m or not 0 < int(m[1]) < int(m[2]):
+            raise ValueError(f"pattern: {self.pattern!r} is not N:M with 0 < N < M; use e.g. '2:4' or '4:8'")
         return self
 
     def nm(self) -> tuple[int, int]:
         m = _NM.match(self.pattern)
         return int(m[1]), int(m[2])
 
+    def needs_data(self) -> bool:
+        return self.method in ("wanda", "sparsegpt")
+
+
+class _StructuredPrune(Prune):
+    """Heads, FFN channels or layers: removed, so shapes shrink and the config is rewritten."""
+
+    sparsity: float | None = Field(None, ge=0, lt=1, description="Share of the heads, FFN channels or layers "
+                                                                 "removed (one of sparsity or count).")
+    count: int | None = Field(None, gt=0, description="Instead of sparsity: heads or FFN channels to remove "
+                                                       "per layer, or layers to remove.")
+    importance: Literal["weight", "activation", "taylor"] | None = Field(
+        None, description="How units are ranked. weight = weight norms; activation = activation norms "
+        "(layers: block influence); taylor = |weight * gradient|. Default: weight for heads/ffn, activation "
+        "for layers.")
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> _StructuredPrune:
+        if (self.sparsity is None) == (self.count is None):
+            raise ValueError(f"sparsity: {self.structure} pruning needs exactly one of sparsity (a share) or "
+                             f"count (a number per layer)")
+        return self
+
     def ranking(self) -> str:
-        return self.importance or ("activation" if self.structure == "layers" else "weight")
+        return self.importance or "weight"
 
     def needs_data(self) -> bool:
-        if self.structure in STRUCTURED:
-            return self.ranking() in ("activation", "taylor")
-        return self.method in ("wanda", "sparsegpt")
+        return self.ranking() in ("activation", "taylor")
+
+
+class PruneHeads(_StructuredPrune):
+    """Attention-head groups (GQA-aware), the same number in every layer."""
+
+    structure: Literal["heads"] = "heads"
+
+
+class PruneFfn(_StructuredPrune):
+    """FFN channels, the same number in every layer."""
+
+    structure: Literal["ffn"] = "ffn"
+
+
+class PruneLayers(_StructuredPrune):
+    """Whole layers (blocks), ranked by block influence by default."""
+
+    structure: Literal["layers"] = "layers"
+
+    @model_validator(mode="after")
+    def _comparable_ranking(self) -> PruneLayers:
+        if self.importance == "weight":
+            raise ValueError("importance: weight norms do not compare across layers; "
+                             "use activation (block influence) or taylor")
+        return self
+
+    def ranking(self) -> str:
+        return self.importance or "activation"
+
+
+PRUNE_STRUCTURES = MethodFamily(Prune, "structure", default="unstructured")
 
 
 # ---------------------------------------------------------------------------- checks
@@ -185,29 +256,34 @@ def _structured_problems(bundle: ModelBundle, config: Prune) -> list[str]:
 def check_prune(bundle: ModelBundle, config: Prune, ctx: RunContext) -> list[str]:
     problems = []
     if config.needs_data() and (ctx is None or ctx.data is None):
-        if config.structure in STRUCTURED:
+        if isinstance(config, _StructuredPrune):
             field, value, fix = "importance", config.ranking(), "importance: weight"
         else:
             field, value, fix = "method", config.method, "method: magnitude"
         problems.append(f"{field}: {value} needs calibration data (activations on real inputs) but the "
                         f"recipe has no data section; add one or use {fix}")
-    if config.structure in STRUCTURED:
+    if isinstance(config, _StructuredPrune):
         return problems + _structured_problems(bundle, config)
-    linears = select_linears(bundle.model, config.targets, config.exclude, conv1d=True)
-    if not linears:
+    unmatched = pattern_problems(bundle.model, {"targets": config.targets, "ignore": config.ignore,
+                                                "layer_sparsity": list(getattr(config, "layer_sparsity", {}))})
+    linears = select_linears(bundle.model, config.targets, config.ignore, conv1d=True)
+    if unmatched or not linears:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in bundle.model.named_modules()
                         if isinstance(m, torch.nn.Linear) or is_conv1d(m)})
+    if unmatched:
+        return problems + [f"{p}; linear layers here: {', '.join(names)}" for p in unmatched]
+    if not linears:
         chosen = (f"matches targets {config.targets}" if config.targets else "is left")
-        return problems + [(f"targets: no linear layer {chosen} after excluding "
-                           f"{config.exclude if config.exclude is not None else 'the heads and embeddings'}; "
+        return problems + [(f"targets: no linear layer {chosen} after leaving out "
+                           f"{config.ignore or 'the heads and embeddings'}; "
                            f"linear layers here: {', '.join(names)}")]
-    if config.structure == "n:m":
+    if isinstance(config, PruneNM):
         _, m = config.nm()
         bad = [f"{n} (in {in_features(lin)})" for n, lin in linears.items() if in_features(lin) % m]
         if bad:
             problems.append(f"pattern: M={m} does not divide the input dimension of {', '.join(bad[:3])}"
                             f"{' and others' if len(bad) > 3 else ''}; choose an M that divides it or "
-                            f"exclude those layers")
+                            f"ignore those layers")
     return problems
 
 
@@ -220,27 +296,26 @@ def _sparsity(tensors: list[torch.Tensor]) -> float:
     return round(zeros / total, 6) if total else 0.0
 
 
-def _score_masks(config: Prune, linears: dict[str, torch.nn.Linear],
-                 norms: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+def _score_masks(config: Prune, linears: dict[str, torch.nn.Linear], norms: dict[str, torch.Tensor],
+                 sparsity: dict[str, float]) -> Iterator[tuple[str, torch.Tensor]]:
     """Magnitude or Wanda: a keep-mask per layer from a score, weights left as they are."""
     for name, lin in linears.items():
         weight = oriented(lin)  # (out, in) for Conv1D too, so rows are outputs and N:M runs along inputs
         score = wanda_score(weight, norms[name]) if config.method == "wanda" else magnitude_score(weight)
-        if config.structure == "n:m":
+        if isinstance(config, PruneNM):
             yield name, nm_mask(score, *config.nm())
         else:
-            yield name, unstructured_mask(score, pattern_value(name, config.layer_sparsity, config.sparsity),
-                                          per_row=config.method == "wanda")
+            yield name, unstructured_mask(score, sparsity[name], per_row=config.method == "wanda")
 
 
-def _sparsegpt_masks(model: Any, config: Prune, linears: dict[str, torch.nn.Linear],
-                     batches: list) -> Iterator[tuple[str, torch.Tensor]]:
+def _sparsegpt_masks(model: Any, config: Prune, linears: dict[str, torch.nn.Linear], batches: list,
+                     sparsity: dict[str, float]) -> Iterator[tuple[str, torch.Tensor]]:
     """SparseGPT block by block; each layer's weights are pruned and updated in place."""
-    nm = config.nm() if config.structure == "n:m" else None
+    nm = config.nm() if isinstance(config, PruneNM) else None
 
     def prune_layer(name: str, lin: torch.nn.Linear, hessian: torch.Tensor) -> torch.Tensor:
-        sparsity = pattern_value(name, config.layer_sparsity, config.sparsity) if nm is None else 0.0
-        weight, mask = sparsegpt.sparsegpt_prune(oriented(lin), hessian, sparsity, nm)
+        share = sparsity[name] if nm is None else 0.0
+        weight, mask = sparsegpt.sparsegpt_prune(oriented(lin), hessian, share, nm)
         oriented(lin).copy_(weight)
         return mask
 
@@ -249,15 +324,27 @@ def _sparsegpt_masks(model: Any, config: Prune, linears: dict[str, torch.nn.Line
 
 def _prune_masks(bundle: ModelBundle, config: Prune, ctx: RunContext) -> StageResult:
     model = bundle.model
-    linears = select_linears(model, config.targets, config.exclude, conv1d=True)
+    linears = select_linears(model, config.targets, config.ignore, conv1d=True)
     batches = (calibration_batches(bundle, ctx.data, config.calibration_samples, ctx.seed)
                if config.needs_data() else None)
-    norms = input_norms(model, linears, batches) if config.method == "wanda" else {}
+    nm = config.nm() if isinstance(config, PruneNM) else None
+    use_owl = isinstance(config, PruneUnstructured) and config.allocation == "owl"
+    norms = input_norms(model, linears, batches) if config.method == "wanda" or use_owl else {}
+    owl_facts: dict[str, Any] = {}
+    if nm is not None:
+        sparsity = {}
+    elif use_owl:
+        ratios = owl.outlier_ratios(linears, norms, config.owl_threshold)
+        blocks = owl.block_sparsities(ratios, config.sparsity, config.owl_spread)
+        sparsity = owl.layer_sparsities(linears, blocks, config.sparsity)
+        owl_facts.update(block_outlier_ratio={b: round(r, 6) for b, r in ratios.items()}, block_sparsity=blocks)
+    else:
+        sparsity = {n: first_match(n, config.layer_sparsity, config.sparsity) for n in linears}
     masks = dict(bundle.masks)
     per_layer = {}
     with torch.no_grad():
-        chosen = (_sparsegpt_masks(model, config, linears, batches) if config.method == "sparsegpt"
-                  else _score_masks(config, linears, norms))
+        chosen = (_sparsegpt_masks(model, config, linears, batches, sparsity) if config.method == "sparsegpt"
+                  else _score_masks(config, linears, norms, sparsity))
         for name, mask in chosen:
             weight = linears[name].weight
             if is_conv1d(linears[name]):  # masks are kept in the parameter's own (in, out) layout
@@ -268,15 +355,20 @@ def _prune_masks(bundle: ModelBundle, config: Prune, ctx: RunContext) -> StageRe
             weight.mul_(mask.to(weight.dtype))
             masks[key] = mask.cpu()
             per_layer[name] = _sparsity([weight])
-    verify.check_masked(config.label(), linears, masks,
-                        None if config.structure == "n:m" else
-                        {n: pattern_value(n, config.layer_sparsity, config.sparsity) for n in linears},
-                        config.nm() if config.structure == "n:m" else None)
+    verify.check_masked(config.label(), linears, masks, sparsity or None, nm)
+    if use_owl:
+        overall = _sparsity([lin.weight for lin in linears.values()])
+        # OWL moves sparsity between blocks; it must not change how much is pruned overall.
+        if abs(overall - config.sparsity) > 0.01:
+            raise StageError(f"{config.label()}: owl allocation pruned {overall:.4f} of the selected "
+                             f"weights overall, not the target {config.sparsity} (within 0.01): "
+                             f"block sparsities {owl_facts['block_sparsity']}")
     out = bundle.replace(model=model, masks=masks)
-    target_sparsity = (1 - config.nm()[0] / config.nm()[1]) if config.structure == "n:m" else config.sparsity
+    target_sparsity = (1 - nm[0] / nm[1]) if nm is not None else config.sparsity
     facts = {
         "structure": config.structure, "method": config.method,
-        "pattern": config.pattern if config.structure == "n:m" else None,
+        "allocation": "owl" if use_owl else "uniform" if nm is None else None,
+        "pattern": config.pattern if nm is not None else None,
         "target_sparsity": target_sparsity, "layers_pruned": len(linears),
         "measured_sparsity_pruned_layers": _sparsity([lin.weight for lin in linears.values()]),
         "measured_sparsity_model": _sparsity(list(model.parameters())),
@@ -284,7 +376,7 @@ def _prune_masks(bundle: ModelBundle, config: Prune, ctx: RunContext) -> StageRe
         "speed_note": NOTE_NM if config.structure == "n:m" else NOTE_DENSE,
     }
     out.record("prune", config.model_dump(mode="json"), **facts)
-    return StageResult(out, {**facts, "per_layer_sparsity": per_layer})
+    return StageResult(out, {**facts, **owl_facts, "per_layer_sparsity": per_layer})
 
 
 def _lowest(scores: torch.Tensor, remove: int) -> torch.Tensor:
@@ -367,9 +459,10 @@ def run_prune(bundle: ModelBundle, config: Prune, ctx: RunContext) -> StageResul
     problems = check_prune(bundle, config, ctx)
     if problems:
         raise StageError("prune." + "; prune.".join(problems))
-    if config.structure in STRUCTURED:
-        return _prune_structured(bundle, config, ctx)
-    return _prune_masks(bundle, config, ctx)
+    return PRUNE_STRUCTURES.handler(config)(bundle, config, ctx)
 
 
+for _cls, _handler in ((PruneUnstructured, _prune_masks), (PruneNM, _prune_masks), (PruneHeads, _prune_structured),
+                       (PruneFfn, _prune_structured), (PruneLayers, _prune_structured)):
+    PRUNE_STRUCTURES.register(_cls, _handler)
 register_stage(Prune, run_prune, check=check_prune)

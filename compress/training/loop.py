@@ -220,14 +220,7 @@ def train(
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / settings.grad_accum))
     total_steps = settings.max_steps or max(1, math.ceil(steps_per_epoch * settings.epochs))
 
-    if settings.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        # Non-reentrant checkpointing needs no input grads, so frozen embeddings under LoRA work.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise StageError(f"{label}: the model has no trainable parameters")
-    names = {id(p): n for n, p in model.named_parameters()}
-    trainable_names = [names[id(p)] for p in trainable]
+    trainable, trainable_names = _trainable(model, settings, label)
     optimizer = make_optimizer(trainable, settings)
     # accelerate steps a prepared scheduler once per process at each optimizer step, so the
     # schedule is laid out in those units.
@@ -238,33 +231,14 @@ def train(
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     result = TrainResult(num_processes=accelerator.num_processes)
-    best, since_best, epoch, skip_batches, elapsed = None, 0, 0, 0, 0.0
-    pending_rng = None
     layout = {k: getattr(settings, k) for k in _LAYOUT} | {"num_processes": accelerator.num_processes}
     ckpt = load_checkpoint(checkpoint_dir) if (resume and checkpoint_dir) else None
+    pos = _Position()
     if ckpt is not None:
-        weights, opt_state, state = ckpt
-        if state["layout"] != layout:
-            raise StageError(f"{label}: cannot resume from {checkpoint_dir}: it was made with {state['layout']}, "
+        if ckpt[2]["layout"] != layout:
+            raise StageError(f"{label}: cannot resume from {checkpoint_dir}: it was made with {ckpt[2]['layout']}, "
                              f"this run uses {layout}; restore those settings, or delete the folder to start over")
-        params = dict(accelerator.unwrap_model(model).named_parameters())
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
-        optimizer.load_state_dict(opt_state)
-        scheduler.load_state_dict(state["scheduler"])
-        # A changed lr (e.g. after a NaN) wins over the checkpoint's; the schedule's position is kept.
-        scheduler.scheduler.base_lrs = [settings.lr] * len(scheduler.scheduler.base_lrs)
-        for group, lr in zip(optimizer.param_groups, scheduler.scheduler.get_lr(), strict=False):
-            group["lr"] = lr
-        pending_rng = state["rng"][accelerator.process_index]
-        result.steps, epoch, elapsed = state["steps"], state["epoch"], state["seconds"]
-        skip_batches = state["batches_in_epoch"]
-        result.samples, result.tokens = state["samples"], state["tokens"]
-        result.loss_curve = [tuple(x) for x in state["loss_curve"]]
-        result.eval_curve = [tuple(x) for x in state["eval_curve"]]
-        best, since_best = state["best"], state["since_best"]
-        result.resumed_from_step = result.steps
+        pos = _restore(ckpt, accelerator, model, optimizer, scheduler, settings.lr, result)
         log.info("%s: resumed from the checkpoint at step %d", label, result.steps)
 
     def checkpoint(batches_in_epoch: int) -> None:
@@ -274,10 +248,10 @@ def train(
         if accelerator.is_main_process:
             unwrapped = dict(accelerator.unwrap_model(model).named_parameters())
             save_checkpoint(checkpoint_dir, {n: unwrapped[n] for n in trainable_names}, optimizer.state_dict(), {
-                "layout": layout, "steps": result.steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
-                "seconds": elapsed + time.perf_counter() - start, "samples": result.samples,
+                "layout": layout, "steps": result.steps, "epoch": pos.epoch, "batches_in_epoch": batches_in_epoch,
+                "seconds": pos.elapsed + time.perf_counter() - start, "samples": result.samples,
                 "tokens": result.tokens, "loss_curve": result.loss_curve, "eval_curve": result.eval_curve,
-                "best": best, "since_best": since_best, "scheduler": scheduler.state_dict(), "rng": rngs})
+                "best": pos.best, "since_best": pos.since_best, "scheduler": scheduler.state_dict(), "rng": rngs})
         accelerator.wait_for_everyone()
 
     progress = _progress(total_steps, label, show_progress and accelerator.is_main_process)
@@ -288,18 +262,18 @@ def train(
     model.train()
     running, micro = torch.zeros((), device=accelerator.device), 0
     while result.steps < total_steps and not result.stopped_early:
-        loader = _epoch_loader(accelerator, dataset, collate, settings.batch_size, seed, epoch)
-        batches_in_epoch = skip_batches
-        if skip_batches:
-            loader = skip_first_batches(loader, skip_batches)
-            skip_batches = 0
+        loader = _epoch_loader(accelerator, dataset, collate, settings.batch_size, seed, pos.epoch)
+        batches_in_epoch = pos.skip_batches
+        if pos.skip_batches:
+            loader = skip_first_batches(loader, pos.skip_batches)
+            pos.skip_batches = 0
         batches = iter(loader)
         first = next(batches, None)
-        if pending_rng is not None:
+        if pos.pending_rng is not None:
             # Starting a DataLoader iterator (at its first batch) draws from the global RNG, so the
             # saved state is restored after that, where the uninterrupted run stood.
-            set_rng_state(pending_rng)
-            pending_rng = None
+            set_rng_state(pos.pending_rng)
+            pos.pending_rng = None
         for batch in itertools.chain([first], batches) if first is not None else ():
             batches_in_epoch += 1
             with accelerator.accumulate(model):
@@ -319,9 +293,7 @@ def train(
                 optimizer.zero_grad()
             running += loss.detach()
             micro += 1
-            result.samples += batch["input_ids"].shape[0] * accelerator.num_processes
-            result.tokens += accelerator.num_processes * (
-                int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel())
+            _count(result, batch, accelerator.num_processes)
             if not accelerator.sync_gradients:
                 continue
             if masks:
@@ -340,12 +312,8 @@ def train(
                 metrics = evaluate(accelerator.unwrap_model(model))
                 model.train()
                 result.eval_curve.append((result.steps, metrics))
-                score = metrics.get(eval_metric)
-                if score is not None and settings.early_stopping_patience:
-                    lower_is_better = "loss" in eval_metric or eval_metric == "perplexity"
-                    better = best is None or (score < best if lower_is_better else score > best)
-                    best, since_best = (score, 0) if better else (best, since_best + 1)
-                    result.stopped_early = since_best >= settings.early_stopping_patience
+                result.stopped_early = pos.patience_ran_out(metrics.get(eval_metric), eval_metric,
+                                                            settings.early_stopping_patience)
             done = result.steps >= total_steps or result.stopped_early
             if settings.checkpoint_every and result.steps % settings.checkpoint_every == 0 and not done:
                 checkpoint(batches_in_epoch)
@@ -358,9 +326,27 @@ def train(
                 raise Interrupted(f"{label}: interrupted at step {result.steps}{saved}; "
                                   f"rerun with --resume to continue")
         else:
-            epoch += 1
+            pos.epoch += 1
     progress.close()
-    result.seconds = elapsed + time.perf_counter() - start
+    result.seconds = pos.elapsed + time.perf_counter() - start
+    _finish(result, accelerator, model, settings, device)
+    return result
+
+
+def _trainable(model: Any, settings: TrainingFields, label: str) -> tuple[list[torch.nn.Parameter], list[str]]:
+    """The parameters to train and their names (checkpoints save those only)."""
+    if settings.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        # Non-reentrant checkpointing needs no input grads, so frozen embeddings under LoRA work.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise StageError(f"{label}: the model has no trainable parameters")
+    names = {id(p): n for n, p in model.named_parameters()}
+    return trainable, [names[id(p)] for p in trainable]
+
+
+def _finish(result: TrainResult, accelerator: Any, model: Any, settings: TrainingFields, device: str) -> None:
+    """Peak memory figures; the model back in eval mode, unwrapped, without checkpointing."""
     # ru_maxrss is the process's high-water mark in KiB on Linux (bytes on macOS).
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result.peak_rss_bytes = rss if sys.platform == "darwin" else rss * 1024
@@ -371,7 +357,57 @@ def train(
     if settings.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
         model.gradient_checkpointing_disable()
     accelerator.free_memory()
-    return result
+
+
+@dataclass
+class _Position:
+    """Where training stands beyond the step count: what a checkpoint saves and a resume restores."""
+
+    epoch: int = 0
+    skip_batches: int = 0  # batches of the current epoch already trained before a resume
+    elapsed: float = 0.0   # seconds trained before a resume
+    pending_rng: Any = None  # this process's RNG state, restored once the first batch is drawn
+    best: float | None = None
+    since_best: int = 0
+
+    def patience_ran_out(self, score: float | None, metric: str, patience: int | None) -> bool:
+        """Record an evaluation; True once `patience` evaluations in a row did not improve on the best."""
+        if score is None or not patience:
+            return False
+        lower_is_better = "loss" in metric or metric == "perplexity"
+        better = self.best is None or (score < self.best if lower_is_better else score > self.best)
+        self.best, self.since_best = (score, 0) if better else (self.best, self.since_best + 1)
+        return self.since_best >= patience
+
+
+def _restore(ckpt: tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]], accelerator: Any, model: Any,
+             optimizer: Any, scheduler: Any, lr: float, result: TrainResult) -> _Position:
+    """Weights, optimizer, schedule, curves and position from a checkpoint (its layout already checked)."""
+    weights, opt_state, state = ckpt
+    params = dict(accelerator.unwrap_model(model).named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(opt_state)
+    scheduler.load_state_dict(state["scheduler"])
+    # A changed lr (e.g. after a NaN) wins over the checkpoint's; the schedule's position is kept.
+    scheduler.scheduler.base_lrs = [lr] * len(scheduler.scheduler.base_lrs)
+    for group, group_lr in zip(optimizer.param_groups, scheduler.scheduler.get_lr(), strict=False):
+        group["lr"] = group_lr
+    result.steps, result.samples, result.tokens = state["steps"], state["samples"], state["tokens"]
+    result.loss_curve = [tuple(x) for x in state["loss_curve"]]
+    result.eval_curve = [tuple(x) for x in state["eval_curve"]]
+    result.resumed_from_step = result.steps
+    return _Position(epoch=state["epoch"], skip_batches=state["batches_in_epoch"], elapsed=state["seconds"],
+                     pending_rng=state["rng"][accelerator.process_index], best=state["best"],
+                     since_best=state["since_best"])
+
+
+def _count(result: TrainResult, batch: dict[str, torch.Tensor], processes: int) -> None:
+    """Samples and real (unpadded) tokens seen, over all processes."""
+    result.samples += batch["input_ids"].shape[0] * processes
+    result.tokens += processes * (
+        int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel())
 
 
 def _stop_on_bad_loss(loss: torch.Tensor, steps: int, label: str, checkpoint: Callable[[int], None],
