@@ -157,7 +157,8 @@ def test_flat_yaml_keeps_working_and_another_methods_field_is_refused_by_name():
     recipe["stages"][0]["rank"] = 8
     with pytest.raises(RecipeError) as err:
         load_recipe(recipe)
-    assert err.value.problems[0].startswith("stages[0].rank: unknown key")
+    assert err.value.problems[0] == ("stages[0]: rank: applies to method lora / dora / qlora / loha / lokr / vera "
+                                     "only (this stage's method is ia3); remove it")
     with pytest.raises(ValueError, match="feedforward_modules: required with target_modules"):
         Finetune(method="ia3", target_modules=["key"])
 

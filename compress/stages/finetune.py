@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from compress.bundle import ModelBundle, ModelFormat, from_pretrained_checked, register_format
 from compress.context import RunContext
@@ -53,6 +53,14 @@ class Finetune(StageConfig, TrainingFields):
                           "that cannot merge (prompt/prefix/P-tuning).")
     save_adapter: bool = Field(False, description="Also write the trained adapter (PEFT format) to "
                                                   "<output_dir>/adapters/<stage folder>/.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _other_methods_fields(cls, data: Any) -> Any:
+        # `rank` given to ia3 is named as LoRA's (and LoHa's ...) field, not just "unknown key".
+        if isinstance(data, dict) and (problems := FINETUNE_METHODS.foreign_fields(cls, data)):
+            raise ValueError("; ".join(problems))
+        return data
 
 
 MergeFn = Callable[[Any, dict[str, torch.Tensor], bool], Any]
