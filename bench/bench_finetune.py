@@ -172,7 +172,7 @@ def write(rows: list[dict]) -> None:
             f"## PEFT methods beyond LoRA, reduced setting: {train:,} training examples",
             "",
             f"Same model, data, held-out set and batch as above, but {train:,} training examples (1 epoch, "
-            f"{-(-train // 32)} steps), so that every method ran on the shared, loaded machine; LoRA re-run at "
+            f"{-(-train // 32)} steps), so that the methods fit on the shared, loaded machine; LoRA re-run at "
             "this setting is the reference. Settings per method (not tuned): "
             + "; ".join(f"{r['method']}: " + ", ".join(f"{k} {v}" for k, v in r["settings"].items()
                                                       if k not in ("type", "method", "eval_every"))
