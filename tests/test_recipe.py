@@ -41,7 +41,9 @@ stages:
     assert len(problems) == 3
     assert problems[0].startswith("stages[0].rnak: unknown key; did you mean 'rank'?")
     assert problems[1] == "stages[1].lr: must be > 0 (got -1)"
-    assert problems[2].startswith("stages[2].method: must be one of 'lora', 'dora', 'qlora' or 'full' (got 'lorra')")
+    # The finetune methods are a method family now: the message names the closest method and lists them.
+    assert problems[2].startswith("stages[2].method: unknown method 'lorra'; did you mean 'lora'? "
+                                  "(available: lora, dora, qlora, full, ia3,")
 
 
 def test_unknown_top_level_key_suggests_closest(tmp_path, tiny_bert_dir, sentiment_csv):

@@ -158,11 +158,13 @@ def test_stage_check_problems_come_before_any_work(cls_recipe, monkeypatch):
 
     def check(bundle, config, ctx):
         seen.append(bundle.model.config.hidden_size)
-        return [f"rank: {config.rank} is too large for this model; use <= 16"] if config.rank > 16 else []
+        rank = getattr(config, "rank", 0)  # FAST is full fine-tuning, which has no rank
+        return [f"rank: {rank} is too large for this model; use <= 16"] if rank > 16 else []
 
     monkeypatch.setitem(registry._STAGES, "finetune", dataclasses.replace(entry, check=check))
     calls = _count_calls(monkeypatch)
-    cls_recipe["stages"] = [FAST, {**FAST, "rank": 64}, {**FAST, "rank": 32}]
+    lora = {**FAST, "method": "lora"}  # rank belongs to LoRA's config (full fine-tuning refuses it)
+    cls_recipe["stages"] = [FAST, {**lora, "rank": 64}, {**lora, "rank": 32}]
     with pytest.raises(RecipeError) as info:
         run(cls_recipe)
     assert info.value.problems == ["stages[1].rank: 64 is too large for this model; use <= 16",

@@ -44,6 +44,8 @@ def predict(model: Any, dataset: Any, tokenizer: Any, task: str, batch_size: int
             loss_sum += float(out.loss) * len(batch["labels"])
             count += len(batch["labels"])
         else:
+            # Prompt/P-tuning prepend virtual tokens and return their logits too: score the real ones.
+            logits = logits[:, logits.shape[1] - batch["labels"].shape[1]:]
             # Token-level loss over positions with a real next-token label.
             shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
             mask = shift_labels != -100

@@ -77,6 +77,34 @@ def _act_bytes(stage: Any, weights: Weights, setting: Setting) -> int:
     return weights.float_bytes
 
 
+def _adapter_trainable(stage: Any, targets: dict[str, tuple[int, int]], shape: Shape) -> tuple[int, str]:
+    """Trainable parameters a finetune method adds (head excluded), and how they were counted."""
+    method, rank = stage.method, getattr(stage, "rank", 0)
+    tokens = getattr(stage, "num_virtual_tokens", 0)
+    where = f"on {len(targets)} linear layers"
+    if method in ("lora", "dora", "qlora"):
+        n = sum(rank * (i + o) for i, o in targets.values())
+        if method == "dora":
+            n += sum(o for _, o in targets.values())  # one magnitude per output row
+        return n, f"rank {rank} {where}"
+    if method == "loha":
+        return sum(2 * rank * (i + o) for i, o in targets.values()), f"two rank-{rank} pairs {where}"
+    if method == "lokr":  # a small Kronecker factor plus a rank-r one: at most a rank-r LoRA's count
+        return sum(rank * (i + o) for i, o in targets.values()), f"at most rank {rank} {where}"
+    if method == "vera":
+        return sum(rank + o for _, o in targets.values()), f"scaling vectors (r={rank} + out) {where}"
+    kv = shape.hidden * shape.kv_heads // max(shape.heads, 1)
+    if method == "ia3":  # peft's default targets for decoders: keys, values, feed-forward down projection
+        return shape.layers * (2 * kv + shape.intermediate), "one scale per channel (peft's default targets)"
+    if method == "prefix-tuning":
+        return tokens * shape.layers * 2 * kv, f"{tokens} key/value tokens per layer"
+    if method == "p-tuning":
+        enc = stage.encoder_hidden_size
+        mlp = (shape.hidden + 1) * enc + (enc + 1) * enc + (enc + 1) * shape.hidden
+        return tokens * shape.hidden + mlp, f"{tokens} tokens + MLP prompt encoder"
+    return tokens * shape.hidden, f"{tokens} virtual tokens"
+
+
 def plan_training(label: str, stage: Any, weights: Weights, shape: Shape, setting: Setting,
                   sharding: Sharding) -> StagePlan:
     """Finetune (LoRA / DoRA / QLoRA / full) or a distill student: weights, trainable state, activations."""
@@ -96,17 +124,14 @@ def plan_training(label: str, stage: Any, weights: Weights, shape: Shape, settin
             plan.parts["fp32 master weights"] = sharding.split(trainable * 4, "optimizer")
             state = 4
     else:
-        targets = shape.matching(stage.target_modules)
-        trainable = sum(stage.rank * (i + o) for i, o in targets.values())
-        if method == "dora":
-            trainable += sum(o for _, o in targets.values())  # one magnitude per output row
+        targets = shape.matching(getattr(stage, "target_modules", None))
+        trainable, what = _adapter_trainable(stage, targets, shape)
         trainable += shape.trained_in_full(stage.modules_to_save)
         # peft (autocast_adapter_dtype, its default) keeps adapters in fp32 over a 16-bit base.
         state = 4
         plan.parts["adapters"] = trainable * 4
         grads = trainable * 4
-        plan.notes.append(f"{method}: rank {stage.rank} on {len(targets)} linear layers = {trainable:,} "
-                          f"trainable parameters (fp32)")
+        plan.notes.append(f"{method}: {what} = {trainable:,} trainable parameters (fp32)")
     plan.parts["gradients"] = sharding.split(grads, "gradients")
     plan.parts["optimizer"] = sharding.split(optimizer_bytes(stage.optimizer, trainable, state), "optimizer")
     if stage.optimizer.startswith("paged"):

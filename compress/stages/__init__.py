@@ -1,5 +1,6 @@
 """Built-in stages. Each module registers itself when imported here (explicitly: no discovery)."""
 
+from compress.stages import finetune_methods  # noqa: F401  (registers the finetune methods)
 from compress.stages.distill import Distill
 from compress.stages.export import Export
 from compress.stages.finetune import Finetune

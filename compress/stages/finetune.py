@@ -1,12 +1,17 @@
-"""Fine-tuning stage: LoRA / DoRA / QLoRA adapters (peft) or full fine-tuning, on the shared loop.
+"""Fine-tuning stage: peft adapters (methods in compress/stages/finetune_methods.py) or full fine-tuning,
+on the shared loop.
 
 Merge policies: `none` keeps the adapter (saved in PEFT format next to the base), `merge` folds it
 into float weights, `dequantize-merge-requantize` folds it into a bitsandbytes base and checks the
-result is still quantized. A pruned base stays pruned: LoRA is masked and the merge is checked.
+result is still quantized. Methods that cannot merge (prompt/prefix/P-tuning) keep the adapter. A
+pruned base stays pruned: additive updates are masked, IA³ scales (a zero stays zero), prompt
+methods leave the weights alone, and the zeros are checked after the merge.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,9 +23,8 @@ from compress.context import RunContext
 from compress.errors import StageError
 from compress.evaluate.accuracy import evaluate_accuracy
 from compress.evaluate.size import count_parameters
-from compress.pruning.targets import is_conv1d
+from compress.methods import MethodFamily
 from compress.quant import bnb as bnb_quant
-from compress.quant.bnb_weights import unpack_cpu_layout
 from compress.registry import StageConfig, StageResult, register_stage
 from compress.training import TrainingFields, train
 from compress.training import adapters as ad
@@ -30,43 +34,79 @@ MergePolicy = Literal["none", "merge", "dequantize-merge-requantize"]
 
 
 class Finetune(StageConfig, TrainingFields):
-    """Fine-tune on the recipe's training data: LoRA/DoRA/QLoRA adapters, or all weights."""
+    """Fine-tune on the recipe's training data: peft adapters (LoRA, DoRA, QLoRA, IA³, LoHa, LoKr, VeRA,
+    prompt/prefix/P-tuning) or all weights. Each method's own fields: compress/stages/finetune_methods.py."""
 
     type: Literal["finetune"] = "finetune"
-    method: Literal["lora", "dora", "qlora", "full"] = Field(
-        "lora", description="lora, dora (magnitude-decomposed LoRA), qlora (LoRA on an NF4 4-bit base), or full.")
-    rank: int = Field(8, gt=0, description="LoRA rank r.")
-    alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (the update is scaled by alpha/r).")
-    # 0 by default (as torchtune does): peft draws a separate dropout mask for every adapted layer,
-    # and on CPU those random draws made a LoRA step 60% slower than with no dropout (measured on
-    # MiniLM, batch 32: 1170 vs 737 ms) -- slower than full fine-tuning.
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input (costs ~60% more "
-                                                        "time per step on CPU).")
-    target_modules: list[str] | None = Field(
-        None, description="Module names to adapt; default: every linear layer except the output/classifier head."
-    )
+    method: str = Field(
+        "lora", description="lora, dora, qlora, full, ia3, loha, lokr, vera, prompt-tuning, prefix-tuning or "
+                            "p-tuning (each method's own fields: `compress stages`).")
     modules_to_save: list[str] | None = Field(
         None, description="Modules trained in full next to the adapters; a classifier head is always included."
     )
-    double_quant: bool = Field(True, description="qlora: also quantize the 4-bit scales (saves ~0.4 bit/weight).")
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="qlora: dtype the 4-bit layers compute in (float32 on CPU).")
     merge: MergePolicy | None = Field(
         None, description="none (keep the adapter), merge (into float weights), or dequantize-merge-requantize "
                           "(into a quantized base, kept quantized; checked, and refused when re-rounding to "
                           "4-bit loses too much of the update). Default: the latter when an earlier stage "
                           "quantized the base, else merge (QLoRA included: its 4-bit base is a training-time "
-                          "saving, and the float merge is exactly the model it trained).")
+                          "saving, and the float merge is exactly the model it trained); none for methods "
+                          "that cannot merge (prompt/prefix/P-tuning).")
     save_adapter: bool = Field(False, description="Also write the trained adapter (PEFT format) to "
                                                   "<output_dir>/adapters/<stage folder>/.")
 
-    @model_validator(mode="after")
-    def _method_combinations(self) -> Finetune:
-        if self.method == "full" and self.merge not in (None, "merge"):
-            raise ValueError(f"merge: full fine-tuning has no adapter to merge ({self.merge!r}); remove merge")
-        if self.method == "full" and self.save_adapter:
-            raise ValueError("save_adapter: full fine-tuning has no adapter; remove save_adapter")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _other_methods_fields(cls, data: Any) -> Any:
+        # `rank` given to ia3 is named as LoRA's (and LoHa's ...) field, not just "unknown key".
+        if isinstance(data, dict) and (problems := FINETUNE_METHODS.foreign_fields(cls, data)):
+            raise ValueError("; ".join(problems))
+        return data
+
+
+MergeFn = Callable[[Any, dict[str, torch.Tensor], bool], Any]
+
+
+@dataclass(frozen=True)
+class AdapterMethod:
+    """What one finetune method does and can do (the handler registered with its config).
+
+    `pruned` says how a pruned base keeps its zeros: "masked" (an additive update, masked in the
+    forward and at the merge), "keeps" (a multiplicative update cannot move a zero), "untouched" (the
+    weights are frozen and unchanged), "full" (re-masked after every step), or anything else: the
+    reason the method is refused on a pruned base."""
+
+    peft_config: Callable[[Any, Any, str], Any] | None  # (config, model, task) -> peft config; None: full
+    merge: MergeFn | None  # (peft model, masks, requantize) -> merged model; None: cannot merge
+    pruned: str = "masked"
+    cannot_merge: str = ""  # why merge is impossible (when merge is None)
+    no_4bit: str | None = None  # why peft cannot train it on a bitsandbytes base (None: it can)
+    no_merge_4bit: str | None = None  # why it cannot merge into a bitsandbytes base (None: it can)
+    loads_4bit: bool = False  # reloads the base in NF4 for training (QLoRA)
+    check: Callable[[ModelBundle, Any, RunContext, bool], list[str]] | None = None  # method's own checks
+
+    @property
+    def adapter(self) -> bool:
+        return self.peft_config is not None
+
+
+FINETUNE_METHODS = MethodFamily(Finetune, "method", default="lora")
+
+
+def method_of(config: Finetune) -> AdapterMethod:
+    """The registered handler of a finetune config's method."""
+    return FINETUNE_METHODS.handler(config)  # type: ignore[return-value]
+
+
+def default_policy(config: Finetune, quantized: bool) -> MergePolicy:
+    """The merge policy when the recipe names none (see Finetune.merge)."""
+    if config.merge:
+        return config.merge
+    method = method_of(config)
+    if not method.adapter:
+        return "merge"
+    if method.merge is None or (quantized and method.no_merge_4bit):
+        return "none"
+    return "dequantize-merge-requantize" if quantized else "merge"
 
 
 # ------------------------------------------------------------------------------- check
@@ -76,36 +116,30 @@ def check_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> li
     """Model-dependent mistakes, found before any work."""
     problems: list[str] = []
     model = bundle.model
+    method = method_of(config)
     # A QLoRA base already loaded in NF4 for this stage is not "quantized by an earlier stage".
-    quantized = bool(ad.count_bnb(model)) and not (config.method == "qlora" and bundle.info.get("qlora_base"))
-    if config.method != "full" and config.target_modules:
+    quantized = bool(ad.count_bnb(model)) and not (method.loads_4bit and bundle.info.get("qlora_base"))
+    if method.adapter and getattr(config, "target_modules", None):
         problems += ad.check_targets(model, config.target_modules)
     if config.modules_to_save:
         names = [n for n, _ in model.named_modules()]
         problems += [f"modules_to_save: {m!r} matches no module of this model"
                      for m in config.modules_to_save if not any(n == m or n.endswith("." + m) for n in names)]
-    if config.method == "qlora":
-        if quantized:
-            problems.append("method: the model is already quantized by an earlier stage; use method: lora "
-                            "(it trains adapters on the quantized base)")
-        elif conv := sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_conv1d(m)}):
-            # transformers' 4-bit loader keeps Conv1D's (in, out) checkpoint layout against the
-            # (out, in) Linear4bit it builds, and refuses the size mismatch (transformers 5.24).
-            problems.append(f"method: qlora reloads the base in 4-bit, which transformers cannot do for "
-                            f"Conv1D layers ({', '.join(conv)}: weights stored transposed); use method: lora")
-        elif (why := ad.bnb_4bit_problem(ctx.device)) is not None:
-            problems.append(f"method: qlora needs bitsandbytes 4-bit on {ctx.device}, which fails here ({why}); "
-                            f"install a bitsandbytes build for this device (>=0.46 for CPU) or use method: lora")
-    if config.method == "full" and quantized:
-        problems.append("method: full fine-tuning cannot update quantized weights; use method: lora")
-    if config.method == "dora" and bundle.masks:
-        problems.append("method: DoRA rescales whole weight columns, so it cannot keep the pruned weights at zero; "
-                        "use method: lora (masked LoRA keeps the sparsity)")
-    if config.merge == "dequantize-merge-requantize" and not quantized and config.method != "qlora":
+    if method.check is not None:
+        problems += method.check(bundle, config, ctx, quantized)
+    if bundle.masks and method.pruned not in ("masked", "keeps", "untouched", "full"):
+        problems.append(f"method: {method.pruned}")
+    if quantized and method.no_4bit:
+        problems.append(f"method: the base is quantized (bitsandbytes) and {method.no_4bit}")
+    if quantized and method.no_merge_4bit and config.merge not in (None, "none"):
+        problems.append(f"merge: {method.no_merge_4bit}; use merge: none (keeps the adapter)")
+    policy = default_policy(config, quantized)
+    if config.merge == "dequantize-merge-requantize" and not quantized and not method.loads_4bit:
         problems.append("merge: the base is not quantized, so there is nothing to requantize; use merge: merge")
-    if config.merge == "none" and bundle.format != "hf":
+    if policy == "none" and method.adapter and bundle.format != "hf":
         problems.append(f"merge: none keeps the adapter next to the base, which needs a plain Hugging Face "
-                        f"base (this one is {bundle.format!r}); use merge: merge or dequantize-merge-requantize")
+                        f"base (this one is {bundle.format!r}); use merge: merge or dequantize-merge-requantize"
+                        + ("" if method.merge else f" with a method that merges ({config.method} cannot)"))
     problems += sharding_problems(config, ctx.device)
     if config.optimizer.startswith("paged") and ctx.device != "cuda":
         problems.append(f"optimizer: {config.optimizer} pages optimizer state through CUDA memory; on "
@@ -125,20 +159,15 @@ def check_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> li
 # ------------------------------------------------------------------------------- run
 
 
-def _targets(model: Any, config: Finetune) -> list[str]:
-    # Full module names, not short ones: a short name like `dense` can also live inside a head.
-    return config.target_modules or sorted(ad.linear_layers(model))
+def _wrap(model: Any, config: Finetune, method: AdapterMethod, task: str) -> Any:
+    from peft import get_peft_model
+
+    return get_peft_model(model, method.peft_config(config, model, task))  # type: ignore[misc]
 
 
-def _wrap(model: Any, config: Finetune, task: str, targets: list[str]) -> Any:
-    from peft import LoraConfig, TaskType, get_peft_model
-
-    lora = LoraConfig(
-        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
-        modules_to_save=config.modules_to_save, use_dora=config.method == "dora",
-        task_type=TaskType.SEQ_CLS if task == "sequence-classification" else TaskType.CAUSAL_LM,
-    )
-    return get_peft_model(model, lora)
+def _trainable_outside_head(model: Any) -> int:
+    # peft trains the classifier head in full as a modules-to-save copy; count what the method adds.
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".modules_to_save." not in n)
 
 
 def _probe_logits(model: Any, eval_set: Any, tokenizer: Any, device: str) -> torch.Tensor:
@@ -161,20 +190,18 @@ def run_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> Stag
     total_params = count_parameters(model)[0]  # logical sizes: a 4-bit base counts its real shapes
     sparsity_before = ad.sparsity(model, masks)
     work = ctx.work_dir
+    method = method_of(config)
     # A QLoRA base loaded straight into NF4 from its checkpoint (compress.loading) is this stage's
     # own 4-bit copy, not a quantized model from an earlier stage.
-    preloaded = bundle.info.get("qlora_base") if config.method == "qlora" else None
-    policy: MergePolicy = config.merge or (
-        "dequantize-merge-requantize" if ad.count_bnb(model) and not preloaded else "merge")
-    if config.method == "full":
-        policy = "merge"
+    preloaded = bundle.info.get("qlora_base") if method.loads_4bit else None
+    policy = default_policy(config, bool(ad.count_bnb(model)) and not preloaded)
 
     targets: list[str] = []
-    if config.method == "full":
+    if not method.adapter:
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        if config.method == "qlora" and not preloaded:
+        if method.loads_4bit and not preloaded:
             # One copy per process: ranks of a distributed run must not write the same files.
             model = ad.load_4bit(model, bundle.task, work / f"qlora-base-rank{ctx.rank}",
                                  compute_dtype=config.compute_dtype,
@@ -187,15 +214,15 @@ def run_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> Stag
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=config.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-        targets = _targets(model, config)
         # The adapters' initial weights depend on the seed alone, not on how much randomness loading
         # the base used (a QLoRA base reloaded here in 4-bit, or loaded in 4-bit by the runner).
         torch.manual_seed(ctx.seed)
-        model = _wrap(model, config, bundle.task, targets)
-        targets = sorted(getattr(model, "targeted_module_names", targets))
-    masked_layers = ad.enable_masked_lora(model, masks) if masks and config.method != "full" else 0
+        model = _wrap(model, config, method, bundle.task)
+        targets = sorted(getattr(model, "targeted_module_names", []))
+    masked_layers = ad.enable_masked(model, masks) if masks and method.pruned == "masked" else 0
     quantized_before = ad.count_bnb(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable_adapter = _trainable_outside_head(model)
 
     from compress.data import pad_collate
 
@@ -208,23 +235,23 @@ def run_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> Stag
         model, train_set, pad_collate(tokenizer), config,
         device=ctx.device, seed=ctx.seed, evaluate=evaluate,
         eval_metric="accuracy" if bundle.task == "sequence-classification" else "eval_loss",
-        masks=masks if config.method == "full" else None,
+        masks=masks if not method.adapter else None,
         show_progress=ctx.show_progress, label=config.label(),
         checkpoint_dir=work / "checkpoint", resume=ctx.resume, stop=ctx.stop,
     )
 
     facts: dict[str, Any] = {}
-    if config.save_adapter and config.method != "full":
+    if config.save_adapter and method.adapter:
         folder = ctx.artifact_dir("adapters")
         model.save_pretrained(folder)
         facts["adapter_dir"] = str(folder)
     # A QLoRA base kept in 4-bit saves as bitsandbytes does for this architecture (`hf-bnb` where
     # transformers' loader needs help, e.g. Falcon's FalconLinear): decided on the float model.
     out_format = ((preloaded or {}).get("float_format") or bnb_quant.output_format(bundle.model)
-                  if config.method == "qlora" else bundle.format)
-    if config.method != "full" and policy != "none":
+                  if method.loads_4bit else bundle.format)
+    if method.adapter and policy != "none":
         before = _probe_logits(model, eval_set, tokenizer, ctx.device)
-        model = _merge(model, config, policy, masks)
+        model = method.merge(model, masks, policy == "dequantize-merge-requantize")  # type: ignore[misc]
         after = _probe_logits(model, eval_set, tokenizer, ctx.device)
         facts.update(check_merge(before, after, policy, bool(quantized_before), config.label()))
         if policy == "dequantize-merge-requantize":
@@ -237,7 +264,7 @@ def run_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> Stag
             out_format = "hf"  # dequantized to float: a plain Hugging Face folder again
     elif policy == "none":
         out_format = "peft-adapter"
-    if config.method == "full":
+    if not method.adapter:
         apply_masks(model, masks)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -245,15 +272,18 @@ def run_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> Stag
     if sparsity_before is not None and sparsity_after is not None and sparsity_after < sparsity_before:
         raise StageError(f"{config.label()}: the pruned weights are no longer zero after training "
                          f"({sparsity_before:.2%} of pruned positions were zero, now {sparsity_after:.2%}); "
-                         f"the sparsity was lost. Use method: lora (masked) or full, and report this as a bug")
+                         f"the sparsity was lost. Use method: lora (masked) or full, and report this as a bug "
+                         f"({config.method} claims to keep the zeros: {method.pruned})")
 
     out = bundle.replace(model=model, format=out_format)
     out.info.pop("qlora_base", None)
     facts = {
         "method": config.method,
-        "merge": policy if config.method != "full" else None,
+        "merge": policy if method.adapter else None,
         "trainable_parameters": trainable,
         "trainable_percent": round(100 * trainable / total_params, 4),
+        "trainable_outside_head": trainable_adapter,
+        "trainable_outside_head_percent": round(100 * trainable_adapter / total_params, 4),
         "target_modules": sorted({t.rsplit(".", 1)[-1] for t in targets}),
         "adapted_layers": len(targets),
         "masked_lora_layers": masked_layers,
@@ -301,17 +331,6 @@ def check_merge(before: torch.Tensor, after: torch.Tensor, policy: MergePolicy, 
     return facts
 
 
-def _merge(model: Any, config: Finetune, policy: MergePolicy, masks: dict[str, torch.Tensor]) -> Any:
-    requantize = policy == "dequantize-merge-requantize"
-    if config.method == "dora":
-        # DoRA's merge rescales by the column norms; peft's own merge does it (and requantizes bnb layers).
-        # peft reads 4-bit weights in bitsandbytes' canonical layout only (see quant/bnb_weights).
-        unpack_cpu_layout(model)
-        merged = model.merge_and_unload()
-        return merged if requantize else ad.dequantize_all(merged)
-    return ad.merge_lora(model, masks, requantize=requantize)
-
-
 # ------------------------------------------------------------------------------- adapter format
 
 
@@ -321,11 +340,7 @@ def _peft_save(bundle: ModelBundle, folder: Path) -> None:
 
     model = bundle.model
     base = model.get_base_model()
-    clean = {}
-    for key, value in base.state_dict().items():
-        if "lora_" in key or ".modules_to_save." in key:
-            continue
-        clean[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = value
+    clean = ad.base_state_dict(model)  # the base's weights without any method's adapter (peft's own layout)
     base.save_pretrained(folder)  # config, generation config, quantization config
     # transformers 5 ignores `state_dict=` for quantized bases and would write peft's wrapped names
     # (`...query.base_layer.weight`), which reload as missing weights; write the unwrapped ones.
@@ -346,7 +361,7 @@ def _peft_load(folder: Path, meta: dict[str, Any]) -> Any:
         base = from_pretrained_checked(meta["task"], str(folder))
     model = PeftModel.from_pretrained(base, str(folder / "adapter"))
     if (folder / MASKS_FILE).exists():
-        ad.enable_masked_lora(model, {k: v.bool() for k, v in load_file(str(folder / MASKS_FILE)).items()})
+        ad.enable_masked(model, {k: v.bool() for k, v in load_file(str(folder / MASKS_FILE)).items()})
     model.eval()
     return model
 
@@ -354,7 +369,7 @@ def _peft_load(folder: Path, meta: dict[str, Any]) -> Any:
 register_format(ModelFormat("peft-adapter", _peft_save, _peft_load))
 def nf4_load_plan(config: Finetune) -> dict[str, Any] | None:
     """QLoRA as the first stage: the base loads straight into NF4 (never in full precision)."""
-    if config.method != "qlora":
+    if not method_of(config).loads_4bit:
         return None
     return {"compute_dtype": config.compute_dtype, "double_quant": config.double_quant,
             "keep_float": list(config.modules_to_save or [])}

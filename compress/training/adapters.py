@@ -1,4 +1,4 @@
-"""LoRA plumbing around peft: target detection, 4-bit bases, masked LoRA, merge policies, sparsity.
+"""Adapter plumbing around peft: target detection, 4-bit bases, masked adapters, merge policies, sparsity.
 
 peft does the adapters; this module adds what it does not: keeping a pruned base sparse through
 training and merging (masked LoRA), and merging into a bitsandbytes base while keeping it quantized
@@ -137,44 +137,68 @@ def count_bnb(model: Any) -> dict[str, int]:
     return counts
 
 
-# ------------------------------------------------------------------------------- masked LoRA
+# ------------------------------------------------------------------------------- masked adapters
+
+# Additive peft methods whose update compress can mask (peft type -> the layer's input-dropout dict,
+# if it has one). IA³ is absent: it scales weights, so pruned zeros stay zero without a mask.
+MASKABLE = {"LORA": "lora_dropout", "LOHA": None, "LOKR": None, "VERA": "vera_dropout"}
 
 
-def _lora_layers(peft_model: Any) -> dict[str, Any]:
-    """LoRA layers keyed by the base model's module name (the name pruning masks use)."""
-    from peft.tuners.lora import LoraLayer
+def tuner_layers(peft_model: Any) -> dict[str, Any]:
+    """peft's adapter layers (any method) keyed by the base model's module name (the name masks use)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     root = peft_model.get_base_model()
-    return {name: m for name, m in root.named_modules() if isinstance(m, LoraLayer)}
+    return {name: m for name, m in root.named_modules() if isinstance(m, BaseTunerLayer)}
 
 
-def enable_masked_lora(peft_model: Any, masks: dict[str, torch.Tensor]) -> int:
-    """Make each adapted layer whose weight is pruned compute `base(x) + x @ (mask * BA)^T * s`, so the
-    learned update is zero wherever the base is pruned and the merge keeps the sparsity exactly.
-    peft has no masked LoRA; the override is an instance-level forward on those layers only."""
+def peft_type(peft_model: Any) -> str | None:
+    """The active adapter's peft method (`LORA`, `IA3`, `PROMPT_TUNING`, ...), None for a plain model."""
+    configs = getattr(peft_model, "peft_config", None)
+    if not configs:
+        return None
+    config = configs[getattr(peft_model, "active_adapter", None) or next(iter(configs))]
+    return str(getattr(config.peft_type, "value", config.peft_type))
+
+
+def enable_masked(peft_model: Any, masks: dict[str, torch.Tensor]) -> int:
+    """Make each adapted layer whose weight is pruned compute `base(x) + x @ (mask * delta)^T`, with
+    `delta` peft's own `get_delta_weight` (LoRA, LoHa, LoKr, VeRA), so the learned update is zero
+    wherever the base is pruned and the merge keeps the sparsity exactly. peft has no masked
+    adapters; the override is an instance-level forward on those layers only. Returns the count."""
+    kind = peft_type(peft_model)
+    if kind not in MASKABLE:
+        return 0
     count = 0
-    for name, layer in _lora_layers(peft_model).items():
+    for name, layer in tuner_layers(peft_model).items():
         mask = masks.get(f"{name}.weight")
         if mask is None:
             continue
         layer.register_buffer("compress_mask", mask.to(layer.get_base_layer().weight.device), persistent=False)
-        layer.forward = _masked_forward(layer)
+        layer.forward = _masked_forward(layer, MASKABLE[kind])
         count += 1
     return count
 
 
-def _masked_forward(layer: Any):
+# The name the LoRA-only version had (kept for callers outside this module).
+enable_masked_lora = enable_masked
+
+
+def _masked_forward(layer: Any, dropout_attr: str | None):
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = layer.base_layer(x, *args, **kwargs)
         if layer.disable_adapters or layer.merged:
             return result
         for name in layer.active_adapters:
-            if name not in layer.lora_A:
+            if name not in getattr(layer, layer.adapter_layer_names[0]):  # not adapted in this layer
                 continue
-            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-            delta = (b @ a) * layer.compress_mask.to(a.dtype)
-            x_in = layer.lora_dropout[name](x).to(a.dtype)
-            result = result + (F.linear(x_in, delta) * layer.scaling[name]).to(result.dtype)
+            delta = layer.get_delta_weight(name)  # in the base weight's layout, scaling included
+            delta = delta * layer.compress_mask.to(delta.dtype)
+            if getattr(layer, "fan_in_fan_out", False):  # Conv1D stores (in, out)
+                delta = delta.T
+            dropout = getattr(layer, dropout_attr)[name] if dropout_attr else None
+            x_in = (dropout(x) if dropout is not None else x).to(delta.dtype)
+            result = result + F.linear(x_in, delta).to(result.dtype)
         return result
 
     return forward
@@ -185,7 +209,9 @@ def sparsity(model: Any, masks: dict[str, torch.Tensor]) -> float | None:
     bitsandbytes weights are dequantized first. None when nothing is masked."""
     if not masks:
         return None
-    modules = dict(model.named_modules())
+    # An adapter kept unmerged (merge: none): the base's weights are those a plain load would give.
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modules = dict(root.named_modules())
     zeros = pruned = 0
     for key, mask in masks.items():
         module = modules.get(key.rsplit(".", 1)[0])
@@ -228,7 +254,7 @@ def merge_lora(peft_model: Any, masks: dict[str, torch.Tensor], requantize: bool
     same settings; otherwise they become plain float `nn.Linear` layers. Masked layers add
     `mask * delta` so pruned weights stay exactly zero.
     """
-    for name, layer in _lora_layers(peft_model).items():
+    for name, layer in tuner_layers(peft_model).items():
         base = layer.get_base_layer()
         delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
         if isinstance(delta, int):
@@ -293,3 +319,47 @@ def drop_quantization(model: Any) -> None:
                 setattr(model, attr, False)
             except AttributeError:
                 pass
+
+
+def merge_with_peft(peft_model: Any, masks: dict[str, torch.Tensor]) -> Any:
+    """Merge any mergeable peft method (IA³, LoHa, LoKr, VeRA, ...) into a float base with peft's own
+    `merge_and_unload`. Layers trained masked (enable_masked) then keep only `mask * delta`: the base
+    is zero where the mask is, so masking the merged weight is exactly that."""
+    masked = [name for name, layer in tuner_layers(peft_model).items() if hasattr(layer, "compress_mask")]
+    model = peft_model.merge_and_unload()
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name in masked:
+            weight = modules[name].weight
+            weight.mul_(masks[f"{name}.weight"].to(weight.device, weight.dtype))
+    return model
+
+
+# ------------------------------------------------------------------------------- adapter saving
+
+
+def base_state_dict(peft_model: Any) -> dict[str, torch.Tensor]:
+    """The base model's own weights under their original names, without any adapter: each peft
+    layer contributes its wrapped base layer (peft's `get_base_layer`), each modules-to-save wrapper
+    its original module. Walked by structure, so it holds for every peft method."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    wrappers = (BaseTunerLayer, AuxiliaryTrainingWrapper)
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(module: Any, prefix: str) -> None:
+        if isinstance(module, BaseTunerLayer):
+            module = module.get_base_layer()
+        elif isinstance(module, AuxiliaryTrainingWrapper):
+            module = module.original_module
+        state = module.state_dict()  # the module's own serialisation (bitsandbytes adds its quant state)
+        if not any(isinstance(m, wrappers) for m in module.modules()):
+            out.update({prefix + k: v for k, v in state.items()})
+            return
+        out.update({prefix + k: v for k, v in state.items() if "." not in k})  # direct parameters/buffers
+        for name, child in module.named_children():
+            walk(child, f"{prefix}{name}.")
+
+    walk(peft_model.get_base_model(), "")
+    return out
