@@ -13,10 +13,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from compress.layers import CLASSIFIER_HEADS
 from compress.quant.bnb_weights import dequantize_weight, keep_canonical_layout
 
-# Classifier heads peft's SEQ_CLS task trains in full; never adapter targets.
-HEAD_NAMES = ("classifier", "score", "qa_outputs")
+# Classifier heads peft's SEQ_CLS task trains in full; never adapter targets (the one head list).
+HEAD_NAMES = CLASSIFIER_HEADS
 
 
 def _bnb_classes() -> tuple[type, ...]:
