@@ -6,7 +6,8 @@ data and calibration set as `bench/bench_prune.py`'s SmolLM2 rows. OWL's setting
 defaults (M = 5, lambda = 0.08). Writes reports/frontier-sparsity.md and .json; rows already in
 the json are kept unless re-run.
 
-    python -m bench.bench_sparsity_frontier                  # every variant (~2 min each on 2 cores)
+    python -m bench.bench_sparsity_frontier                  # every variant (20-40 min each on a loaded
+                                                             # 2-core machine; the 70% rows were run so)
     python -m bench.bench_sparsity_frontier "wanda 70%" "owl-wanda 70%"   # only these (and dense)
     python -m bench.bench_sparsity_frontier render           # rewrite the .md from the .json
 """
