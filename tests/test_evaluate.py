@@ -88,3 +88,29 @@ def test_size_sees_pruned_zeros_inside_bitsandbytes_4bit_weights(tiny_llama_dir,
     assert pruned.size.sparsity <= quantized.size.sparsity < pruned.size.sparsity + 0.01
     four_bit = [layer for layer in quantized.size.layers if layer.bits_per_weight < 8]
     assert four_bit and all(layer.nonzero <= layer.parameters // 2 for layer in four_bit)
+
+
+def test_size_never_caches_a_weight_built_on_access():
+    """Quantized layers build `weight` on each access; a count cached by such a tensor's id was later
+    handed to whichever layer's temporary reused that id."""
+    from compress.evaluate.size import _count_nonzero, layer_sizes
+
+    class BuiltOnAccess(torch.nn.Module):
+        def __init__(self, rows: int, nonzero_rows: int):
+            super().__init__()
+            self.rows, self.nonzero_rows = rows, nonzero_rows
+            self.register_buffer("codes", torch.zeros(rows, 8, dtype=torch.int8))
+
+        @property
+        def weight(self) -> torch.Tensor:
+            w = torch.zeros(self.rows, 8)
+            w[: self.nonzero_rows] = 1.0
+            return w
+
+    model = torch.nn.Sequential(*(BuiltOnAccess(r, n) for r, n in ((8, 8), (4, 1), (8, 2), (4, 4), (8, 0))))
+    cache: dict[int, int] = {}
+    sizes = layer_sizes(model, cache)
+    assert [(s.parameters, s.nonzero) for s in sizes] == [(64, 64), (32, 8), (64, 16), (32, 32), (64, 0)]
+    assert cache == {}  # nothing keyed by a temporary's id
+    param = torch.nn.Parameter(torch.ones(3, 3))
+    assert _count_nonzero(param, cache) == 9 and cache == {id(param): 9}  # parameters are cached

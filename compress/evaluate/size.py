@@ -25,7 +25,14 @@ def _count_nonzero(tensor: torch.Tensor, cache: dict[int, int] | None = None) ->
     """Non-zero logical weights. Packed bitsandbytes 4-bit weights are counted on their dequantized
     values (NF4 and FP4 hold an exact zero, so pruned weights stay visible); another packed format
     that cannot be read back is counted as dense. `cache` (by tensor id) lets one measurement
-    dequantize each weight once."""
+    dequantize each weight once.
+
+    Only parameters are cached: they live as long as the model, so their ids stay theirs. A
+    quantized layer's `weight` property builds a new tensor on each access; once freed, its id is
+    reused by the next one, and a cached count then belonged to another layer (a 2:4-pruned int8
+    layer was reported more than half dense, now and then)."""
+    if not isinstance(tensor, torch.nn.Parameter):
+        cache = None
     if cache is not None and id(tensor) in cache:
         return cache[id(tensor)]
     logical = _logical_numel(tensor)
