@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import Discriminator, Tag
+from pydantic import Discriminator, Tag, model_validator
 
 from compress.registry import StageConfig, note_registry_change
 
@@ -119,6 +119,19 @@ class MethodFamily:
             return self.base
         members = tuple(Annotated[m.config_cls, Tag(m.name)] for m in self._methods.values())
         return Annotated[Union[members], Discriminator(self.name_in)]  # noqa: UP007
+
+
+class FamilyConfig(StageConfig):
+    """Base of a stage config that heads a method family: a field of another method of the family is
+    named with its owners instead of being reported as an unknown key."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _other_methods_fields(cls, data: Any) -> Any:
+        family = getattr(cls, "_method_family", None)
+        if isinstance(data, dict) and family is not None and (problems := family.foreign_fields(cls, data)):
+            raise ValueError("; ".join(problems))
+        return data
 
 
 def accepted_keys(config_cls: type[StageConfig]) -> set[str]:

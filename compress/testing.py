@@ -208,3 +208,20 @@ def make_tiny_model(model_type: str, path: str | Path, num_labels: int = 3, seed
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return Path(path)
+
+
+def prune_bert_encoder_randomly(bundle: Any, seed: int | None = None) -> Any:
+    """Zero a random half of a tiny BERT's encoder dense weights and record the masks on `bundle`
+    (a pruned base for tests of what later stages do with its zeros). `seed` None: the global RNG."""
+    import torch
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    masks = {}
+    with torch.no_grad():
+        for name, p in bundle.model.named_parameters():
+            if name.startswith("bert.encoder") and name.endswith("dense.weight"):
+                masks[name] = torch.rand_like(p) > 0.5
+                p.mul_(masks[name])
+    bundle.masks = masks
+    return bundle

@@ -64,14 +64,10 @@ def test_merge_none_saves_the_adapter_in_peft_format_and_round_trips(cls_recipe,
 def test_masked_lora_keeps_a_pruned_base_exactly_sparse(method, tiny_bert_dir, sentiment_csv, tmp_path):
     data = load_data(DataSpec(source=str(sentiment_csv), label_column="label", max_length=32, eval_size=0.2),
                      "sequence-classification")
-    bundle = ModelBundle.load(tiny_bert_dir)
-    masks = {}
-    with torch.no_grad():
-        for name, p in bundle.model.named_parameters():
-            if name.startswith("bert.encoder") and name.endswith("dense.weight"):
-                masks[name] = torch.rand_like(p) > 0.5
-                p.mul_(masks[name])
-    bundle.masks = masks
+    from compress.testing import prune_bert_encoder_randomly
+
+    bundle = prune_bert_encoder_randomly(ModelBundle.load(tiny_bert_dir))
+    masks = bundle.masks
     ctx = RunContext(output_dir=tmp_path, seed=0, device="cpu", data=data, work_dir=tmp_path / "work")
     out = run_finetune(bundle, Finetune(method=method, lr=1e-2, max_steps=4, batch_size=16), ctx)
     info = out.facts

@@ -56,16 +56,9 @@ def _logits(model, bundle):
 
 
 def _pruned_bert(tiny_bert_dir):
-    bundle = ModelBundle.load(tiny_bert_dir)
-    masks = {}
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in bundle.model.named_parameters():
-            if name.startswith("bert.encoder") and name.endswith("dense.weight"):
-                masks[name] = torch.rand_like(p) > 0.5
-                p.mul_(masks[name])
-    bundle.masks = masks
-    return bundle
+    from compress.testing import prune_bert_encoder_randomly
+
+    return prune_bert_encoder_randomly(ModelBundle.load(tiny_bert_dir), seed=0)
 
 
 # ------------------------------------------------------------------------------- train, save, reload

@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from compress.bundle import ModelBundle, ModelFormat, from_pretrained_checked, register_format
 from compress.context import RunContext
 from compress.errors import StageError
 from compress.evaluate.accuracy import evaluate_accuracy
 from compress.evaluate.size import count_parameters
-from compress.methods import MethodFamily
+from compress.methods import FamilyConfig, MethodFamily
 from compress.quant import bnb as bnb_quant
-from compress.registry import StageConfig, StageResult, register_stage
+from compress.registry import StageResult, register_stage
 from compress.training import TrainingFields, train
 from compress.training import adapters as ad
 from compress.training.loop import apply_masks, sharding_problems
@@ -33,7 +33,7 @@ from compress.training.loop import apply_masks, sharding_problems
 MergePolicy = Literal["none", "merge", "dequantize-merge-requantize"]
 
 
-class Finetune(StageConfig, TrainingFields):
+class Finetune(FamilyConfig, TrainingFields):
     """Fine-tune on the recipe's training data: peft adapters (LoRA, DoRA, QLoRA, IA³, LoHa, LoKr, VeRA,
     prompt/prefix/P-tuning) or all weights. Each method's own fields: compress/stages/finetune_methods.py."""
 
@@ -53,14 +53,6 @@ class Finetune(StageConfig, TrainingFields):
                           "that cannot merge (prompt/prefix/P-tuning).")
     save_adapter: bool = Field(False, description="Also write the trained adapter (PEFT format) to "
                                                   "<output_dir>/adapters/<stage folder>/.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _other_methods_fields(cls, data: Any) -> Any:
-        # `rank` given to ia3 is named as LoRA's (and LoHa's ...) field, not just "unknown key".
-        if isinstance(data, dict) and (problems := FINETUNE_METHODS.foreign_fields(cls, data)):
-            raise ValueError("; ".join(problems))
-        return data
 
 
 MergeFn = Callable[[Any, dict[str, torch.Tensor], bool], Any]

@@ -15,13 +15,13 @@ from compress.calibration import batch_rows, calibration_batches, input_norms
 from compress.context import RunContext
 from compress.errors import StageError
 from compress.layers import bad_patterns, first_match, ignore_field, pattern_problems, targets_field
-from compress.methods import MethodFamily
+from compress.methods import FamilyConfig, MethodFamily
 from compress.pruning import importance as imp
 from compress.pruning import owl, sparsegpt, verify
 from compress.pruning import structured as st
 from compress.pruning.masks import magnitude_score, nm_mask, unstructured_mask, wanda_score
 from compress.pruning.targets import in_features, is_conv1d, oriented, select_linears
-from compress.registry import StageConfig, StageResult, register_stage
+from compress.registry import StageResult, register_stage
 
 STRUCTURED = ("heads", "ffn", "layers")
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -33,7 +33,7 @@ NOTE_NM = ("N:M zeros give no speed-up with dense CPU kernels; 2:4 can be accele
            "not enable.")
 
 
-class Prune(StageConfig):
+class Prune(FamilyConfig):
     """Prune weights: unstructured / N:M masks (magnitude, Wanda, SparseGPT) or heads / FFN channels / layers."""
 
     type: Literal["prune"] = "prune"
@@ -44,13 +44,6 @@ class Prune(StageConfig):
     calibration_samples: int | None = Field(None, gt=0, description=(
         "wanda / sparsegpt / owl / activation / taylor: calibration blocks of data.max_length tokens, drawn "
         "with the stage seed (one example per block for classification); default: data.calibration_samples."))
-
-    @model_validator(mode="before")
-    @classmethod
-    def _other_structures_fields(cls, data: Any) -> Any:
-        if isinstance(data, dict) and (problems := PRUNE_STRUCTURES.foreign_fields(cls, data)):
-            raise ValueError("; ".join(problems))
-        return data
 
     def needs_data(self) -> bool:
         raise NotImplementedError  # each structure says
