@@ -200,6 +200,10 @@ def plan_quantize(label: str, stage: Any, weights: Weights, shape: Shape,
         group = 0 if stage.scheme == "int8-weight" else 128
     bits = getattr(stage, "bits", 4)
     fmt = stage.scheme if bits == 4 else f"{stage.scheme}@{bits}"
+    if stage.scheme == "mixed":
+        # Widths are chosen at run time; planned at the integer width nearest the budget.
+        bits = min(stage.candidate_bits, key=lambda b: abs(b - stage.avg_bits))
+        fmt = "gptq" if bits == 4 else ("int8-weight" if bits == 8 else f"gptq@{bits}")
     layers = shape.selected(stage.include, stage.exclude)
     if not layers:
         plan.parts["weights"] = weights.total()
@@ -218,7 +222,7 @@ def plan_quantize(label: str, stage: Any, weights: Weights, shape: Shape,
         i, o = max(layers.values(), key=lambda s: s[0] * s[1])
         plan.parts["layer workspace"] = 2 * i * o * 4
     n = stage.calibration_samples or setting.calibration_samples
-    if stage.scheme in ("gptq", "awq"):
+    if stage.scheme in ("gptq", "awq", "mixed"):
         # compress.calibration collects every layer's Hessian in float64 in one pass.
         plan.parts["hessians (float64)"] = sum(i * i * 8 for i, _ in layers.values())
         plan.parts["calibration forward"] = inference_activations(shape, 1, setting.seq, weights.float_bytes,

@@ -29,7 +29,8 @@ class Quantize(StageConfig):
     scheme: str = Field("int8-dynamic", description=(
         "int8 (bitsandbytes LLM.int8), nf4/fp4 (bitsandbytes 4-bit), int8-dynamic (int8 weights and "
         "run-time int8 activations: the CPU speed path), int8-weight/int4-weight (weight-only, "
-        "round-to-nearest), gptq and awq (calibrated weight-only, 4/3/2 bits)."))
+        "round-to-nearest), gptq and awq (calibrated weight-only, 4/3/2 bits), mixed (per-layer 8/4/3 bits "
+        "by measured sensitivity under an average-bits budget)."))
     include: list[str] | None = Field(None, description=(
         "Only layers whose name matches one of these regexes (matched against trailing dotted parts, "
         "e.g. 'query', 'layer\\.0\\..*'); default: all."))
@@ -137,9 +138,11 @@ QUANTIZE_SCHEMES = MethodFamily(Quantize, "scheme", default="int8-dynamic")
 @dataclass
 class SchemeOutput:
     """What a scheme handler returns: the model (the same object, or a new one for bitsandbytes), each
-    target's relative weight error, facts for the report and the bundle format."""
+    target's relative weight error, facts for the report, the bundle format, and the targets the scheme
+    chose to keep in float (mixed precision), which the stage then does not expect quantized."""
 
     model: nn.Module
     errors: dict[str, float]
     facts: dict[str, Any] = field(default_factory=dict)
     format: str = "quantized"
+    kept_float: list[str] = field(default_factory=list)

@@ -7,9 +7,9 @@ batch updates and the Cholesky form of the inverse Hessian, with the reference c
 (activation order, static groups, MSE grid search), and writes the same layout as round-to-nearest
 (`WeightOnlyLinear`), so reload and size accounting are shared.
 
-Hessians are collected in one pass over the float model (every layer sees float inputs), as
-torchao's GPTQ does by default; quantizing block by block on quantized inputs would be a little
-more accurate and several times slower.
+By default Hessians are collected in one pass over the float model (every layer sees float inputs),
+as torchao's GPTQ does; scheme gptq's `true_sequential` instead quantizes block by block and
+sub-layer by sub-layer on quantized inputs (compress/calibration/sequential.py), as the reference does.
 """
 
 from __future__ import annotations

@@ -172,6 +172,9 @@ def run_quantize(bundle: ModelBundle, config: Quantize, ctx: RunContext) -> Stag
     embedded: list[str] = []
     done = QUANTIZE_SCHEMES.handler(config)(model, targets, config, bundle, ctx)
     model, errors, facts, fmt = done.model, done.errors, dict(done.facts), done.format
+    if done.kept_float:  # chosen by the scheme (mixed precision), reported, not expected quantized
+        targets = [t for t in targets if t not in set(done.kept_float)]
+        facts["kept_float"] = list(done.kept_float)
     if not config.bitsandbytes:
         with torch.no_grad():
             embedded, emb_facts = _quantize_embeddings(model, sel.embeddings, config, skipped)

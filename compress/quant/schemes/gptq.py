@@ -3,16 +3,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
+from compress.calibration.sequential import fit_sequentially
 from compress.errors import StageError
 from compress.quant.config import QUANTIZE_SCHEMES, SchemeOutput
 from compress.quant.gptq import gptq_quantize
-from compress.quant.schemes.common import calibration_stats, replace_layers, weight_only_layer
+from compress.quant.schemes.common import (
+    calibration_stats,
+    draw_calibration,
+    replace_layers,
+    weight_only_layer,
+)
 from compress.quant.schemes.rtn import BITS_HELP, WeightOnly
 
 
@@ -33,6 +40,11 @@ class Gptq(WeightOnly):
         "Fit every group's scale and zero point on the weight before any update, in the original "
         "column order. Default: on with act_order (the stored layout keeps a group's columns together, "
         "so act_order with groups needs it), off otherwise."))
+    true_sequential: bool = Field(False, description=(
+        "Quantize block by block, each block on the outputs of the already-quantized blocks before it, "
+        "and inside a block in the order data reaches the layers (q/k/v, then o, then gate/up, then "
+        "down), each on inputs from the already-quantized ones (GPTQ's reference `true-sequential`). "
+        "Default: every Hessian from one pass over the float model (faster)."))
     mse_scale: bool = Field(False, description=(
         "Fit each group's range by a grid search minimising |w - q|^2.4 (GPTQ's reference quantizer) "
         "instead of min-max: clips rare extreme weights so the rest are rounded finer."))
@@ -52,23 +64,38 @@ class Gptq(WeightOnly):
 
 
 def quantize_gptq(model: nn.Module, targets: list[str], config: Gptq, bundle: Any, ctx: Any) -> SchemeOutput:
-    """GPTQ on every target, with Hessians measured in one pass over the float model."""
-    stats, facts = calibration_stats(model, targets, config, bundle, ctx, hessian=True)
+    """GPTQ on every target, with Hessians measured in one pass over the float model, or (true_sequential)
+    block by block and sub-layer by sub-layer on the already-quantized model."""
 
-    def build(name: str, linear: nn.Linear) -> nn.Module:
-        try:
-            codes, scales, zeros = gptq_quantize(
-                linear.weight, stats[name].mean_hessian(), config.bits, config.group_size, config.gptq_damp,
-                config.gptq_block_size, act_order=config.act_order,
-                static_groups=config.resolved_static_groups(), mse_scale=config.mse_scale)
-        except ValueError as exc:
-            raise StageError(f"quantize.gptq_damp: layer {name}: {exc}") from None
-        return weight_only_layer(linear, config.bits, config.group_size, codes, scales, zeros)
+    def build_with(hessian: torch.Tensor) -> Callable[[str, nn.Linear], nn.Module]:
+        def build(name: str, linear: nn.Linear) -> nn.Module:
+            try:
+                codes, scales, zeros = gptq_quantize(
+                    linear.weight, hessian, config.bits, config.group_size, config.gptq_damp,
+                    config.gptq_block_size, act_order=config.act_order,
+                    static_groups=config.resolved_static_groups(), mse_scale=config.mse_scale)
+            except ValueError as exc:
+                raise StageError(f"quantize.gptq_damp: layer {name}: {exc}") from None
+            return weight_only_layer(linear, config.bits, config.group_size, codes, scales, zeros)
+        return build
 
     with torch.no_grad():
-        errors = replace_layers(model, targets, build)
+        if config.true_sequential:
+            batches, facts = draw_calibration(model, config, bundle, ctx)
+            errors: dict[str, float] = {}
+
+            def fit(name: str, _module: nn.Module, hessian: torch.Tensor) -> None:
+                errors.update(replace_layers(model, [name], build_with(hessian)))
+
+            linears = {n: model.get_submodule(n) for n in targets}
+            for _ in fit_sequentially(model, linears, batches, fit, split_blocks=True):
+                pass
+        else:
+            stats, facts = calibration_stats(model, targets, config, bundle, ctx, hessian=True)
+            errors = replace_layers(model, targets,
+                                    lambda n, lin: build_with(stats.pop(n).mean_hessian())(n, lin))
     facts.update(bits=config.bits, act_order=config.act_order, static_groups=config.resolved_static_groups(),
-                 mse_scale=config.mse_scale)
+                 mse_scale=config.mse_scale, true_sequential=config.true_sequential)
     return SchemeOutput(model, errors, facts)
 
 
