@@ -41,6 +41,8 @@ SCHEMES = {
     "awq": {"scheme": "awq", "group_size": 32, "calibration_samples": 8},
     "gptq-act-order-3bit": {"scheme": "gptq", "bits": 3, "act_order": True, "mse_scale": True, "group_size": 32,
                             "calibration_samples": 8},
+    "gptq-true-sequential": {"scheme": "gptq", "true_sequential": True, "group_size": 32, "calibration_samples": 8},
+    "mixed": {"scheme": "mixed", "avg_bits": 5.5, "group_size": 32, "calibration_samples": 8},
     "int8-dynamic+emb": {"scheme": "int8-dynamic", "embeddings": "int8"},
     "int8-dynamic+smooth": {"scheme": "int8-dynamic", "smooth_alpha": 0.5, "calibration_samples": 8},
     # Slow everywhere: the same code paths as nf4 / int4-weight / int8 embeddings with other numbers.
@@ -136,7 +138,14 @@ def test_quantize_keeps_its_promises(arch, case, assets, tmp_path):
 
     # Each layer's dequantized weight is within the scheme's bound of the float weight.
     bound = config.error_bound()
-    assert bound == WEIGHT_ERROR_BOUND[config.scheme] or config.bits < 4
+    if config.scheme == "mixed":  # each layer within its own width's bound, the loosest for the stage
+        assert bound == max(config.width_bound(b) for b in config.candidate_bits)
+        widths = {r["layer"]: r["kind"] for r in info["layers"]}
+        for name, assigned in info["mixed_assignment"].items():
+            assert widths[name] == f"weight-only-int{assigned['bits']}"
+        assert info["avg_bits_achieved"] <= config.avg_bits
+    else:
+        assert bound == WEIGHT_ERROR_BOUND[config.scheme] or config.bits < 4
     if config.scheme == "awq":
         # AWQ's error is measured on the weight it rounded, W diag(s) after folding (not kept here);
         # that the folded float model is unchanged is test_awq's, here: the quantized model is sane.
