@@ -6,9 +6,11 @@ that width, to second order: ½ Σ_i F_i (ΔW H ΔWᵀ)_ii, where ΔW = W - Q wi
 calibration pass) and F_i the mean squared loss gradient at output channel i (one backward pass,
 compress/calibration/gradients.py): HAWQ's idea with the Fisher in the layer's output space.
 `sensitivity: output-error` drops F (tr(ΔW H ΔWᵀ), the GPTQ-style layer-wise proxy, no backward).
-Measured on a tiny Llama with an outlier layer, the output error alone ranks layers wrongly: it cannot
-see that an error in o_proj / down_proj (whose small inputs give small output errors) goes straight
-into the residual stream, and it lost to uniform 4-bit at the same budget (tests/test_mixed_precision.py).
+Measured on a tiny Llama with an outlier layer (tests/test_mixed_precision.py): against the real logit
+error of quantizing each layer alone, the Fisher-weighted measure ranks the 14 layers with Spearman
+0.97, the output error alone 0.12. The output error cannot see that an error in o_proj / down_proj
+(whose small inputs give small output errors) goes straight into the residual stream, nor that q/k
+errors barely move a nearly uniform attention; with it, mixed lost to uniform 4-bit at the same budget.
 The exact alternative (the loss with only that layer quantized) needs one forward pass per layer per
 width (SmolLM2-135M: 211 layers x 3 widths = 633 passes) where this needs one forward and one backward.
 
