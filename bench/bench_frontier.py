@@ -42,8 +42,8 @@ def _variants(calibration: dict[str, Any] = CALIBRATION) -> dict[str, list[dict[
         out[f"GPTQ act-order W{bits} g{GROUP}"] = [{**base, "scheme": "gptq", "act_order": True, **calibration}]
         out[f"AWQ W{bits} g{GROUP}"] = [{**base, "scheme": "awq", **calibration}]
     # Block by block and sub-layer by sub-layer on quantized inputs: where it could matter, at 3 bits.
-    out[f"GPTQ true-sequential W3 g{GROUP}"] = [{"type": "quantize", "bits": 3, "group_size": GROUP, "scheme": "gptq",
-                                                  "true_sequential": True, **calibration}]
+    out[f"GPTQ true-sequential W3 g{GROUP}"] = [{"type": "quantize", "bits": 3, "group_size": GROUP,
+                                                  "scheme": "gptq", "true_sequential": True, **calibration}]
     for avg, widths in ((3.5, [2, 3, 4, 8]), (4.5, [3, 4, 8])):
         out[f"mixed avg {avg} g{GROUP}"] = [{"type": "quantize", "scheme": "mixed", "avg_bits": avg,
                                              "candidate_bits": widths, "group_size": GROUP, **calibration}]
@@ -124,8 +124,8 @@ def render() -> None:
                          f"output error vs RTN {info['awq_clip_error_vs_rtn']}")
         if "avg_bits_achieved" in info:
             widths = ", ".join(f"{k} {v}" for k, v in info.get("layers_per_width", {}).items())
-            notes.append(f"{info['avg_bits_achieved']} bits per weight stored (budget {info['avg_bits_budget']}); "
-                         f"layers per width: {widths}")
+            notes.append(f"{info['avg_bits_achieved']} bits per weight stored (budget "
+                         f"{info['avg_bits_budget']}); layers per width: {widths}")
         if "weight_error_max" in info:
             notes.append(f"worst layer weight error {info['weight_error_max']}")
         lines.append(f"| {r['variant']} | {ppl:.3f} | {rel} | {r['stage_seconds'] or '–'} | {'; '.join(notes)} |")

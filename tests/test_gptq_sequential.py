@@ -82,3 +82,31 @@ def test_true_sequential_matches_plain_gptq_on_the_first_group(tiny_llama_dir, l
     # Measured (3 bits, groups of 32, 16 blocks): plain 1.244e-3, true-sequential 1.166e-3; reported only,
     # the order of the two is not a property of the method on a random model.
     assert errors[True] == pytest.approx(errors[False], rel=0.5), errors
+
+
+def test_without_splitting_blocks_it_is_sparsegpts_block_sequential_pass(tiny_llama_dir, lm_recipe, tmp_path):
+    """fit_sequentially(split_blocks=False) measures exactly what SparseGPT's prune_sequentially does, so
+    the pruning loop can become a call of it."""
+    from compress.pruning.sparsegpt import prune_sequentially, sparsegpt_prune
+
+    ctx = _ctx(tmp_path, lm_recipe)
+    results = []
+    for loop in ("prune", "fit"):
+        bundle = _bundle(tiny_llama_dir)
+        model = bundle.model
+        batches = calibration_batches(bundle, ctx.data, 8, 1)
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+
+        def prune(name, lin, hessian):
+            weight, mask = sparsegpt_prune(lin.weight, hessian, 0.5)
+            lin.weight.data.copy_(weight)
+            return mask
+
+        if loop == "prune":
+            masks = dict(prune_sequentially(model, linears, batches, prune))
+        else:
+            masks = dict(fit_sequentially(model, linears, batches, prune))
+        results.append((masks, {n: m.weight.detach().clone() for n, m in linears.items()}))
+    for name in results[0][0]:
+        assert torch.equal(results[0][0][name], results[1][0][name]), name
+        assert torch.equal(results[0][1][name], results[1][1][name]), name

@@ -83,6 +83,7 @@ def _spearman(a, b):
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
+@pytest.mark.slow  # ~25 s: two calibrations and 14 single-layer probes
 def test_fisher_sensitivity_ranks_layers_as_their_real_logit_error_does(sensitive_dir, lm_recipe, tmp_path):
     """Ground truth: the logit error of quantizing one layer alone to 4 bits. The Fisher-weighted measure
     ranks the 14 layers as it does; the output error alone does not (why `fisher` is the default)."""

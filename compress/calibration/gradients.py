@@ -61,8 +61,9 @@ def output_grad_sq(model: Any, modules: dict[str, torch.nn.Module], batches: lis
                 out = model(**inputs)
                 loss = getattr(out, "loss", None)
                 if loss is None:
-                    raise StageError(f"{field}: measuring sensitivity needs the model's loss on the calibration "
-                                     f"data, but it returned none (no labels); use sensitivity: output-error")
+                    raise StageError(f"{field}: measuring sensitivity needs the model's loss on the "
+                                     f"calibration data, but it returned none (no labels); use sensitivity: "
+                                     f"output-error")
                 real = int(tokens.mask.sum()) if tokens.mask is not None else inputs["input_ids"].numel()
                 (loss * real).backward()
     finally:

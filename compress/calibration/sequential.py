@@ -88,7 +88,8 @@ def fit_sequentially(model: Any, linears: dict[str, torch.nn.Module], batches: l
     calls: list | None = None
     for index, (block, group) in enumerate(groups):
         if block is None:
-            found, order = input_hessians(model, {n: model.get_submodule(n) for n in group}, batches), [list(group)]
+            order = [list(group)]
+            found = input_hessians(model, {n: model.get_submodule(n) for n in group}, batches)
         else:
             if calls is None:
                 run = [block]  # this block and the consecutive ones after it: one capture serves them all

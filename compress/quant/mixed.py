@@ -137,8 +137,9 @@ def check_assignment(model: nn.Module, assigned: dict[str, int | None], avg_bits
             raise StageError(f"quantize: mixed: layer {name} was assigned {want} but holds {got}; the "
                              f"assignment was not applied")
         if bits is not None and not errors.get(name, float("nan")) <= bounds[bits]:
-            raise StageError(f"quantize: mixed: layer {name}: relative weight error "
-                             f"{errors.get(name, float('nan')):.4g} exceeds the int{bits} bound {bounds[bits]:g}")
+            err = errors.get(name, float("nan"))
+            raise StageError(f"quantize: mixed: layer {name}: relative weight error {err:.4g} exceeds the "
+                             f"int{bits} bound {bounds[bits]:g}")
     achieved = average_bits(model, list(assigned))
     if achieved > avg_bits * (1 + 1e-9):
         raise StageError(f"quantize.avg_bits: the {len(assigned)} layers hold {achieved:.4f} bits per weight "

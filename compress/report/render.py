@@ -158,9 +158,9 @@ def render_markdown(report: Report, plots: dict[str, str] | None = None) -> str:
                     f"{name.rsplit('.', 1)[-1]}: {100 * value:.1f}%" for name, value in blocks.items()))
             widths = p.stage_info.get("mixed_assignment")
             if isinstance(widths, dict) and widths:  # mixed precision: each layer's width and sensitivity
-                out.append("  - bits per layer (mixed; sensitivity = output error at that width): " + ", ".join(
-                    f"{name}: {'float' if a.get('bits') is None else a.get('bits')} ({a.get('sensitivity'):.3g})"
-                    for name, a in widths.items()))
+                out.append("  - bits per layer (mixed; its sensitivity at that width): " + ", ".join(
+                    f"{name}: {'float' if a.get('bits') is None else a.get('bits')} "
+                    f"({a.get('sensitivity'):.3g})" for name, a in widths.items()))
             for note in p.notes:
                 out.append(f"  - note: {note}")
         out.append("")

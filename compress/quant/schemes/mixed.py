@@ -125,14 +125,15 @@ def _cheapest(model: nn.Module, targets: list[str], config: Mixed) -> float:
     return cost / total if total else 0.0
 
 
-def quantize_mixed(model: nn.Module, targets: list[str], config: Mixed, bundle: Any, ctx: Any) -> SchemeOutput:
+def quantize_mixed(model: nn.Module, targets: list[str], config: Mixed, bundle: Any,
+                   ctx: Any) -> SchemeOutput:
     """Measure every target at every candidate width, assign widths under the budget, install them."""
     floor = _cheapest(model, targets, config)
     if floor > config.avg_bits:  # before any calibration work
         raise StageError(f"quantize.avg_bits: {config.avg_bits:g} bits per weight is below the cheapest "
-                         f"assignment, {floor:.4f} (every layer at its narrowest width, scales and zero points "
-                         f"included); raise avg_bits, add a narrower width to candidate_bits, or use a "
-                         f"larger group_size")
+                         f"assignment, {floor:.4f} (every layer at its narrowest width, scales and zero "
+                         f"points included); raise avg_bits, add a narrower width to candidate_bits, or use "
+                         f"a larger group_size")
     batches, facts = draw_calibration(model, config, bundle, ctx)
     modules = {n: model.get_submodule(n) for n in targets}
     stats = input_stats(model, modules, batches, hessian=True)
@@ -145,11 +146,14 @@ def quantize_mixed(model: nn.Module, targets: list[str], config: Mixed, bundle: 
         for name in targets:
             linear = as_linear(model.get_submodule(name))
             hessian = stats.pop(name).mean_hessian()
+            # No gradient reached the layer: it does not move the loss, so no width costs anything.
+            weight_of = (fisher.get(name, torch.zeros(linear.out_features))
+                         if config.sensitivity == "fisher" else None)
             opts = []
             for bits in config.widths():
                 layer = _quantized(linear, hessian, bits, config, name)
                 opts.append(Option(bits, layer, stored_bits(layer),
-                                   sensitivity(linear.weight, layer.weight, hessian, fisher.get(name))))
+                                   sensitivity(linear.weight, layer.weight, hessian, weight_of)))
             if config.keep_float:
                 opts.append(Option(None, None, stored_bits(linear), 0.0))
             options[name] = opts
