@@ -52,9 +52,9 @@ def sensitivity(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Te
     """The loss increase of replacing `weight` (out, in) by `quantized`, to second order: ½ Σ_i F_i
     (ΔW H ΔWᵀ)_ii with F the output-gradient Fisher (see compress.calibration.gradients); without F,
     the layer's output error tr(ΔW H ΔWᵀ)."""
-    d = weight.detach().float() - quantized.detach().float()
-    per_row = ((d @ hessian.detach().float()) * d).sum(1)
-    return float(per_row.sum()) if fisher is None else 0.5 * float((fisher.float() * per_row).sum())
+    d = weight.detach().float() - quantized.detach().float().to(weight.device)
+    per_row = ((d @ hessian.detach().float().to(d.device)) * d).sum(1)  # statistics are kept on the CPU
+    return float(per_row.sum()) if fisher is None else 0.5 * float((fisher.float().to(d.device) * per_row).sum())
 
 
 def stored_bits(layer: nn.Module) -> float:
