@@ -29,8 +29,9 @@ from compress.errors import CompressError, StageError
 from compress.evaluate.accuracy import evaluate_accuracy
 from compress.paths import looks_like_local_path, resolve_path
 from compress.registry import StageConfig, StageResult, register_stage
-from compress.training import TrainingFields, train
+from compress.training import TrainingFields
 from compress.training import adapters as ad
+from compress.training.entry import held_out_evaluator, train_in_stage
 from compress.training.loop import sharding_problems
 
 STAGE_REF = "stage:"
@@ -144,8 +145,8 @@ def check_distill(bundle: ModelBundle, config: Distill, ctx: RunContext) -> list
         try:
             t_config, t_tok, t_task = _describe(config.teacher)
         except (OSError, ValueError, CompressError) as exc:
-            return [f"teacher: cannot load {config.teacher!r} ({str(exc).splitlines()[0]}); give a model "
-                    f"folder, pkg: path or Hub id"]
+            return [(f"teacher: cannot load {config.teacher!r} ({str(exc).splitlines()[0]}); give a model "
+                    f"folder, pkg: path or Hub id")]
     # What the student will look like, from configs only.
     s_config, s_tok, s_task = bundle.model.config, bundle.tokenizer, bundle.task
     layers = _layers(t_config)
@@ -157,8 +158,8 @@ def check_distill(bundle: ModelBundle, config: Distill, ctx: RunContext) -> list
             s_task = t_task
             s_config.num_labels, s_config.id2label = t_config.num_labels, t_config.id2label
         except (OSError, ValueError) as exc:
-            return problems + [f"student_model: cannot load {config.student_model!r} "
-                               f"({str(exc).splitlines()[0]}); give a model folder, pkg: path or Hub id"]
+            return problems + [(f"student_model: cannot load {config.student_model!r} "
+                               f"({str(exc).splitlines()[0]}); give a model folder, pkg: path or Hub id")]
     elif config.keep_every is not None or config.keep_layers is not None:
         keep = config.keep_layers or st.every_kth(layers, config.keep_every)
         if config.keep_every is not None and config.keep_every > layers:
@@ -179,8 +180,8 @@ def check_distill(bundle: ModelBundle, config: Distill, ctx: RunContext) -> list
         try:
             st.student_from_config(t_config, config.student_config, t_task, meta=True)
         except Exception as exc:  # noqa: BLE001 - any construction error is the user's config
-            return problems + [f"student_config: these settings do not make a valid model ({exc}); "
-                               f"e.g. hidden_size must be a multiple of num_attention_heads"]
+            return problems + [(f"student_config: these settings do not make a valid model ({exc}); "
+                               f"e.g. hidden_size must be a multiple of num_attention_heads")]
         s_config, s_tok, s_task = _with(t_config, **config.student_config), t_tok, t_task
     elif ad.count_bnb(bundle.model):
         problems.append("teacher: the student would be the incoming model, which is quantized and cannot be "
@@ -367,18 +368,11 @@ def run_distill(bundle: ModelBundle, config: Distill, ctx: RunContext) -> StageR
                           attention_weight=config.attention_weight, layer_map=layer_map, cache=cache)
     masks = {f"student.{k}": v for k, v in bundle.masks.items()} if pair.student_is_incoming else {}
 
-    def evaluate(m: Any) -> dict[str, float]:
-        metrics, _ = evaluate_accuracy(m.student, eval_set, pair.s_tok, t_task, device=ctx.device,
-                                       num_labels=data.num_labels)
-        return {k: v for k, v in metrics.model_dump().items() if isinstance(v, float)}
-
+    evaluate = held_out_evaluator(eval_set, pair.s_tok, t_task, device=ctx.device, num_labels=data.num_labels,
+                                  pick=lambda wrapped: wrapped.student)
     with _eager_attention([teacher, student], config.attention_weight > 0):
-        result = train(
-            wrapper, train_set, collate, config, device=ctx.device, seed=ctx.seed, loss_fn=objective,
-            evaluate=evaluate, eval_metric="accuracy" if t_task == "sequence-classification" else "eval_loss",
-            masks=masks or None, show_progress=ctx.show_progress, label=config.label(),
-            checkpoint_dir=ctx.work_dir / "checkpoint", resume=ctx.resume, stop=ctx.stop,
-        )
+        result = train_in_stage(wrapper, train_set, collate, config, ctx, task=t_task, evaluate=evaluate,
+                                loss_fn=objective, masks=masks or None)
     student.requires_grad_(False)
     student.eval()
 
