@@ -16,6 +16,7 @@ from compress.bundle import ModelBundle, detect_task, load_tokenizer
 from compress.distill import compat
 from compress.distill import student as st
 from compress.errors import CompressError, StageError
+from compress.modelconfig import derived_config
 from compress.paths import looks_like_local_path, resolve_path
 from compress.training import adapters as ad
 from compress.training.loop import sharding_problems
@@ -88,7 +89,7 @@ def source_problems(bundle: ModelBundle, config: Distill, ctx: RunContext) -> li
             problems.append(f"keep_layers: {bad} do not exist; the teacher has layers 0..{layers - 1}")
         elif config.teacher is None and (why := st.layers_mismatch(bundle.model, keep, t_task)):
             problems.append(f"{'keep_layers' if config.keep_layers else 'keep_every'}: {why}")
-        s_config, s_tok, s_task = with_changes(t_config, num_hidden_layers=len(keep)), t_tok, t_task
+        s_config, s_tok, s_task = derived_config(t_config, {"num_hidden_layers": len(keep)}), t_tok, t_task
     elif config.student_config is not None:
         unknown = [k for k in config.student_config if not hasattr(t_config, k)]
         if unknown:
@@ -100,7 +101,7 @@ def source_problems(bundle: ModelBundle, config: Distill, ctx: RunContext) -> li
         except Exception as exc:  # noqa: BLE001 - any construction error is the user's config
             return problems + [(f"student_config: these settings do not make a valid model ({exc}); "
                                f"e.g. hidden_size must be a multiple of num_attention_heads")]
-        s_config, s_tok, s_task = with_changes(t_config, **config.student_config), t_tok, t_task
+        s_config, s_tok, s_task = derived_config(t_config, config.student_config), t_tok, t_task
     elif ad.count_bnb(bundle.model):
         problems.append("teacher: the student would be the incoming model, which is quantized and cannot be "
                         "trained; distil before quantizing, or set student_model / keep_every")
@@ -115,15 +116,6 @@ def describe_bare(path: str) -> tuple[Any, Any]:
 
     location = str(resolve_path(path)) if looks_like_local_path(path) else path
     return AutoConfig.from_pretrained(location), load_tokenizer(location)
-
-
-def with_changes(config: Any, **changes: Any) -> Any:
-    import copy
-
-    config = copy.deepcopy(config)
-    for key, value in changes.items():
-        setattr(config, key, value)
-    return config
 
 
 def matching_problems(config: Distill, t_config: Any, s_config: Any) -> list[str]:
