@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from compress.errors import CompressError
+from compress.errors import CompressError, RecipeError
 
 T = TypeVar("T")
 
@@ -119,3 +119,15 @@ def _picklable(outcome: tuple[str, Any]) -> tuple[str, Any]:
         if kind == "error":
             return kind, CompressError(f"{type(value).__name__}: {value}")
         raise
+
+
+def resolve_device(asked: str, ranks: Ranks | None = None) -> str:
+    """`cuda` or `cpu` for the recipe's `device` (auto, cpu or cuda). Under a distributed launch, `cuda` is
+    this rank's own GPU (LOCAL_RANK), which `current_ranks` made the current device."""
+    if asked == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("device: 'cuda' was asked for but no CUDA GPU is visible; use device: auto or cpu")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if asked == "auto" else asked
+    if ranks is not None and ranks.distributed and device == "cuda" and ranks.local_rank >= torch.cuda.device_count():
+        raise RecipeError(f"device: process {ranks.rank} has LOCAL_RANK {ranks.local_rank} but only "
+                          f"{torch.cuda.device_count()} GPUs are visible; launch at most that many per node")
+    return device

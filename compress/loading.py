@@ -9,10 +9,9 @@ import torch
 
 from compress.bundle import ModelBundle, detect_task, from_pretrained_checked, load_tokenizer
 from compress.errors import ModelError
+from compress.modelconfig import TORCH_DTYPES
 from compress.paths import looks_like_local_path, resolve_path
 from compress.specs import ModelSpec
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def model_location(spec: ModelSpec) -> str:
@@ -46,7 +45,7 @@ def checkpoint_dtype(config: Any) -> str | None:
     named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(named, torch.dtype):
         named = str(named).removeprefix("torch.")
-    return named if named in _DTYPES else None
+    return named if named in TORCH_DTYPES else None
 
 
 def resolve_dtype(spec: ModelSpec, config: Any, device: str, bf16_supported: bool | None = None) -> str:
@@ -188,7 +187,7 @@ def load_model(spec: ModelSpec, task: str, device: str, seed: int, *, label_name
     location = model_location(spec)
     dtype = resolve_dtype(spec, load_config(spec), device) if spec.dtype == "auto" else spec.dtype
     kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code,
-                              "dtype": _DTYPES[dtype]}
+                              "dtype": TORCH_DTYPES[dtype]}
     gguf = gguf_kwargs(spec)
     if gguf:
         from transformers import GgufConfig

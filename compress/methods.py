@@ -130,8 +130,14 @@ class FamilyConfig(StageConfig):
     def _other_methods_fields(cls, data: Any) -> Any:
         family = getattr(cls, "_method_family", None)
         if isinstance(data, dict) and family is not None and (problems := family.foreign_fields(cls, data)):
-            raise ValueError("; ".join(problems))
+            raise ValueError("; ".join(problems + cls.problems_beside_foreign_fields(data)))
         return data
+
+    @classmethod
+    def problems_beside_foreign_fields(cls, data: dict[str, Any]) -> list[str]:
+        """Other mistakes in the raw node to report with a foreign field (pydantic stops at the first
+        failing before-validator, and a recipe's errors are all reported at once)."""
+        return []
 
 
 def accepted_keys(config_cls: type[StageConfig]) -> set[str]:

@@ -17,6 +17,7 @@ import torch
 
 from compress.errors import CompressError, RecipeError
 from compress.loading import load_config, resolve_dtype
+from compress.modelconfig import derived_config
 from compress.recipe import Recipe
 from compress.registry import base_load_plan
 
@@ -157,11 +158,7 @@ def estimate_parameters(config: Any, task: str) -> int:
 def _count(config: Any, task: str, layers: int | None) -> int:
     from compress.bundle import auto_class
 
-    config = copy.deepcopy(config)
-    if layers is not None:
-        config.num_hidden_layers = layers
-        if isinstance(getattr(config, "layer_types", None), list):
-            config.layer_types = (config.layer_types * layers)[:layers]
+    config = derived_config(config, {} if layers is None else {"num_hidden_layers": layers})
     with torch.device("meta"):
         model = auto_class(task).from_config(config)
     return sum(p.numel() for p in model.parameters())

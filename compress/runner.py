@@ -8,15 +8,10 @@ crash leaves an accurate record of how far the run got.
 
 from __future__ import annotations
 
-import errno
-import json
 import logging
-import os
 import shutil
-import signal
 import threading
 import time
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,9 +21,9 @@ import torch
 from compress.bundle import ModelBundle
 from compress.context import RunContext, StageOutput
 from compress.data import DataBundle, load_data
-from compress.distributed import Ranks, current_ranks
+from compress.distributed import current_ranks, resolve_device
 from compress.environment import collect_environment
-from compress.errors import CompressError, Interrupted, RecipeError, StageError
+from compress.errors import CompressError, Interrupted, RecipeError
 from compress.evaluate.point import evaluate_bundle
 from compress.evaluate.side_by_side import measure_side_by_side
 from compress.io import write_json_atomic
@@ -39,12 +34,15 @@ from compress.registry import StageResult, base_load_plan, get_stage
 from compress.report.render import write_report
 from compress.report.schema import EvalPoint, Report
 from compress.reuse import StageCache, check_resume_points, stage_dir_name, stage_done, stage_fingerprints
+from compress.runfailures import FolderVanished, explain_failure
 from compress.runlock import RunLock
 from compress.runrecords import (
     RUN_FILE,
     STAGE_FILE,
     clean_temporaries,
-    file_digests,
+    fault,
+    new_stage_record,
+    now,
     quiet_json,
     read_model,
     recorded_baseline,
@@ -54,19 +52,6 @@ from compress.runrecords import (
 log = logging.getLogger("compress")
 
 BASELINE_DIR = "00-baseline"
-
-
-def resolve_device(recipe: Recipe, ranks: Ranks | None = None) -> str:
-    """`cuda` or `cpu`. Under a distributed launch, `cuda` is this rank's own GPU (LOCAL_RANK), which
-    compress.distributed made the current device."""
-    if recipe.device == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("device: 'cuda' was asked for but no CUDA GPU is visible; use device: auto or cpu")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if recipe.device == "auto" else recipe.device
-    if ranks is not None and ranks.distributed and device == "cuda":
-        if ranks.local_rank >= torch.cuda.device_count():
-            raise RecipeError(f"device: process {ranks.rank} has LOCAL_RANK {ranks.local_rank} but only "
-                              f"{torch.cuda.device_count()} GPUs are visible; launch at most that many per node")
-    return device
 
 
 class Runner:
@@ -155,7 +140,7 @@ class Runner:
             stage_done(self.fingerprints, self.out / stage_dir_name(i, s.stage_type()), i) for i, s in enumerate(recipe.stages)))
         bundle = None
         try:  # every rank loads (training stages run on all of them); all agree before anything is written
-            device = resolve_device(recipe, ranks)
+            device = resolve_device(recipe.device, ranks)
             task = resolve_task(recipe.model)
             data = load_data(recipe.data, task, recipe.seed)  # cheap checks before the model loads
             # Limits the model's config sets (positions, head, memory): before weights load or folders exist.
@@ -177,7 +162,7 @@ class Runner:
             "schema": 1,
             "name": recipe.name,
             "status": "running",
-            "started": previous.get("started") or _now(),
+            "started": previous.get("started") or now(),
             "seed": recipe.seed,
             "device": device,
             "world_size": ranks.world_size,
@@ -187,7 +172,7 @@ class Runner:
             if isinstance(previous.get("stages"), list) else [],
         }
         self.report = (self._previous_report() if ranks.is_main else None) or Report(
-            name=recipe.name, created=_now(), seed=recipe.seed, recipe=recipe.to_dict(), environment=env)
+            name=recipe.name, created=now(), seed=recipe.seed, recipe=recipe.to_dict(), environment=env)
         self.report.status, self.report.error = "running", None
         ranks.on_main(self._write_manifest)
         try:
@@ -197,7 +182,7 @@ class Runner:
                                                        self.stop))
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
-            wrapped = self._explain(exc)
+            wrapped = explain_failure(exc, self.out, self._where() if self.current_stage else None)
             shown = wrapped or exc
             message = str(shown) if isinstance(shown, CompressError) else f"{type(exc).__name__}: {exc}"
             if isinstance(exc, Exception) and wrapped is None and not isinstance(exc, CompressError):
@@ -212,7 +197,7 @@ class Runner:
                     raise FolderVanished("only rank 0 writes the run's records")
                 self._write_report()
                 self._write_manifest(status=status, error=message, failed_stage=self.current_stage,
-                                     finished=_now())
+                                     finished=now())
             except FolderVanished:
                 pass
             except OSError as write_error:
@@ -228,7 +213,7 @@ class Runner:
 
         def finish() -> None:
             self._write_report()
-            self._write_manifest(status="complete", finished=_now())
+            self._write_manifest(status="complete", finished=now())
 
         ranks.on_main(finish)
         return self.report
@@ -249,24 +234,6 @@ class Runner:
         if read_marker(self.out) is None:
             write_marker(self.out, "run")
         clean_temporaries(self.out, {p.parent.name for p in self.out.glob(f"*/{STAGE_FILE}")})
-
-    def _explain(self, exc: BaseException) -> CompressError | None:
-        """A CompressError (with its exit code) for a failure that is not one, naming where it happened;
-        a stage's own error gains the recipe path of the stage that raised it."""
-        if isinstance(exc, StageError) and self.current_stage and not str(exc).startswith("stages["):
-            return StageError(f"{self._where()}: {exc}")
-        if isinstance(exc, (CompressError, KeyboardInterrupt)) or not isinstance(exc, Exception):
-            return None
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            return CompressError(f"disk full while writing into {str(self.out)!r} ({exc}); finished stages "
-                                 f"are intact; free some space and rerun with --resume")
-        if isinstance(exc, OSError) and not self.out.is_dir():
-            return CompressError(f"the output folder {str(self.out)!r} vanished during the run ({exc}); "
-                                 f"nothing can be resumed from it — run again")
-        if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return CompressError(f"cannot write into {str(self.out)!r} ({exc}); make it writable and rerun with "
-                                 f"--resume (finished stages are intact)")
-        return None
 
     def _where(self) -> str:
         index = self.current_index if self.current_stage else None
@@ -384,14 +351,13 @@ class Runner:
         """Rank 0: save the stage's output atomically, record it, then measure it."""
         self._check_folder_kept()
         result.bundle.save(folder)
-        _fault("after_stage_save")
+        fault("after_stage_save")
         shutil.rmtree(self._context(index, data, device).work_dir, ignore_errors=True)
-        record = {"index": index, "type": entry.type, "dir": folder.name, "seconds": seconds,
-                  "fingerprint": self.fingerprints[index], "finished": _now(), "files": file_digests(folder),
-                  "world_size": self.ranks.world_size,
-                  "artifacts": [str(a) for a in result.artifacts], "facts": _jsonable(result.facts)}
+        record = new_stage_record(index=index, stage_type=entry.type, folder=folder, seconds=seconds,
+                                  fingerprint=self.fingerprints[index], world_size=self.ranks.world_size,
+                                  artifacts=result.artifacts, facts=result.facts)
         write_json_atomic(folder / STAGE_FILE, record)
-        _fault("after_stage_json")
+        fault("after_stage_json")
         self.manifest["stages"] = [s for s in self.manifest["stages"] if s.get("index") != index] + [record]
         self._write_manifest()
         if stage.evaluate and self.recipe.eval.after_each_stage:
@@ -409,7 +375,7 @@ class Runner:
         point.stage_seconds = seconds
         point.stage_info = facts
         write_json_atomic(folder / "eval.json", point.model_dump(mode="json"))
-        _fault("after_eval_json")
+        fault("after_eval_json")
         return point
 
     def _context(self, index: int, data: DataBundle, device: str) -> RunContext:
@@ -448,34 +414,10 @@ class Runner:
         return read_model(self.out / "report.json", Report, "it is rebuilt from the eval points on disk")
 
 
-class FolderVanished(CompressError):
-    """The run folder disappeared while the run was writing into it."""
-
-    exit_code = 1
-
-
-def _jsonable(facts: dict[str, Any]) -> dict[str, Any]:
-    """The facts as stage.json can hold them (numbers, text, lists; anything else as its text)."""
-    return json.loads(json.dumps(facts, default=str))
-
-
-def _fault(point: str) -> None:
-    """Fault injection for the kill-timing tests (tests/test_nothing_lost.py): COMPRESS_FAULT=<point>
-    kills this process with SIGKILL (nothing runs after it) at that point of the first stage that
-    reaches it: after_stage_save (output saved, no stage.json), after_stage_json (no eval.json yet),
-    after_eval_json (eval.json written, report.json not yet updated)."""
-    if os.environ.get("COMPRESS_FAULT") == point:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _seed_everything(seed: int) -> None:
     from transformers import set_seed
 
     set_seed(seed)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def run(

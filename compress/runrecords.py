@@ -1,4 +1,5 @@
-"""Reading a run folder's records back on --resume, when a kill or a user may have damaged them.
+"""A run folder's records: written as a stage finishes, and read back on --resume, when a kill or a user
+may have damaged them.
 
 A damaged record (unparsable, wrong shape, checksum mismatch) is never a traceback: it is named in a
 warning and treated as missing, so the runner re-runs (or re-measures) what it described.
@@ -10,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
+import signal
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -173,3 +177,31 @@ def recorded_baseline(folder: Path) -> tuple[EvalPoint, torch.Tensor | None] | N
             problem = f"{PREDICTIONS_FILE} cannot be read ({type(exc).__name__})"
     log.warning("%s: %s; %s", folder.name, problem, again)
     return None
+
+
+def now() -> str:
+    """The time a record is written, in UTC, to the second."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def new_stage_record(*, index: int, stage_type: str, folder: Path, seconds: float, fingerprint: str,
+                     world_size: int, artifacts: list[Any], facts: dict[str, Any]) -> dict[str, Any]:
+    """What `stage.json` holds for a finished stage: what produced it (fingerprint, world size), when, its
+    files' digests (so --resume notices a damaged output) and the stage's facts."""
+    return {"index": index, "type": stage_type, "dir": folder.name, "seconds": seconds, "fingerprint": fingerprint,
+            "finished": now(), "files": file_digests(folder), "world_size": world_size,
+            "artifacts": [str(a) for a in artifacts], "facts": jsonable(facts)}
+
+
+def jsonable(facts: dict[str, Any]) -> dict[str, Any]:
+    """The facts as stage.json can hold them (numbers, text, lists; anything else as its text)."""
+    return json.loads(json.dumps(facts, default=str))
+
+
+def fault(point: str) -> None:
+    """Fault injection for the kill-timing tests (tests/test_nothing_lost.py): COMPRESS_FAULT=<point>
+    kills this process with SIGKILL (nothing runs after it) at that point of the first stage that
+    reaches it: after_stage_save (output saved, no stage.json), after_stage_json (no eval.json yet),
+    after_eval_json (eval.json written, report.json not yet updated)."""
+    if os.environ.get("COMPRESS_FAULT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)

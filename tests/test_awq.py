@@ -231,13 +231,13 @@ def test_the_low_bit_bound_fails_a_broken_three_bit_layer():
 
 @pytest.mark.parametrize(("stage", "message"), [
     ({"scheme": "awq", "bits": 5}, "stages[0].bits"),
-    ({"scheme": "awq", "gptq_damp": 0.1}, "gptq_damp only applies to scheme gptq (scheme is awq); remove it"),
-    ({"scheme": "gptq", "zero_point": False}, "zero_point only applies to scheme awq (scheme is gptq)"),
-    ({"scheme": "int4-weight", "act_order": True}, "act_order only applies to scheme gptq"),
+    ({"scheme": "awq", "gptq_damp": 0.1}, "gptq_damp: applies to scheme gptq only (this stage's scheme is awq); remove it"),
+    ({"scheme": "gptq", "zero_point": False}, "zero_point: applies to scheme awq only (this stage's scheme is gptq)"),
+    ({"scheme": "int4-weight", "act_order": True}, "act_order: applies to scheme gptq only"),
     ({"scheme": "gptq", "act_order": True, "static_groups": False},
      "static_groups: act_order with groups (group_size > 0) needs static groups"),
     ({"scheme": "awq", "scale_grid": 0}, "stages[0].scale_grid: must be >= 1"),
-    ({"scheme": "nf4", "bits": 3}, "bits only applies to scheme int4-weight / gptq / awq (scheme is nf4)"),
+    ({"scheme": "nf4", "bits": 3}, "bits: applies to scheme int4-weight / gptq / awq only (this stage's scheme is nf4)"),
 ])
 def test_wrong_options_are_refused_naming_the_field(stage, message, lm_recipe):
     lm_recipe["stages"] = [{"type": "quantize", **stage}]

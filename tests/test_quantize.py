@@ -225,7 +225,7 @@ def test_config_mistakes_are_recipe_errors(cls_recipe):
     with pytest.raises(RecipeError) as err:
         load_recipe(cls_recipe)
     text = str(err.value)
-    assert "smooth_alpha only applies to scheme int8-dynamic (scheme is nf4); remove it" in text
+    assert "smooth_alpha: applies to scheme int8-dynamic only (this stage's scheme is nf4); remove it" in text
     assert "embeddings: scheme nf4 keeps embeddings in float" in text
 
 

@@ -144,3 +144,28 @@ def test_training_fields_reject_bad_values():
         TrainingFields(lr=0)
     with pytest.raises(ValueError, match="early_stopping_patience needs eval_every"):
         TrainingFields(early_stopping_patience=2)
+
+
+def test_the_stage_entry_takes_seed_checkpoint_folder_and_stop_flag_from_the_context(tiny_bert_dir, data, tmp_path):
+    """Stages train through `train_in_stage`: the context's seed gives the same run as the loop called with
+    it, the checkpoint lands in the stage's work folder, and the context's stop flag interrupts."""
+    from compress.context import RunContext
+    from compress.errors import Interrupted
+    from compress.stages.finetune import Finetune
+    from compress.training.entry import eval_metric_for, train_in_stage
+
+    ds, collate = data
+    config = Finetune(method="full", lr=1e-3, batch_size=8, warmup_ratio=0.1, max_steps=4, checkpoint_every=2)
+    ctx = RunContext(output_dir=tmp_path, seed=5, device="cpu", stage_name="01-finetune", show_progress=False)
+    via_ctx = train_in_stage(_model(tiny_bert_dir), ds, collate, config, ctx, task="sequence-classification")
+    direct = train(_model(tiny_bert_dir), ds, collate, config, device="cpu", seed=5, show_progress=False)
+    assert via_ctx.loss_curve == direct.loss_curve
+    assert load_checkpoint(tmp_path / ".work-01-finetune" / "checkpoint")[2]["steps"] >= 2
+    assert eval_metric_for("sequence-classification") == "accuracy" and eval_metric_for("causal-lm") == "eval_loss"
+
+    stopped = RunContext(output_dir=tmp_path / "b", seed=5, device="cpu", stage_name="01-finetune",
+                         show_progress=False)
+    stopped.stop.set()
+    with pytest.raises(Interrupted):
+        train_in_stage(_model(tiny_bert_dir), ds, collate, config, stopped, task="sequence-classification")
+    assert (tmp_path / "b" / ".work-01-finetune" / "checkpoint").is_dir()

@@ -7,13 +7,13 @@ an ordinary model that `from_pretrained` reloads (no hooks or wrappers left behi
 
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any
 
 import torch
 
 from compress.bundle import auto_class
+from compress.modelconfig import derived_config
 
 
 def layer_list_name(model: Any) -> str:
@@ -32,19 +32,12 @@ def every_kth(num_layers: int, k: int) -> list[int]:
     return list(range(k - 1, num_layers, k))
 
 
-def _config_copy(config: Any, **changes: Any) -> Any:
-    config = copy.deepcopy(config)
-    for key, value in changes.items():
-        setattr(config, key, value)
-    return config
-
-
 def _student_config(teacher: Any, keep: list[int]) -> Any:
     changes: dict[str, Any] = {"num_hidden_layers": len(keep)}
     layer_types = getattr(teacher.config, "layer_types", None)
     if isinstance(layer_types, list) and len(layer_types) == teacher.config.num_hidden_layers:
         changes["layer_types"] = [layer_types[i] for i in keep]  # e.g. sliding/full attention per layer
-    return _config_copy(teacher.config, **changes)
+    return derived_config(teacher.config, changes)
 
 
 def _kept_state(teacher: Any, keep: list[int]) -> dict[str, Any]:
@@ -102,7 +95,7 @@ def student_from_config(teacher_config: Any, overrides: dict[str, Any], task: st
     is free and gives the student a head start. `meta=True` only builds it on the meta device (a
     cheap check that the overrides make a valid model).
     """
-    config = _config_copy(teacher_config, **overrides)
+    config = derived_config(teacher_config, overrides)
     if meta:
         with torch.device("meta"):
             return auto_class(task).from_config(config)

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from compress.errors import RecipeError
+from compress.modelconfig import derived_config
 from compress.plan.memory import Weights, inference_activations
-from compress.plan.shapes import Shape, derived_config, model_shape
+from compress.plan.shapes import Shape, model_shape
 from compress.plan.stages import (
     Setting,
     Sharding,

@@ -130,12 +130,3 @@ def _first(config: Any, keys: tuple[str, ...]) -> float:
     return 0.0
 
 
-def derived_config(config: Any, changes: dict[str, Any]) -> Any:
-    """`config` with `changes` applied (a distill student given as keep_every / keep_layers / student_config)."""
-    config = copy.deepcopy(config)
-    for key, value in changes.items():
-        setattr(config, key, value)
-    layers = changes.get("num_hidden_layers")
-    if layers is not None and isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = (config.layer_types * layers)[:layers]
-    return config

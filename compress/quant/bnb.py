@@ -25,13 +25,13 @@ import torch
 from torch import nn
 
 from compress.bundle import ModelFormat, auto_class, from_pretrained_checked, register_format
+from compress.modelconfig import TORCH_DTYPES
 from compress.portable import read_config
 from compress.quant.bnb_weights import keep_canonical_layout
 from compress.quant.select import as_linear, behaves_linear, linear_kind
 
 BNB_SCHEMES = ("int8", "nf4", "fp4")
 FORMAT = "hf-bnb"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def bnb_layer_types() -> tuple[type, ...]:
@@ -100,7 +100,7 @@ def probe(linear: nn.Linear, scheme: str, device: str, compute_dtype: str, doubl
                 layer.weight = bnb.nn.Int8Params(w.cpu(), requires_grad=False, has_fp16_weights=False)
                 layer = layer.to(device)
             else:
-                dtype = _DTYPES[compute_dtype]
+                dtype = TORCH_DTYPES[compute_dtype]
                 layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
                                           compute_dtype=dtype, quant_type=scheme,
                                           compress_statistics=double_quant, device=device)
@@ -135,7 +135,7 @@ def quantize_with_bnb(model: Any, task: str, scheme: str, targets: list[str], wo
     else:
         qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=scheme,
                                      bnb_4bit_use_double_quant=double_quant,
-                                     bnb_4bit_compute_dtype=_DTYPES[compute_dtype],
+                                     bnb_4bit_compute_dtype=TORCH_DTYPES[compute_dtype],
                                      llm_int8_skip_modules=skip)
     with warnings.catch_warnings(), linear_subclasses_as_linear():
         warnings.simplefilter("ignore")

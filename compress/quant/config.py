@@ -15,14 +15,13 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 from torch import nn
 
-from compress.methods import MethodFamily
+from compress.methods import FamilyConfig, MethodFamily
 from compress.quant.select import bad_patterns
-from compress.registry import StageConfig
 
 CPU_ALTERNATIVE = "int8-dynamic (CPU speed) or int4-weight / gptq / awq (4-bit size)"
 
 
-class Quantize(StageConfig):
+class Quantize(FamilyConfig):
     """Quantize linear layers (and optionally embeddings) to 8, 4, 3 or 2 bits; sizes reported per layer."""
 
     type: Literal["quantize"] = "quantize"
@@ -59,24 +58,10 @@ class Quantize(StageConfig):
     # bitsandbytes schemes produce transformers checkpoints and cannot hold quantized embeddings.
     bitsandbytes: ClassVar[bool] = False
 
-    @model_validator(mode="before")
     @classmethod
-    def _other_schemes_fields(cls, data: Any) -> Any:
-        # A field of another scheme would be an "unknown key"; saying whose it is gives the fix.
-        if not isinstance(data, dict):
-            return data
+    def problems_beside_foreign_fields(cls, data: dict[str, Any]) -> list[str]:
         scheme = data.get("scheme", QUANTIZE_SCHEMES.default)
-        problems = []
-        for key in data:
-            owners = [m.name for m in QUANTIZE_SCHEMES.methods() if key in m.config_cls.model_fields]
-            if key not in cls.model_fields and owners:
-                problems.append(f"{key} only applies to scheme {' / '.join(owners)} (scheme is {scheme}); "
-                                f"remove it")
-        if problems:
-            problems += cls._embedding_problems(data.get("embeddings", "none"),
-                                                "embedding_group_size" in data, scheme)
-            raise ValueError("; ".join(problems))
-        return data
+        return cls._embedding_problems(data.get("embeddings", "none"), "embedding_group_size" in data, scheme)
 
     @classmethod
     def _embedding_problems(cls, embeddings: str, group_set: bool, scheme: str) -> list[str]:

@@ -11,29 +11,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 
-from compress.bundle import ModelBundle, detect_task, load_tokenizer
+from compress.bundle import ModelBundle
 from compress.context import RunContext
 from compress.data import pad_collate
-from compress.distill import compat
 from compress.distill import student as st
 from compress.distill.cache import build_cache, fingerprint
 from compress.distill.objective import Objective, StudentWithProjections
-from compress.errors import CompressError, StageError
+from compress.distill.pair import STAGE_REF, Pair, layer_count, load_pair, parameter_count, source_problems
 from compress.evaluate.accuracy import evaluate_accuracy
-from compress.paths import looks_like_local_path, resolve_path
 from compress.registry import StageConfig, StageResult, register_stage
-from compress.training import TrainingFields, train
-from compress.training import adapters as ad
-from compress.training.loop import sharding_problems
-
-STAGE_REF = "stage:"
+from compress.training import TrainingFields
+from compress.training.entry import held_out_evaluator, train_in_stage
 
 
 class Distill(StageConfig, TrainingFields):
@@ -103,201 +96,12 @@ class Distill(StageConfig, TrainingFields):
         return self
 
 
-# ------------------------------------------------------------------------------- teacher/student sources
-
-
-def _stage_folder(config: Distill, ctx: RunContext) -> tuple[Path | None, str | None]:
-    """The folder of the earlier stage named by `teacher: stage:X`, or the problem with the reference."""
-    earlier, problem = ctx.find_earlier(config.teacher[len(STAGE_REF):])
-    if earlier is None:
-        return None, f"teacher: {config.teacher!r} {problem}; name one by number or name"
-    return earlier.folder, None
-
-
-def _describe(path: str) -> tuple[Any, Any, str]:
-    """(config, tokenizer, task) of a model on disk, without loading weights."""
-    import json
-
-    from transformers import AutoConfig
-
-    location = str(resolve_path(path)) if looks_like_local_path(path) else path
-    config = AutoConfig.from_pretrained(location)
-    meta = Path(location) / "compress_bundle.json"
-    task = json.loads(meta.read_text())["task"] if meta.exists() else detect_task(config)
-    return config, load_tokenizer(location), task
-
-
-def _layers(config: Any) -> int:
-    return int(getattr(config, "num_hidden_layers", 0) or 0)
-
-
-# ------------------------------------------------------------------------------- check
-
-
 def check_distill(bundle: ModelBundle, config: Distill, ctx: RunContext) -> list[str]:
     """Model-dependent mistakes, before any work: sources, layers, vocabulary, task and labels."""
-    problems: list[str] = sharding_problems(config, ctx.device)
-    t_config, t_tok, t_task = bundle.model.config, bundle.tokenizer, bundle.task
-    if config.teacher is not None and config.teacher.startswith(STAGE_REF):
-        problems += [p for p in [_stage_folder(config, ctx)[1]] if p]
-    elif config.teacher is not None:
-        try:
-            t_config, t_tok, t_task = _describe(config.teacher)
-        except (OSError, ValueError, CompressError) as exc:
-            return [f"teacher: cannot load {config.teacher!r} ({str(exc).splitlines()[0]}); give a model "
-                    f"folder, pkg: path or Hub id"]
-    # What the student will look like, from configs only.
-    s_config, s_tok, s_task = bundle.model.config, bundle.tokenizer, bundle.task
-    layers = _layers(t_config)
-    if config.student_model is not None:
-        try:
-            s_config, s_tok, s_task = _describe(config.student_model)
-        except CompressError:  # a bare encoder: it gets the teacher's task and labels on load
-            s_config, s_tok = _describe_bare(config.student_model)
-            s_task = t_task
-            s_config.num_labels, s_config.id2label = t_config.num_labels, t_config.id2label
-        except (OSError, ValueError) as exc:
-            return problems + [f"student_model: cannot load {config.student_model!r} "
-                               f"({str(exc).splitlines()[0]}); give a model folder, pkg: path or Hub id"]
-    elif config.keep_every is not None or config.keep_layers is not None:
-        keep = config.keep_layers or st.every_kth(layers, config.keep_every)
-        if config.keep_every is not None and config.keep_every > layers:
-            problems.append(f"keep_every: {config.keep_every} is more than the teacher's {layers} layers; "
-                            f"use 2..{layers}")
-        bad = [i for i in keep if i >= layers]
-        if bad:
-            problems.append(f"keep_layers: {bad} do not exist; the teacher has layers 0..{layers - 1}")
-        elif config.teacher is None and (why := st.layers_mismatch(bundle.model, keep, t_task)):
-            problems.append(f"{'keep_layers' if config.keep_layers else 'keep_every'}: {why}")
-        s_config, s_tok, s_task = _with(t_config, num_hidden_layers=len(keep)), t_tok, t_task
-    elif config.student_config is not None:
-        unknown = [k for k in config.student_config if not hasattr(t_config, k)]
-        if unknown:
-            problems.append(f"student_config: {unknown} are not settings of {type(t_config).__name__}; "
-                            f"use keys of the teacher's config.json")
-            return problems
-        try:
-            st.student_from_config(t_config, config.student_config, t_task, meta=True)
-        except Exception as exc:  # noqa: BLE001 - any construction error is the user's config
-            return problems + [f"student_config: these settings do not make a valid model ({exc}); "
-                               f"e.g. hidden_size must be a multiple of num_attention_heads"]
-        s_config, s_tok, s_task = _with(t_config, **config.student_config), t_tok, t_task
-    elif ad.count_bnb(bundle.model):
-        problems.append("teacher: the student would be the incoming model, which is quantized and cannot be "
-                        "trained; distil before quantizing, or set student_model / keep_every")
-    if config.teacher is None or not config.teacher.startswith(STAGE_REF):
-        problems += compat.compatibility_problems(t_config, t_tok, t_task, s_config, s_tok, s_task)
-    problems += _matching_problems(config, t_config, s_config)
-    return problems
-
-
-def _describe_bare(path: str) -> tuple[Any, Any]:
-    from transformers import AutoConfig
-
-    location = str(resolve_path(path)) if looks_like_local_path(path) else path
-    return AutoConfig.from_pretrained(location), load_tokenizer(location)
-
-
-def _with(config: Any, **changes: Any) -> Any:
-    import copy
-
-    config = copy.deepcopy(config)
-    for key, value in changes.items():
-        setattr(config, key, value)
-    return config
-
-
-def _matching_problems(config: Distill, t_config: Any, s_config: Any) -> list[str]:
-    problems: list[str] = []
-    t_layers, s_layers = _layers(t_config), _layers(s_config)
-    if config.layer_map:
-        bad = {s: t for s, t in config.layer_map.items() if not (0 <= s <= s_layers and 0 <= t <= t_layers)}
-        if bad:
-            problems.append(f"layer_map: {bad} is out of range; student layers are 0..{s_layers} and teacher "
-                            f"layers 0..{t_layers} (0 = embeddings)")
-    if config.attention_weight > 0:
-        t_heads = getattr(t_config, "num_attention_heads", None)
-        s_heads = getattr(s_config, "num_attention_heads", None)
-        if t_heads != s_heads:
-            problems.append(f"attention_weight: attention transfer compares maps head by head, but the "
-                            f"teacher has {t_heads} heads and the student {s_heads}; use equal head counts "
-                            f"or set attention_weight: 0")
-    return problems
+    return source_problems(bundle, config, ctx)
 
 
 # ------------------------------------------------------------------------------- run
-
-
-def _teacher(bundle: ModelBundle, config: Distill, ctx: RunContext) -> tuple[Any, Any, str, str]:
-    if config.teacher is None:
-        return bundle.model, bundle.tokenizer, bundle.task, "incoming model"
-    if config.teacher.startswith(STAGE_REF):
-        folder, problem = _stage_folder(config, ctx)
-        if problem:
-            raise StageError(problem)
-        loaded = ModelBundle.load(folder, device=ctx.device)
-        return loaded.model, loaded.tokenizer, loaded.task, f"{config.teacher} ({folder.name})"
-    model, tok, task = st.load_model(config.teacher, bundle.task, device=ctx.device)
-    return model, tok, task, config.teacher
-
-
-def _student(bundle: ModelBundle, config: Distill, teacher: Any, t_tok: Any, t_task: str,
-             ctx: RunContext) -> tuple[Any, Any, list[int] | None, str]:
-    if config.student_model is not None:
-        model, tok, _ = st.load_model(config.student_model, t_task, teacher.config.num_labels,
-                                      getattr(teacher.config, "id2label", None), device=ctx.device,
-                                      field="student_model")
-        return model, tok, None, config.student_model
-    derived = config.keep_every is not None or config.keep_layers is not None or config.student_config
-    if derived and config.teacher is None and bundle.format != "hf":
-        raise StageError(f"teacher: the incoming model is stored as {bundle.format!r} (an adapter or quantized "
-                         f"layers), so no student can be cut from its weights; merge the adapter first "
-                         f"(merge: merge) or distil before quantizing")
-    if config.keep_every is not None or config.keep_layers is not None:
-        keep = config.keep_layers or st.every_kth(_layers(teacher.config), config.keep_every)
-        try:
-            student = st.student_from_layers(teacher, keep, t_task)
-        except ValueError as exc:  # a teacher named by path: check_distill could not see its layers
-            raise StageError(f"{'keep_layers' if config.keep_layers else 'keep_every'}: {exc}") from exc
-        return student, t_tok, keep, f"teacher layers {keep}"
-    if config.student_config is not None:
-        model = st.student_from_config(teacher.config, config.student_config, t_task, seed=ctx.seed,
-                                       teacher=teacher)
-        return model, t_tok, None, f"teacher config with {config.student_config}"
-    return bundle.model, bundle.tokenizer, None, "incoming model"
-
-
-def _params(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-@dataclass
-class _Pair:
-    """The teacher and the student of one distillation, checked to be compatible."""
-
-    teacher: Any
-    t_tok: Any
-    task: str
-    teacher_desc: str
-    student: Any
-    s_tok: Any
-    kept: list[int] | None
-    student_desc: str
-    student_is_incoming: bool
-
-
-def _load_pair(bundle: ModelBundle, config: Distill, ctx: RunContext) -> _Pair:
-    teacher, t_tok, t_task, teacher_desc = _teacher(bundle, config, ctx)
-    student, s_tok, kept, student_desc = _student(bundle, config, teacher, t_tok, t_task, ctx)
-    incoming = student is bundle.model
-    problems = compat.compatibility_problems(teacher.config, t_tok, t_task, student.config, s_tok, t_task
-                                             if not incoming else bundle.task)
-    problems += _matching_problems(config, teacher.config, student.config)
-    if problems:
-        raise StageError("; ".join(problems))
-    if student is teacher:
-        raise StageError("teacher: the teacher and the student are the same model; name a student")
-    return _Pair(teacher, t_tok, t_task, teacher_desc, student, s_tok, kept, student_desc, incoming)
 
 
 @contextmanager
@@ -313,7 +117,7 @@ def _eager_attention(models: list[Any], needed: bool) -> Iterator[None]:
             m.set_attn_implementation(before[id(m)])
 
 
-def _teacher_cache(pair: _Pair, config: Distill, train_set: Any, collate: Any, vocab: int,
+def _teacher_cache(pair: Pair, config: Distill, train_set: Any, collate: Any, vocab: int,
                    ctx: RunContext) -> Any:
     """The teacher's top-k softened outputs on the training set, on disk, when asked for (α < 1 only:
     α = 1 never reads the teacher)."""
@@ -323,7 +127,7 @@ def _teacher_cache(pair: _Pair, config: Distill, train_set: Any, collate: Any, v
     # Names the teacher by a checksum of a few of its tensors, so a changed teacher never reads a
     # stale cache (hashing every weight of a large teacher would cost more than it saves).
     probe = float(sum(p.double().sum() for p in list(pair.teacher.parameters())[:4]))
-    key = fingerprint(pair.teacher_desc, _params(pair.teacher), probe, cached_set._fingerprint,
+    key = fingerprint(pair.teacher_desc, parameter_count(pair.teacher), probe, cached_set._fingerprint,
                       config.temperature, vocab)
     return build_cache(pair.teacher, cached_set, collate, k=config.cache_top_k, temperature=config.temperature,
                        vocab=vocab, device=ctx.device, folder=ctx.work_dir / "teacher-cache", key=key)
@@ -343,14 +147,14 @@ def _indexed_collate(tokenizer: Any) -> Any:
 
 def run_distill(bundle: ModelBundle, config: Distill, ctx: RunContext) -> StageResult:
     data = ctx.require_data("distill")
-    pair = _load_pair(bundle, config, ctx)
+    pair = load_pair(bundle, config, ctx)
     teacher, student, t_task = pair.teacher, pair.student, pair.task
     vocab = len(pair.s_tok) if t_task == "causal-lm" else teacher.config.num_labels
 
     teacher.eval().to(ctx.device)
     teacher.requires_grad_(False)
     student.requires_grad_(True)
-    s_layers, t_layers = _layers(student.config), _layers(teacher.config)
+    s_layers, t_layers = layer_count(student.config), layer_count(teacher.config)
     layer_map = config.layer_map or st.default_layer_map(s_layers, t_layers, pair.kept)
     wrapper = StudentWithProjections(student, layer_map, student.config.hidden_size,
                                      teacher.config.hidden_size,
@@ -367,18 +171,11 @@ def run_distill(bundle: ModelBundle, config: Distill, ctx: RunContext) -> StageR
                           attention_weight=config.attention_weight, layer_map=layer_map, cache=cache)
     masks = {f"student.{k}": v for k, v in bundle.masks.items()} if pair.student_is_incoming else {}
 
-    def evaluate(m: Any) -> dict[str, float]:
-        metrics, _ = evaluate_accuracy(m.student, eval_set, pair.s_tok, t_task, device=ctx.device,
-                                       num_labels=data.num_labels)
-        return {k: v for k, v in metrics.model_dump().items() if isinstance(v, float)}
-
+    evaluate = held_out_evaluator(eval_set, pair.s_tok, t_task, device=ctx.device, num_labels=data.num_labels,
+                                  pick=lambda wrapped: wrapped.student)
     with _eager_attention([teacher, student], config.attention_weight > 0):
-        result = train(
-            wrapper, train_set, collate, config, device=ctx.device, seed=ctx.seed, loss_fn=objective,
-            evaluate=evaluate, eval_metric="accuracy" if t_task == "sequence-classification" else "eval_loss",
-            masks=masks or None, show_progress=ctx.show_progress, label=config.label(),
-            checkpoint_dir=ctx.work_dir / "checkpoint", resume=ctx.resume, stop=ctx.stop,
-        )
+        result = train_in_stage(wrapper, train_set, collate, config, ctx, task=t_task, evaluate=evaluate,
+                                loss_fn=objective, masks=masks or None)
     student.requires_grad_(False)
     student.eval()
 
@@ -386,7 +183,7 @@ def run_distill(bundle: ModelBundle, config: Distill, ctx: RunContext) -> StageR
                                            num_labels=data.num_labels)
     s_metrics, _ = evaluate_accuracy(student, eval_set, pair.s_tok, t_task, device=ctx.device,
                                      num_labels=data.num_labels, reference=t_preds)
-    t_params, s_params = _params(teacher), _params(student)
+    t_params, s_params = parameter_count(teacher), parameter_count(student)
     metric = "accuracy" if t_task == "sequence-classification" else "perplexity"
     t_score, s_score = getattr(t_metrics, metric), getattr(s_metrics, metric)
     facts: dict[str, Any] = {

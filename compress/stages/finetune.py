@@ -21,13 +21,13 @@ from pydantic import Field
 from compress.bundle import ModelBundle, ModelFormat, from_pretrained_checked, register_format
 from compress.context import RunContext
 from compress.errors import StageError
-from compress.evaluate.accuracy import evaluate_accuracy
 from compress.evaluate.size import count_parameters
 from compress.methods import FamilyConfig, MethodFamily
 from compress.quant import bnb as bnb_quant
 from compress.registry import StageResult, register_stage
-from compress.training import TrainingFields, train
+from compress.training import TrainingFields
 from compress.training import adapters as ad
+from compress.training.entry import held_out_evaluator, train_in_stage
 from compress.training.loop import apply_masks, sharding_problems
 
 MergePolicy = Literal["none", "merge", "dequantize-merge-requantize"]
@@ -218,19 +218,9 @@ def run_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> Stag
 
     from compress.data import pad_collate
 
-    def evaluate(m: Any) -> dict[str, float]:
-        metrics, _ = evaluate_accuracy(m, eval_set, tokenizer, bundle.task, device=ctx.device,
-                                       num_labels=data.num_labels)
-        return {k: v for k, v in metrics.model_dump().items() if isinstance(v, float)}
-
-    result = train(
-        model, train_set, pad_collate(tokenizer), config,
-        device=ctx.device, seed=ctx.seed, evaluate=evaluate,
-        eval_metric="accuracy" if bundle.task == "sequence-classification" else "eval_loss",
-        masks=masks if not method.adapter else None,
-        show_progress=ctx.show_progress, label=config.label(),
-        checkpoint_dir=work / "checkpoint", resume=ctx.resume, stop=ctx.stop,
-    )
+    evaluate = held_out_evaluator(eval_set, tokenizer, bundle.task, device=ctx.device, num_labels=data.num_labels)
+    result = train_in_stage(model, train_set, pad_collate(tokenizer), config, ctx, task=bundle.task,
+                            evaluate=evaluate, masks=masks if not method.adapter else None)
 
     facts: dict[str, Any] = {}
     if config.save_adapter and method.adapter:
