@@ -201,7 +201,8 @@ def test_greedy_assignment_buys_the_largest_drop_per_bit():
 
 
 @pytest.mark.parametrize(("fields", "message"), [
-    ({"scheme": "gptq", "avg_bits": 4.5}, "avg_bits only applies to scheme mixed (scheme is gptq); remove it"),
+    ({"scheme": "gptq", "avg_bits": 4.5},
+     "avg_bits: applies to scheme mixed only (this stage's scheme is gptq); remove it"),
     ({"scheme": "mixed", "candidate_bits": [4, 4]}, "candidate_bits: a width is listed twice"),
     ({"scheme": "mixed", "avg_bits": 2.5}, "avg_bits: 2.5 is below the narrowest width in candidate_bits (3)"),
     ({"scheme": "mixed", "candidate_bits": [5]}, "stages[0].candidate_bits[0]: must be one of 2, 3, 4 or 8 (got 5)"),
