@@ -109,10 +109,10 @@ class Compose(StageConfig, TrainingFields):
             raise ValueError(f"majority_sign: only ties/dare_ties elect a sign (combine is {self.combine}); "
                              f"remove majority_sign")
         if self.combine == "switch" and any(t.weight != 1.0 for t in self.tasks):
-            raise ValueError("tasks[].weight: combine: switch runs each task with its own adapter, so weights "
-                             "have no effect; remove them or pick a combination")
+            raise ValueError("tasks: combine: switch runs each task with its own adapter, so a task weight has no "
+                             "effect; remove the weights or pick a combination")
         if self.combine != "switch" and not any(t.weight for t in self.tasks):
-            raise ValueError("tasks[].weight: every weight is 0, so the combination is empty; give a task weight 1")
+            raise ValueError("tasks: every task weight is 0, so the combination is empty; give a task weight: 1")
         return self
 
 
