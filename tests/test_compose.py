@@ -208,6 +208,8 @@ TOPIC = {"name": "topic", "data": {"source": "t.csv", "label_column": "topic"}}
     ({"tasks": [{"name": "a", "datta": {}}, TOPIC], "combine": "cat"},
      "stages[0].tasks[0].datta: unknown key; did you mean 'data'? (valid keys: name, data, weight)"),
     ({"tasks": [{"name": "a"}, TOPIC], "combine": "mean"}, "stages[0].combine"),
+    ({"tasks": [{"name": "a"}, TOPIC], "combine": "cat", "fsdp": {}},
+     "stages[0].fsdp: compose trains its task adapters one after another on one process; remove fsdp"),
 ])
 def test_recipe_mistakes_name_the_field_and_the_fix(stage, expected):
     with pytest.raises(RecipeError) as err:
@@ -231,7 +233,9 @@ def test_a_pruned_base_is_refused_before_work(tiny_bert_dir, cls_data, topic_csv
 
 
 def test_the_report_shows_the_task_table(ties_run):
-    from compress.report.composition import composition_rows
+    from types import SimpleNamespace
+
+    from compress.report.composition import composition_rows, composition_section
 
     result, _ = ties_run
     header, rows = composition_rows(result.facts["composition"])
@@ -239,3 +243,8 @@ def test_the_report_shows_the_task_table(ties_run):
     topic = next(r for r in result.facts["composition"] if r["task"] == "topic")
     assert ["topic", "accuracy", f"{100 * topic['single']:.2f}%", f"{100 * topic['composed']:.2f}%",
             f"{topic['retained']:.3f}", "1"] in rows
+    report = SimpleNamespace(points=[SimpleNamespace(name="baseline", stage_info={}),
+                                     SimpleNamespace(name="01-compose", stage_info=result.facts)])
+    text = "\n".join(composition_section(report))
+    assert text.startswith("## Composition: 01-compose") and "peft's `ties`, density 0.5" in text
+    assert "| topic | accuracy | " in text and "min_retained is off" in text

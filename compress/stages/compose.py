@@ -111,6 +111,10 @@ class Compose(StageConfig, TrainingFields):
         if self.combine == "switch" and any(t.weight != 1.0 for t in self.tasks):
             raise ValueError("tasks: combine: switch runs each task with its own adapter, so a task weight has no "
                              "effect; remove the weights or pick a combination")
+        for name in ("fsdp", "deepspeed"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name}: compose trains its task adapters one after another on one process; "
+                                 f"remove {name}")
         if self.combine != "switch" and not any(t.weight for t in self.tasks):
             raise ValueError("tasks: every task weight is 0, so the combination is empty; give a task weight: 1")
         return self
@@ -212,6 +216,7 @@ def run_compose(bundle: ModelBundle, config: Compose, ctx: RunContext) -> StageR
     composed_config = None
     if config.combine != "switch":
         first = next(iter(models.values()))
+        torch.manual_seed(ctx.seed)  # DARE drops entries at random: the same run, the same combination
         composed_config, body = cp.combine(
             bundle.model, {name: cp.body_state(m) for name, m in models.items()}, first.peft_config[cp.SINGLE],
             [t.weight for t in config.tasks], config.combine, config.density, config.majority_sign)
