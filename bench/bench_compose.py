@@ -7,6 +7,8 @@ task, 1 epoch, 600 held out per task (the recipe's settings); speed measurement 
 
     python -m bench.bench_compose                 # TIES (density 0.5)
     python -m bench.bench_compose ties ties_svd   # several combinations (each retrains both adapters)
+    python -m bench.bench_compose --recombine cat ties_svd   # the TIES run's saved adapters, combined
+                                                             # other ways (no training): a second table
 """
 
 from __future__ import annotations
@@ -40,7 +42,56 @@ def run_one(name: str) -> dict:
             "composition": info["composition"], "composed_rank": info.get("composed_rank")}
 
 
-def render(results: list[dict]) -> str:
+def recombine(name: str, run_dir: Path) -> dict:
+    """The saved task adapters of a finished run, reloaded with plain peft and combined by `name`: the
+    same adapters, so the table compares combinations only."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from compress.data import load_data
+    from compress.paths import resolve_path
+    from compress.report.schema import Report
+    from compress.specs import DataSpec
+    from compress.stages import compose_peft as cp
+    from compress.stages.compose import retention
+    from compress.training.entry import held_out_evaluator
+
+    report = Report.model_validate_json((run_dir / "report.json").read_text())
+    stage = report.recipe["stages"][0]
+    index = json.loads((run_dir / "adapters" / "01-compose" / "compose.json").read_text())
+    base = str(resolve_path(report.recipe["model"]["path"]))
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    models, evaluators, rows = {}, {}, []
+    single = {r["task"]: r["single"] for r in report.points[-1].stage_info["composition"]}
+    for task in stage["tasks"]:
+        spec = DataSpec(**(task.get("data") or report.recipe["data"]))
+        # The same splits as the run: the recipe's data with the recipe's seed, a task's with the stage's.
+        data = load_data(spec, "sequence-classification", seed=report.seed + (1 if task.get("data") else 0))
+        labels = index["tasks"][task["name"]]["labels"]
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+        models[task["name"]] = PeftModel.from_pretrained(model, run_dir / "adapters" / "01-compose" / "tasks" / task["name"])
+        evaluators[task["name"]] = held_out_evaluator(data.tokenized("eval", tokenizer), tokenizer,
+                                                      "sequence-classification", device="cpu", num_labels=len(labels))
+        own = evaluators[task["name"]](models[task["name"]])["accuracy"]
+        if abs(own - single[task["name"]]) > 1e-6:  # the reloaded adapter must be the one the run measured
+            raise SystemExit(f"{task['name']}: reloaded adapter scores {own}, the run reported {single[task['name']]}")
+    settings = COMBINATIONS[name]
+    torch.manual_seed(report.seed + 1)
+    first = next(iter(models.values()))
+    config, body = cp.combine(first.get_base_model(), {t: cp.body_state(m) for t, m in models.items()},
+                              first.peft_config[cp.SINGLE], [t.get("weight", 1.0) for t in stage["tasks"]],
+                              settings["combine"], settings.get("density"), None)
+    for task, model in models.items():
+        cp.add_composed(model, config, body)
+        composed = evaluators[task](model)["accuracy"]
+        rows.append({"task": task, "single": single[task], "composed": round(composed, 6),
+                     "retained": round(retention(single[task], composed, "accuracy"), 6)})
+    return {"combination": name, "composition": rows, "from": str(run_dir.relative_to(ROOT))}
+
+
+def render(results: list[dict], recombined: list[dict] | None = None) -> str:
     lines = ["# Adapter composition: sentiment + topic on all-MiniLM-L6-v2", "",
              "Command: `python -m bench.bench_compose " + " ".join(r["combination"] for r in results) + "` "
              "(runs `recipes/compose-tweets.yaml`).", "",
@@ -52,27 +103,47 @@ def render(results: list[dict]) -> str:
              ("Reduced setting (shared, loaded 2-core CPU): 2,000 training tweets per task, 1 epoch, 600 held out "
              "per task, max 64 tokens, seed 0."), "", f"Machine: {machine_line()}.", "",
              "| combination | task | own adapter | composed | composed / own | ≥ 95%? |", "|---|---|---|---|---|---|"]
-    for r in results:
-        for row in r["composition"]:
-            kept = row["retained"]
-            verdict = "yes" if kept >= FLOOR else f"no: {100 * (FLOOR - kept):.1f} pt short of 95%"
-            lines.append(f"| {r['combination']} | {row['task']} | {100 * row['single']:.2f}% | "
-                         f"{100 * row['composed']:.2f}% | {kept:.3f} | {verdict} |")
+    lines += _rows(results)
     lines += ["", "Accuracy on each task's own held-out split. \"own adapter\": the task's adapter alone; "
               "\"composed\": the combined body with the task's head. Each run trains both adapters afresh "
               "(same seed, so the same adapters); run time per combination: "
               + ", ".join(f"{r['combination']} {r['seconds']} s" for r in results) + ".", ""]
+    if recombined:
+        lines += ["## The same adapters, combined other ways", "",
+                  "Command: `python -m bench.bench_compose --recombine " + " ".join(r["combination"] for r in recombined)
+                  + "`: the task adapters saved by the TIES run above, reloaded with plain peft and combined "
+                  "by peft again (no training), evaluated on the same held-out splits.", "",
+                  "| combination | task | own adapter | composed | composed / own | ≥ 95%? |",
+                  "|---|---|---|---|---|---|"]
+        lines += _rows(recombined) + [""]
     return "\n".join(lines)
 
 
-def main(names: list[str]) -> None:
-    write_topics(ROOT / "runs" / "data" / "tweet-topics.csv")
-    results = [run_one(name) for name in names]
+def _rows(results: list[dict]) -> list[str]:
+    out = []
+    for r in results:
+        for row in r["composition"]:
+            kept = row["retained"]
+            verdict = "yes" if kept >= FLOOR else f"no: {100 * (FLOOR - kept):.1f} pt short of 95%"
+            out.append(f"| {r['combination']} | {row['task']} | {100 * row['single']:.2f}% | "
+                       f"{100 * row['composed']:.2f}% | {kept:.3f} | {verdict} |")
+    return out
+
+
+def main(args: list[str]) -> None:
     REPORTS.mkdir(exist_ok=True)
-    (REPORTS / "compose.json").write_text(json.dumps(results, indent=1) + "\n")
-    (REPORTS / "compose.md").write_text(render(results))
+    saved = json.loads((REPORTS / "compose.json").read_text()) if (REPORTS / "compose.json").exists() else {}
+    if isinstance(saved, list):  # the first version of this file held the trained runs only
+        saved = {"runs": saved}
+    if args[:1] == ["--recombine"]:
+        saved["recombined"] = [recombine(name, ROOT / "runs" / "bench-compose-ties") for name in args[1:]]
+    else:
+        write_topics(ROOT / "runs" / "data" / "tweet-topics.csv")
+        saved = {"runs": [run_one(name) for name in args or ["ties"]]}
+    (REPORTS / "compose.json").write_text(json.dumps(saved, indent=1) + "\n")
+    (REPORTS / "compose.md").write_text(render(saved["runs"], saved.get("recombined")))
     print(Path(REPORTS / "compose.md").read_text())
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["ties"])
+    main(sys.argv[1:])
