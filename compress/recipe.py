@@ -305,6 +305,7 @@ def _valid_keys(loc: list[Any], data: Any) -> list[str]:
     model: Any = Recipe
     node = data
     for part in loc:
+        parent = node
         if isinstance(node, (dict, list)):
             try:
                 node = node[part]
@@ -312,6 +313,8 @@ def _valid_keys(loc: list[Any], data: Any) -> list[str]:
                 node = None
         if isinstance(part, int):
             continue
+        if isinstance(model, type) and issubclass(model, StageConfig) and isinstance(parent, dict):
+            model = _stage_model(parent) or model  # a field inside a stage (compose's tasks): its own model
         field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if field is None:
             return []

@@ -70,6 +70,37 @@ def lm_sentences(n: int, seed: int = 0) -> list[str]:
     return out
 
 
+# A second task over the same vocabulary (composition tests): the topic words decide the label, and a
+# sentiment word rides along so the two tasks share their inputs but not their answers.
+TOPICS = {"travel": ["car", "road", "train", "trip"], "town": ["city", "weather", "day", "today"],
+          "media": ["phone", "report", "news"]}
+
+
+def topic_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """`n` short texts labelled `topic` by the topic words they contain."""
+    rng = random.Random(seed)
+    fill = [w for w in _FILL if not any(w in words for words in TOPICS.values())]
+    names = list(TOPICS)
+    rows = []
+    for i in range(n):
+        topic = names[i % len(names)]
+        words = [rng.choice(fill) for _ in range(rng.randint(3, 6))] + [rng.choice(TOPICS[topic]) for _ in range(2)]
+        words.append(rng.choice(_POS + _NEG))
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "topic": topic})
+    return rows
+
+
+def write_topic_csv(path: str | Path, n: int = 300, seed: int = 0) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["text", "topic"])
+        writer.writeheader()
+        writer.writerows(topic_rows(n, seed))
+    return path
+
+
 def write_sentiment_csv(path: str | Path, n: int = 300, seed: int = 0) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

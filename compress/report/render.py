@@ -145,6 +145,9 @@ def render_markdown(report: Report, plots: dict[str, str] | None = None) -> str:
         out += ["## Plots", ""]
         out += [f"![{PLOT_TITLES.get(name, name)}]({rel})" for name, rel in plots.items()]
         out.append("")
+    from compress.report.composition import composition_section  # it uses markdown_table from here
+
+    out += composition_section(report)
     stages = [p for p in report.points if p.stage_type]
     if stages:
         out += ["## Stages", ""]
