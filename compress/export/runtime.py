@@ -19,7 +19,7 @@ RUNTIME_MODULES: dict[str, tuple[str, ...]] = {
 
 # format -> tasks it can serve (checked before any work).
 FORMAT_TASKS: dict[str, tuple[str, ...]] = {
-    "onnx": ("sequence-classification",),
+    "onnx": ("sequence-classification", "causal-lm"),
     "compressed-tensors": ("sequence-classification", "causal-lm"),
     "gguf": ("causal-lm",),
 }

@@ -1,0 +1,203 @@
+"""ONNX export of a causal LM for ONNX Runtime: the fp32 graph, or int4 weight-only `MatMulNBits`.
+
+Path: `torch.onnx.export(dynamo=True)` of a float copy of the model (input_ids, attention_mask ->
+logits, no KV cache) -> optionally ONNX Runtime's own `MatMulNBitsQuantizer` (4-bit weights in
+blocks along the input dimension, one scale (and zero point) per block; activations stay float).
+The result is checked in ONNX Runtime: the fp32 graph must give PyTorch's logits, and the written
+model's perplexity on the held-out tokens must be within a tolerance of PyTorch's on the same
+tokens, else `StageError` with both numbers.
+
+Prefill only: the graph has no past key/value inputs, so a generation loop re-runs the whole
+sequence per token (`decode_note` in the facts). compress's own int4-weight layers are exported as
+their dequantized weights and re-rounded by ORT's quantizer (`source` in the facts says so).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.errors import StageError
+from compress.export import onnx as onnx_export
+from compress.export.measure import parity, side_by_side
+
+# Relative perplexity difference allowed between the ONNX model in ORT and the PyTorch model on the
+# same tokens. fp32: the same math on other kernels (tiny Llama measured ~1e-7). int4: 4-bit
+# round-to-nearest changes the model itself; see INT4_PPL_TOLERANCE's measurement in reports/deploy.md.
+FLOAT_PPL_TOLERANCE = 1e-3
+INT4_PPL_TOLERANCE = 0.10
+DECODE_NOTE = ("prefill only: the graph takes input_ids and attention_mask and returns every position's "
+               "logits; it has no past key/value inputs or outputs, so generation re-runs the whole sequence "
+               "per new token. Exporting transformers' KV cache (a DynamicCache object) as graph inputs and "
+               "outputs through torch.onnx's dynamo exporter was not attempted in this version.")
+
+
+@dataclass
+class OnnxLmOptions:
+    """What to write and how strictly to check it (defaults: the constants above)."""
+
+    quantize: str = "int4"  # "int4" (MatMulNBits weight-only) or "none" (the fp32 graph)
+    block_size: int = 32
+    symmetric: bool = False
+    max_rel_logit_diff: float = onnx_export.FLOAT_TOLERANCE
+    max_ppl_diff: float | None = None
+    ppl_ctx: int = 128
+    ppl_chunks: int = 16
+    seq_len: int = 64
+    repeats: int = 10
+
+    @property
+    def tolerance(self) -> float:
+        if self.max_ppl_diff is not None:
+            return self.max_ppl_diff
+        return INT4_PPL_TOLERANCE if self.quantize == "int4" else FLOAT_PPL_TOLERANCE
+
+
+def quantize_int4(src: Path, dst: Path, block_size: int, symmetric: bool) -> int:
+    """ONNX Runtime's MatMulNBits quantizer (4-bit round-to-nearest weights, float activations) on every
+    MatMul with a constant weight; returns how many MatMulNBits nodes the graph holds."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    # The quantizer logs two INFO lines per node; the stage's own log says what happened.
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), False)
+    return sum(node.op_type == "MatMulNBits" for node in onnx.load(str(dst)).graph.node)
+
+
+def token_chunks(tokenizer: Any, text: str, ctx: int, limit: int) -> torch.Tensor:
+    """The held-out text tokenised once and cut into at most `limit` rows of `ctx` tokens."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    n = min(limit, len(ids) // ctx)
+    if n == 0:
+        raise StageError(f"export.ppl_ctx: the held-out text is {len(ids)} tokens, shorter than one chunk of "
+                         f"ppl_ctx = {ctx}; lower ppl_ctx or raise data.eval_size")
+    return torch.tensor(ids[:n * ctx]).view(n, ctx)
+
+
+def perplexity(logits_of: Any, rows: torch.Tensor, per_batch: int = 4) -> float:
+    """exp(mean negative log-likelihood) of tokens 1..ctx-1 of each row given the ones before."""
+    nll, count = 0.0, 0
+    for start in range(0, len(rows), per_batch):
+        batch = rows[start:start + per_batch]
+        logits = logits_of(batch)[:, :-1].double()
+        target = batch[:, 1:]
+        nll -= float(torch.log_softmax(logits, -1).gather(-1, target.unsqueeze(-1)).sum())
+        count += target.numel()
+    return math.exp(nll / count)
+
+
+def _feed(ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def export_onnx_lm(model: nn.Module, tokenizer: Any, folder: Path, text: str, options: OnnxLmOptions,
+                   logger: Any) -> dict[str, Any]:
+    """Write `folder/model.onnx` (+ tokenizer), check it in ONNX Runtime, return the facts."""
+    rows = token_chunks(tokenizer, text, options.ppl_ctx, options.ppl_chunks)
+    exportable, reason = onnx_export.float_copy(model)
+    work = folder / ".graphs"
+    work.mkdir(parents=True, exist_ok=True)
+    float_path, final = work / "float.onnx", folder / onnx_export.GRAPH
+    onnx_export.export_graph(exportable, _feed(rows[:1]), float_path, use_cache=False)
+
+    def torch_logits(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return m(**_feed(ids), use_cache=False).logits.float()
+
+    def ort_logits(sess: Any, ids: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in _feed(ids).items()})[0]).float()
+
+    # The fp32 graph must compute its float source before anything is rounded.
+    probe = rows[:2]
+    graph_parity = parity(torch_logits(exportable, probe), ort_logits(onnx_export.session(float_path), probe))
+    if not graph_parity["max_rel_logit_diff"] <= options.max_rel_logit_diff:
+        raise StageError(f"onnx export: the fp32 graph's logits differ from PyTorch's by "
+                         f"{graph_parity['max_abs_logit_diff']:.4g} ({graph_parity['max_rel_logit_diff']:.3g} of the "
+                         f"largest logit; allowed {options.max_rel_logit_diff:g}, max_rel_logit_diff) on "
+                         f"{len(probe)} x {options.ppl_ctx} held-out tokens: the exported graph does not compute "
+                         f"the model")
+    nbits = 0
+    if options.quantize == "int4":
+        nbits = quantize_int4(float_path, final, options.block_size, options.symmetric)
+        if nbits == 0:
+            raise StageError("onnx export: ONNX Runtime's MatMulNBits quantizer found no MatMul with a constant "
+                             "weight in the graph; nothing was quantized (use quantize: none)")
+    else:
+        os.replace(float_path, final)
+    sess = onnx_export.session(final)
+    ppl_torch = perplexity(lambda ids: torch_logits(model, ids), rows)
+    ppl_ort = perplexity(lambda ids: ort_logits(sess, ids), rows)
+    diff = abs(ppl_ort - ppl_torch) / ppl_torch
+    if not diff <= options.tolerance:
+        raise StageError(f"onnx export: ONNX Runtime's perplexity of the {options.quantize} graph is {ppl_ort:.4f}, "
+                         f"PyTorch's of the model is {ppl_torch:.4f} on the same {len(rows)} x {options.ppl_ctx} "
+                         f"held-out tokens: {100 * diff:.3f}% apart (allowed {100 * options.tolerance:g}%, "
+                         f"max_ppl_diff); use quantize: none, a smaller block_size, or loosen max_ppl_diff")
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = int(getattr(model.config, "vocab_size", None) or len(tokenizer))
+    ids = torch.randint(0, vocab, (1, options.seq_len), generator=gen)
+    arrays = {k: v.numpy() for k, v in _feed(ids).items()}
+    latency = side_by_side({"pytorch": lambda: model(**_feed(ids), use_cache=False),
+                            "onnxruntime": lambda: sess.run(None, arrays)}, repeats=options.repeats)
+    tokenizer.save_pretrained(folder)
+    for leftover in work.iterdir():
+        leftover.unlink()
+    work.rmdir()
+    requantized = "; ONNX Runtime's MatMulNBits quantizer rounds them again" if options.quantize == "int4" else ""
+    facts = {
+        "format": "onnx",
+        "file": onnx_export.GRAPH,
+        "task": "causal-lm",
+        "quantize": options.quantize,
+        "matmul_nbits_nodes": nbits,
+        "block_size": options.block_size if options.quantize == "int4" else None,
+        "symmetric": options.symmetric if options.quantize == "int4" else None,
+        "source": (reason + requantized + " (compress's codes are not mapped onto MatMulNBits directly: the "
+                   "dynamo exporter renames the weights to anonymous transposed constants)") if reason
+        else "the PyTorch model as it is (float)",
+        "file_bytes": final.stat().st_size,
+        "ppl_runtime": round(ppl_ort, 4),
+        "ppl_pytorch": round(ppl_torch, 4),
+        "ppl_rel_diff": round(diff, 6),
+        "ppl_tokens": f"{len(rows)} chunks x {options.ppl_ctx} tokens (all but the first of each scored)",
+        "fp32_graph_max_rel_logit_diff": graph_parity["max_rel_logit_diff"],
+        f"latency_prefill{options.seq_len}_ms_pytorch": latency["pytorch"],
+        f"latency_prefill{options.seq_len}_ms_onnxruntime": latency["onnxruntime"],
+        "decode_note": DECODE_NOTE,
+        "threads": torch.get_num_threads(),
+        "tolerances": {"max_rel_logit_diff": options.max_rel_logit_diff, "max_ppl_diff": options.tolerance},
+    }
+    logger.info("onnx export (causal LM, %s): %.1f MiB, perplexity %.4f (PyTorch %.4f, %.3f%% apart)",
+                options.quantize, final.stat().st_size / 2**20, ppl_ort, ppl_torch, 100 * diff)
+    return facts
+
+
+HOW_TO_LOAD = """\
+import numpy as np
+import onnxruntime as ort
+from transformers import AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{folder}")
+session = ort.InferenceSession("{folder}/model.onnx", providers=["CPUExecutionProvider"])
+ids = tokenizer("Once upon a time", return_tensors="np")["input_ids"]
+for _ in range(16):  # greedy; no KV cache in this graph, so each step re-runs the sequence
+    logits = session.run(None, {{"input_ids": ids, "attention_mask": np.ones_like(ids)}})[0]
+    ids = np.concatenate([ids, logits[:, -1:].argmax(-1)], axis=1)
+print(tokenizer.decode(ids[0]))
+"""
