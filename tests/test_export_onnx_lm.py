@@ -97,15 +97,43 @@ def test_onnx_lm_perplexity_check_fails_when_broken(lm_recipe, tiny_llama_dir, t
 
 
 @pytest.mark.slow
-def test_onnx_lm_from_compress_int4_weight_states_its_source(lm_recipe):
+def test_onnx_lm_from_compress_int4_writes_its_own_codes(lm_recipe, tmp_path, monkeypatch):
+    """compress's int4 codes go into MatMulNBits as they are: the graph computes compress's model (its
+    perplexity to the float tolerance), and wrong zero points are caught by the logit check."""
     lm_recipe["eval"] = FAST_EVAL
     lm_recipe["stages"] = [{"type": "quantize", "scheme": "int4-weight", "evaluate": False},
                            {"type": "export", "format": "onnx", "evaluate": False, "repeats": 1, "ppl_ctx": 32,
                             "ppl_chunks": 4}]
     run(lm_recipe, show_progress=False)
+    out = Path(lm_recipe["output_dir"])
+    facts = _facts(out, "onnx")
+    assert facts["int4_codes"] == "compress's own" and "written into MatMulNBits as they are" in facts["source"]
+    # 2 blocks x 7 linear layers; lm_head stays float, as compress's quantize stage left it.
+    assert facts["matmul_nbits_nodes"] == 14 and facts["tolerances"]["max_ppl_diff"] == 1e-3
+    assert facts["ppl_rel_diff"] <= 1e-3
+    from compress.export import onnx_nbits
+    from compress.stages.export import Export, run_export
+
+    real = onnx_nbits.pack_zero_points
+    monkeypatch.setattr(onnx_nbits, "pack_zero_points", lambda zeros: real((zeros.int() + 1).clamp(max=15)))
+    with pytest.raises(StageError, match=r"MatMulNBits graph's logits differ from compress's int4 model's by .* "
+                                         r"the written codes, scales or zero points are not compress's"):
+        run_export(ModelBundle.load(out / "01-quantize"), Export(format="onnx", ppl_ctx=32, ppl_chunks=4, repeats=1),
+                   _direct(lm_recipe, tmp_path))
+
+
+@pytest.mark.slow
+def test_onnx_lm_int4_from_compress_int8_weight_is_rounded_by_ort_with_the_reason(lm_recipe):
+    lm_recipe["eval"] = FAST_EVAL
+    lm_recipe["stages"] = [{"type": "quantize", "scheme": "int8-weight", "evaluate": False},
+                           {"type": "export", "format": "onnx", "evaluate": False, "repeats": 1, "ppl_ctx": 32,
+                            "ppl_chunks": 4}]
+    run(lm_recipe, show_progress=False)
     facts = _facts(Path(lm_recipe["output_dir"]), "onnx")
-    assert "WeightOnlyLinear layers" in facts["source"] and "MatMulNBits quantizer rounds them again" in facts["source"]
-    assert facts["matmul_nbits_nodes"] > 0 and facts["ppl_rel_diff"] <= 0.10
+    assert facts["int4_codes"] == "onnxruntime (round-to-nearest)" and facts["matmul_nbits_nodes"] == 15
+    assert "MatMulNBits quantizer rounds them again (block 32)" in facts["source"]
+    assert "int8 weight-only (written as int4 MatMulNBits only)" in facts["source"]
+    assert facts["ppl_rel_diff"] <= 0.10
 
 
 @pytest.mark.parametrize("stage, message", [

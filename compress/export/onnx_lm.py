@@ -8,8 +8,10 @@ model's perplexity on the held-out tokens must be within a tolerance of PyTorch'
 tokens, else `StageError` with both numbers.
 
 Prefill only: the graph has no past key/value inputs, so a generation loop re-runs the whole
-sequence per token (`decode_note` in the facts). compress's own int4-weight layers are exported as
-their dequantized weights and re-rounded by ORT's quantizer (`source` in the facts says so).
+sequence per token (`decode_note` in the facts). A model whose quantized layers are all compress's
+int4 weight-only layers with a MatMulNBits-sized group is written from its own codes (onnx_nbits.py:
+nothing is rounded again, so the graph must give compress's logits); any other quantized model is
+exported as its dequantized weights and rounded by ORT's quantizer (`source` in the facts says why).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from torch import nn
 from compress.errors import StageError
 from compress.export import onnx as onnx_export
 from compress.export.measure import parity, side_by_side
+from compress.export.onnx_nbits import int4_layers, write_nbits
 
 # Relative perplexity difference allowed between the ONNX model in ORT and the PyTorch model on the
 # same tokens. fp32: the same math on other kernels (tiny Llama measured ~1e-7). int4: 4-bit
-# round-to-nearest changes the model itself; see INT4_PPL_TOLERANCE's measurement in reports/deploy.md.
+# round-to-nearest changes the model itself; SmolLM2-135M measured in reports/deploy.md. compress's own
+# int4 codes written as they are compute the same model, so they are held to the float tolerance.
 FLOAT_PPL_TOLERANCE = 1e-3
 INT4_PPL_TOLERANCE = 0.10
 DECODE_NOTE = ("prefill only: the graph takes input_ids and attention_mask and returns every position's "
@@ -52,11 +56,11 @@ class OnnxLmOptions:
     seq_len: int = 64
     repeats: int = 10
 
-    @property
-    def tolerance(self) -> float:
+    def tolerance(self, rounds_again: bool) -> float:
+        """The perplexity tolerance: the field, else by whether ORT rounded the weights (again)."""
         if self.max_ppl_diff is not None:
             return self.max_ppl_diff
-        return INT4_PPL_TOLERANCE if self.quantize == "int4" else FLOAT_PPL_TOLERANCE
+        return INT4_PPL_TOLERANCE if rounds_again else FLOAT_PPL_TOLERANCE
 
 
 def quantize_int4(src: Path, dst: Path, block_size: int, symmetric: bool) -> int:
@@ -131,22 +135,44 @@ def export_onnx_lm(model: nn.Module, tokenizer: Any, folder: Path, text: str, op
                          f"largest logit; allowed {options.max_rel_logit_diff:g}, max_rel_logit_diff) on "
                          f"{len(probe)} x {options.ppl_ctx} held-out tokens: the exported graph does not compute "
                          f"the model")
-    nbits = 0
-    if options.quantize == "int4":
+    nbits, source, rounds_again = 0, None, False
+    own, others = int4_layers(model) if options.quantize == "int4" else ({}, [])
+    if own and not others:
+        missing = write_nbits(float_path, final, own)
+        if missing:
+            raise StageError(f"onnx export: compress's int4 layer(s) {', '.join(missing[:3])} are not a MatMul with a "
+                             f"constant weight in the exported graph, so their codes cannot be written into "
+                             f"MatMulNBits; export the float model (before the quantize stage)")
+        nbits = len(own)
+        source = (f"compress's own int4 codes, scales and zero points of {nbits} layers written into MatMulNBits "
+                  f"as they are (nothing rounded again); the model's float layers stay float")
+        final_parity = parity(torch_logits(model, probe), ort_logits(onnx_export.session(final), probe))
+        if not final_parity["max_rel_logit_diff"] <= options.max_rel_logit_diff:
+            raise StageError(f"onnx export: the MatMulNBits graph's logits differ from compress's int4 model's by "
+                             f"{final_parity['max_rel_logit_diff']:.3g} of the largest logit (allowed "
+                             f"{options.max_rel_logit_diff:g}, max_rel_logit_diff): the written codes, scales or "
+                             f"zero points are not compress's")
+    elif options.quantize == "int4":
+        rounds_again = True
         nbits = quantize_int4(float_path, final, options.block_size, options.symmetric)
         if nbits == 0:
             raise StageError("onnx export: ONNX Runtime's MatMulNBits quantizer found no MatMul with a constant "
                              "weight in the graph; nothing was quantized (use quantize: none)")
+        if reason:
+            source = (f"{reason}; ONNX Runtime's MatMulNBits quantizer rounds them again (block {options.block_size}"
+                      f"), as compress's codes do not map onto MatMulNBits here: {'; '.join(others[:3])}"
+                      f"{'; ...' if len(others) > 3 else ''}")
     else:
         os.replace(float_path, final)
+    tolerance = options.tolerance(rounds_again)
     sess = onnx_export.session(final)
     ppl_torch = perplexity(lambda ids: torch_logits(model, ids), rows)
     ppl_ort = perplexity(lambda ids: ort_logits(sess, ids), rows)
     diff = abs(ppl_ort - ppl_torch) / ppl_torch
-    if not diff <= options.tolerance:
+    if not diff <= tolerance:
         raise StageError(f"onnx export: ONNX Runtime's perplexity of the {options.quantize} graph is {ppl_ort:.4f}, "
                          f"PyTorch's of the model is {ppl_torch:.4f} on the same {len(rows)} x {options.ppl_ctx} "
-                         f"held-out tokens: {100 * diff:.3f}% apart (allowed {100 * options.tolerance:g}%, "
+                         f"held-out tokens: {100 * diff:.3f}% apart (allowed {100 * tolerance:g}%, "
                          f"max_ppl_diff); use quantize: none, a smaller block_size, or loosen max_ppl_diff")
 
     gen = torch.Generator().manual_seed(0)
@@ -159,18 +185,18 @@ def export_onnx_lm(model: nn.Module, tokenizer: Any, folder: Path, text: str, op
     for leftover in work.iterdir():
         leftover.unlink()
     work.rmdir()
-    requantized = "; ONNX Runtime's MatMulNBits quantizer rounds them again" if options.quantize == "int4" else ""
     facts = {
         "format": "onnx",
         "file": onnx_export.GRAPH,
         "task": "causal-lm",
         "quantize": options.quantize,
         "matmul_nbits_nodes": nbits,
-        "block_size": options.block_size if options.quantize == "int4" else None,
-        "symmetric": options.symmetric if options.quantize == "int4" else None,
-        "source": (reason + requantized + " (compress's codes are not mapped onto MatMulNBits directly: the "
-                   "dynamo exporter renames the weights to anonymous transposed constants)") if reason
-        else "the PyTorch model as it is (float)",
+        "block_size": (options.block_size if rounds_again else sorted({m.group for m in own.values()}) or None)
+        if options.quantize == "int4" else None,
+        "symmetric": (options.symmetric if rounds_again else False) if options.quantize == "int4" else None,
+        "int4_codes": ("onnxruntime (round-to-nearest)" if rounds_again else "compress's own")
+        if options.quantize == "int4" else None,
+        "source": source or reason or "the PyTorch model as it is (float)",
         "file_bytes": final.stat().st_size,
         "ppl_runtime": round(ppl_ort, 4),
         "ppl_pytorch": round(ppl_torch, 4),
@@ -181,7 +207,7 @@ def export_onnx_lm(model: nn.Module, tokenizer: Any, folder: Path, text: str, op
         f"latency_prefill{options.seq_len}_ms_onnxruntime": latency["onnxruntime"],
         "decode_note": DECODE_NOTE,
         "threads": torch.get_num_threads(),
-        "tolerances": {"max_rel_logit_diff": options.max_rel_logit_diff, "max_ppl_diff": options.tolerance},
+        "tolerances": {"max_rel_logit_diff": options.max_rel_logit_diff, "max_ppl_diff": tolerance},
     }
     logger.info("onnx export (causal LM, %s): %.1f MiB, perplexity %.4f (PyTorch %.4f, %.3f%% apart)",
                 options.quantize, final.stat().st_size / 2**20, ppl_ort, ppl_torch, 100 * diff)
