@@ -49,9 +49,11 @@ def test_onnx_lm_fp32_and_int4_match_pytorch_perplexity_and_run_without_compress
     assert int4["quantize"] == "int4" and int4["matmul_nbits_nodes"] == 15 and int4["block_size"] == 32
     assert 0 < int4["ppl_rel_diff"] <= 0.10 and int4["tolerances"]["max_ppl_diff"] == 0.10
     assert int4["file_bytes"] < 0.7 * fp32["file_bytes"]
-    assert "prefill only" in int4["decode_note"]
-    # The fp32 folder runs as its HOW_TO_LOAD.md says, in a Python without compress, and generates what
-    # PyTorch generates greedily.
+    # The graph carries its KV cache: tokens fed one at a time give its whole-sequence logits.
+    assert int4["kv_cache"] is True and int4["kv_decode_max_rel_logit_diff"] <= 1e-3
+    assert int4["decode_tokens_per_s_onnxruntime"] > 0 and int4["decode_tokens_per_s_pytorch"] > 0
+    # The fp32 folder runs as its HOW_TO_LOAD.md says (greedy decoding through the graph's KV cache), in
+    # a Python without compress, and generates what PyTorch generates greedily.
     folder = out / "exports" / "fp32"
     snippet = (folder / "HOW_TO_LOAD.md").read_text().split("```python\n")[1].split("```")[0]
     code = "import sys\nsys.modules['compress'] = None\n" + snippet.replace("print(tokenizer.decode(ids[0]))",
@@ -68,7 +70,7 @@ def test_onnx_lm_fp32_and_int4_match_pytorch_perplexity_and_run_without_compress
 
 @pytest.mark.slow
 def test_onnx_lm_perplexity_check_fails_when_broken(lm_recipe, tiny_llama_dir, tmp_path, monkeypatch):
-    from compress.export import onnx as onnx_export
+    from compress.export import onnx_kv
     from compress.stages.export import Export, run_export
 
     bundle = ModelBundle.load(tiny_llama_dir)
@@ -80,20 +82,34 @@ def test_onnx_lm_perplexity_check_fails_when_broken(lm_recipe, tiny_llama_dir, t
         run_export(bundle, Export(format="onnx", max_ppl_diff=0.0, ppl_ctx=32, ppl_chunks=4, repeats=1), ctx)
     assert not (tmp_path / "direct" / "exports" / "onnx").exists()  # nothing half-written is left
     # A graph that does not compute the model (its output head negated) is refused before quantizing.
-    real = onnx_export.export_graph
+    real = onnx_kv.export_kv_graph
 
-    def flipped(model, sample, path, **fixed):
+    def flipped(model, path):
         import copy
 
         bad = copy.deepcopy(model)
         with torch.no_grad():
             bad.lm_head.weight.mul_(-1)
-        return real(bad, sample, path, **fixed)
+        return real(bad, path)
 
-    monkeypatch.setattr(onnx_export, "export_graph", flipped)
+    monkeypatch.setattr(onnx_kv, "export_kv_graph", flipped)
     with pytest.raises(StageError, match=r"fp32 graph's logits differ from PyTorch's by .* allowed 0.0001, "
                                          r"max_rel_logit_diff"):
         run_export(bundle, Export(format="onnx", quantize="none", ppl_ctx=32, ppl_chunks=4, repeats=1), ctx)
+    monkeypatch.setattr(onnx_kv, "export_kv_graph", real)
+    # A cache that does not carry the state (each call sees an empty cache) fails the decode check.
+    real_run = onnx_kv.run_cached
+    monkeypatch.setattr(onnx_kv, "run_cached", lambda sess, config, ids, cache=None: real_run(sess, config, ids))
+    with pytest.raises(StageError, match=r"tokens fed one at a time through its KV cache differ from its logits for "
+                                         r"the whole sequence by .* \(allowed 0.001\)"):
+        run_export(bundle, Export(format="onnx", quantize="none", ppl_ctx=32, ppl_chunks=4, repeats=1), ctx)
+    monkeypatch.setattr(onnx_kv, "run_cached", real_run)
+    # An architecture whose cache does not trace gets a prefill-only graph, and says why.
+    monkeypatch.setattr(onnx_kv, "export_kv_graph", lambda model, path: (_ for _ in ()).throw(
+        RuntimeError("cannot trace this cache")))
+    facts = run_export(bundle, Export(format="onnx", quantize="none", ppl_ctx=32, ppl_chunks=4, repeats=1), ctx).facts
+    assert "kv_cache" not in facts and "prefill only" in facts["decode_note"]
+    assert "RuntimeError: cannot trace this cache" in facts["decode_note"] and facts["ppl_rel_diff"] <= 1e-3
 
 
 @pytest.mark.slow

@@ -1,14 +1,15 @@
 """ONNX export of a causal LM for ONNX Runtime: the fp32 graph, or int4 weight-only `MatMulNBits`.
 
-Path: `torch.onnx.export(dynamo=True)` of a float copy of the model (input_ids, attention_mask ->
-logits, no KV cache) -> optionally ONNX Runtime's own `MatMulNBitsQuantizer` (4-bit weights in
+Path: `torch.onnx.export(dynamo=True)` of a float copy of the model with its KV cache as inputs and
+outputs (onnx_kv.py; input_ids, attention_mask, past -> logits, present) -> optionally ONNX Runtime's own `MatMulNBitsQuantizer` (4-bit weights in
 blocks along the input dimension, one scale (and zero point) per block; activations stay float).
 The result is checked in ONNX Runtime: the fp32 graph must give PyTorch's logits, and the written
 model's perplexity on the held-out tokens must be within a tolerance of PyTorch's on the same
 tokens, else `StageError` with both numbers.
 
-Prefill only: the graph has no past key/value inputs, so a generation loop re-runs the whole
-sequence per token (`decode_note` in the facts). A model whose quantized layers are all compress's
+Token-by-token decoding through the cache must give the graph's own whole-sequence logits (else
+`StageError`); decode tokens/s are measured beside PyTorch's. An architecture whose cache the exporter
+cannot trace gets a prefill-only graph, with the reason in `decode_note`. A model whose quantized layers are all compress's
 int4 weight-only layers with a MatMulNBits-sized group is written from its own codes (onnx_nbits.py:
 nothing is rounded again, so the graph must give compress's logits); any other quantized model is
 exported as its dequantized weights and rounded by ORT's quantizer (`source` in the facts says why).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from torch import nn
 
 from compress.errors import StageError
 from compress.export import onnx as onnx_export
+from compress.export import onnx_kv
 from compress.export.measure import parity, side_by_side
 from compress.export.onnx_nbits import int4_layers, write_nbits
 
@@ -38,8 +41,12 @@ FLOAT_PPL_TOLERANCE = 1e-3
 INT4_PPL_TOLERANCE = 0.10
 DECODE_NOTE = ("prefill only: the graph takes input_ids and attention_mask and returns every position's "
                "logits; it has no past key/value inputs or outputs, so generation re-runs the whole sequence "
-               "per new token. Exporting transformers' KV cache (a DynamicCache object) as graph inputs and "
-               "outputs through torch.onnx's dynamo exporter was not attempted in this version.")
+               "per new token.")
+# Tokens fed one at a time through the graph's cache must give the logits the graph gives for the
+# whole sequence at once; only the summation order differs (tiny Llama measured ~1e-7 of the largest
+# logit; MatMulNBits has separate one-row kernels, hence the margin).
+KV_TOLERANCE = 1e-3
+DECODE_TOKENS = 32
 
 
 @dataclass
@@ -109,6 +116,26 @@ def _feed(ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+def _check_decode(sess: Any, model: nn.Module, rows: torch.Tensor, vocab: int) -> dict[str, Any]:
+    """The cache check (else StageError) and greedy decode tokens/s, ORT vs PyTorch (interleaved, median)."""
+    from compress.export.gguf import torch_speed
+
+    ids = rows[:1, :min(rows.shape[1], 24)].numpy()
+    drift = onnx_kv.decode_parity(sess, model.config, ids, prompt=ids.shape[1] // 2)
+    if not drift <= KV_TOLERANCE:
+        raise StageError(f"onnx export: the graph's logits for tokens fed one at a time through its KV cache differ "
+                         f"from its logits for the whole sequence by {drift:.3g} of the largest logit (allowed "
+                         f"{KV_TOLERANCE:g}): the cache inputs/outputs do not carry the model's state")
+    rounds: dict[str, list[float]] = {"onnxruntime": [], "pytorch": []}
+    for _ in range(3):  # interleaved, so a load change hits both runtimes alike
+        rounds["onnxruntime"].append(onnx_kv.ort_decode_speed(sess, model.config, vocab, DECODE_TOKENS))
+        rounds["pytorch"].append(torch_speed(model, vocab, 8, DECODE_TOKENS)["decode_tokens_per_s"])
+    return {"kv_cache": True, "kv_decode_max_rel_logit_diff": drift,
+            **{f"decode_tokens_per_s_{side}": round(statistics.median(v), 2) for side, v in rounds.items()},
+            "decode_bench": f"greedy, {DECODE_TOKENS} tokens after a 1-token context, KV cache on both sides, "
+                            f"3 interleaved rounds (median)"}
+
+
 def export_onnx_lm(model: nn.Module, tokenizer: Any, folder: Path, text: str, options: OnnxLmOptions,
                    logger: Any) -> dict[str, Any]:
     """Write `folder/model.onnx` (+ tokenizer), check it in ONNX Runtime, return the facts."""
@@ -117,13 +144,22 @@ def export_onnx_lm(model: nn.Module, tokenizer: Any, folder: Path, text: str, op
     work = folder / ".graphs"
     work.mkdir(parents=True, exist_ok=True)
     float_path, final = work / "float.onnx", folder / onnx_export.GRAPH
-    onnx_export.export_graph(exportable, _feed(rows[:1]), float_path, use_cache=False)
+    kv_problem = None
+    try:
+        onnx_kv.export_kv_graph(exportable, float_path)
+    except Exception as exc:  # noqa: BLE001  (any tracing failure: fall back to a graph without the cache)
+        kv_problem = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+        logger.warning("onnx export: the KV-cache graph did not export (%s); writing a prefill-only graph",
+                       kv_problem)
+        onnx_export.export_graph(exportable, _feed(rows[:1]), float_path, use_cache=False)
 
     def torch_logits(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return m(**_feed(ids), use_cache=False).logits.float()
 
     def ort_logits(sess: Any, ids: torch.Tensor) -> torch.Tensor:
+        if kv_problem is None:  # a prompt: run with an empty cache
+            return torch.from_numpy(onnx_kv.run_cached(sess, model.config, ids.numpy())[0]).float()
         return torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in _feed(ids).items()})[0]).float()
 
     # The fp32 graph must compute its float source before anything is rounded.
@@ -175,10 +211,14 @@ def export_onnx_lm(model: nn.Module, tokenizer: Any, folder: Path, text: str, op
                          f"held-out tokens: {100 * diff:.3f}% apart (allowed {100 * tolerance:g}%, "
                          f"max_ppl_diff); use quantize: none, a smaller block_size, or loosen max_ppl_diff")
 
-    gen = torch.Generator().manual_seed(0)
     vocab = int(getattr(model.config, "vocab_size", None) or len(tokenizer))
+    decode = _check_decode(sess, model, rows, vocab) if kv_problem is None else {
+        "decode_note": f"{DECODE_NOTE} The KV-cache graph did not export: {kv_problem}"}
+    gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, options.seq_len), generator=gen)
     arrays = {k: v.numpy() for k, v in _feed(ids).items()}
+    if kv_problem is None:
+        arrays.update(onnx_kv.empty_cache(model.config, 1))
     latency = side_by_side({"pytorch": lambda: model(**_feed(ids), use_cache=False),
                             "onnxruntime": lambda: sess.run(None, arrays)}, repeats=options.repeats)
     tokenizer.save_pretrained(folder)
@@ -205,7 +245,7 @@ def export_onnx_lm(model: nn.Module, tokenizer: Any, folder: Path, text: str, op
         "fp32_graph_max_rel_logit_diff": graph_parity["max_rel_logit_diff"],
         f"latency_prefill{options.seq_len}_ms_pytorch": latency["pytorch"],
         f"latency_prefill{options.seq_len}_ms_onnxruntime": latency["onnxruntime"],
-        "decode_note": DECODE_NOTE,
+        **decode,
         "threads": torch.get_num_threads(),
         "tolerances": {"max_rel_logit_diff": options.max_rel_logit_diff, "max_ppl_diff": tolerance},
     }
@@ -213,6 +253,28 @@ def export_onnx_lm(model: nn.Module, tokenizer: Any, folder: Path, text: str, op
                 options.quantize, final.stat().st_size / 2**20, ppl_ort, ppl_torch, 100 * diff)
     return facts
 
+
+HOW_TO_LOAD_KV = """\
+import numpy as np
+import onnxruntime as ort
+from transformers import AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{folder}")
+session = ort.InferenceSession("{folder}/model.onnx", providers=["CPUExecutionProvider"])
+# The KV cache: one empty (batch 1, past length 0) tensor per past.* input; each call returns the next.
+cache = {{i.name: np.zeros([1 if d == "batch" else 0 if d == "past" else d for d in i.shape], np.float32)
+         for i in session.get_inputs() if i.name.startswith("past.")}}
+ids = tokenizer("Once upon a time", return_tensors="np")["input_ids"]
+step = ids
+for _ in range(16):  # greedy decoding through the cache
+    seen = next(iter(cache.values())).shape[2] + step.shape[1]
+    logits, *present = session.run(None, {{"input_ids": step, "attention_mask": np.ones((1, seen), np.int64),
+                                          **cache}})
+    cache = dict(zip(cache, present))
+    step = logits[:, -1:].argmax(-1)
+    ids = np.concatenate([ids, step], axis=1)
+print(tokenizer.decode(ids[0]))
+"""
 
 HOW_TO_LOAD = """\
 import numpy as np

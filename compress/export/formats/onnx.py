@@ -76,7 +76,9 @@ class ExportOnnx(Export):
         return found
 
     def loading(self, task: str, facts: dict[str, Any]) -> tuple[str, str]:
-        if task == "causal-lm":
+        if task == "causal-lm" and facts.get("kv_cache"):
+            from compress.export.onnx_lm import HOW_TO_LOAD_KV as HOW_TO_LOAD
+        elif task == "causal-lm":
             from compress.export.onnx_lm import HOW_TO_LOAD
         else:
             from compress.export.onnx import HOW_TO_LOAD
