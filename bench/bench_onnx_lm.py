@@ -91,6 +91,7 @@ def render(result: dict) -> str:
          f"MatMulNBits quantizer; perplexity on {any_facts['ppl_tokens']} of held-out tweets' text, ONNX Runtime "
          f"and PyTorch on the same tokens."),
         "",
+        *([result["note"], ""] if result.get("note") else []),
         "| export | graph | MatMulNBits nodes | file | ppl ONNX Runtime | ppl PyTorch fp32 | apart |",
         "|---|---|---:|---:|---:|---:|---:|",
         *rows,
