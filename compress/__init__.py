@@ -10,6 +10,9 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
+# The name pip knows this project by (pyproject's [project] name). The PyPI package named
+# `compress` is an unrelated project, so install lines must use this name.
+DISTRIBUTION = "compress-hf"
 
 _PUBLIC = {
     "ModelBundle": "compress.bundle",

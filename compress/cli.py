@@ -166,7 +166,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         raise PublishError("push: give --repo-id ORG/NAME (or set publish.repo_id in the recipe)")
     private = spec.private if args.private is None else args.private
     result = push(args.run_dir, repo_id, private=private, spec=spec, dry_run=args.dry_run, output=args.output,
-                  export=args.export)
+                  export=args.export, allow_compress_format=args.allow_compress_format)
     verb = "would upload" if result["dry_run"] else "uploaded"
     print(f"{verb} {len(result['files'])} files to {repo_id} ({'private' if private else 'public'}); "
           f"folder: {result['folder']}")
@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="where to write that folder (default: RUN_DIR/publish)")
     p.add_argument("--export", help="publish this export of the run (RUN_DIR/exports/NAME: onnx, "
                                     "compressed-tensors, gguf) instead of its final model")
+    p.add_argument("--allow-compress-format", action="store_true",
+                   help="publish a final model in compress's own format (only compress loads it); "
+                        "refused without this flag")
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("autotune", help="search stage settings for the smallest model within an accuracy budget")
@@ -251,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["onnx", "compressed-tensors", "gguf"])
     p.add_argument("--stage", help="stage output to export, e.g. 02-distill (default: the last one)")
     p.add_argument("--name", help="folder name under RUN_DIR/exports (default: the format)")
-    p.add_argument("--quantize", choices=["int8", "none"], help="onnx: int8 dynamic (default) or the fp32 graph")
+    p.add_argument("--quantize", choices=["int8", "int4", "none"],
+                   help="onnx: int8 dynamic (classifiers' default), int4 MatMulNBits (causal LMs' default) or the "
+                        "fp32 graph")
     p.add_argument("--eval-samples", type=int, help="held-out rows the export is checked on (default 1000)")
     p.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"],
                    help="gguf: the converter's output type (default f16)")

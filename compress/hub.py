@@ -17,9 +17,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from compress import DISTRIBUTION
 from compress.errors import CompressError
 from compress.io import atomic_dir
 from compress.ownership import MARKER, check_output, write_marker
+from compress.portable import is_compress_only
 from compress.report.render import PLOTS_DIR, comparison_rows
 from compress.report.schema import Report
 
@@ -43,6 +45,11 @@ class PublishSpec(BaseModel):
     license: str | None = Field(None, description="License id for the card, e.g. apache-2.0.")
     tags: list[str] = Field(default_factory=list, description="Extra tags for the card.")
     push_after_run: bool = Field(False, description="Push automatically when `compress run` finishes.")
+    export: str | None = Field(None, description="Publish this export of the run (exports/NAME) instead of its "
+                                                 "final model (as `compress push --export NAME`).")
+    allow_compress_format: bool = Field(False, description=(
+        "Publish a final model in compress's own format, which only compress loads (as `compress push "
+        "--allow-compress-format`); refused otherwise."))
 
 
 class PublishError(CompressError):
@@ -70,6 +77,14 @@ def _task_tag(task: str) -> str:
     return {"sequence-classification": "text-classification", "causal-lm": "text-generation"}.get(task, task)
 
 
+# How the card says to install compress: by its distribution name (the PyPI package named `compress`
+# is an unrelated project), from a clone of its source repository, pinned by its lock file.
+INSTALL = f"""```bash
+# compress is the distribution `{DISTRIBUTION}` (the PyPI package named `compress` is a different
+# project). In a clone of compress's source repository:
+pip install -c requirements.lock -e .   # installs {DISTRIBUTION}
+```"""
+
 def how_to_load(task: str, fmt: str, name: str) -> str:
     """The card's loading instructions for the published folder's format."""
     load = "AutoModelForSequenceClassification" if task == "sequence-classification" else "AutoModelForCausalLM"
@@ -92,8 +107,9 @@ tokenizer = AutoTokenizer.from_pretrained("{name}")
 ```"""
     return f"""This checkpoint holds compress's own layers (format `{fmt}`), which transformers cannot build:
 its `config.json` declares `model_type: compress` so that plain `from_pretrained` refuses it
-instead of loading random weights. Load it with compress (installed from its source repository;
-the PyPI package named `compress` is unrelated):
+instead of loading random weights. Load it with compress:
+
+{INSTALL}
 
 ```python
 from compress import ModelBundle
@@ -115,12 +131,17 @@ def publish_dir_name(export: str | None) -> str:
     return "publish" if export is None else f"publish-{export}"
 
 
+def finished_exports(run_dir: Path) -> list[str]:
+    """The names of the run's finished exports (folders under `exports/` with their facts)."""
+    root = run_dir / EXPORTS_DIR
+    return sorted(p.name for p in root.iterdir() if (p / EXPORT_FACTS).is_file()) if root.is_dir() else []
+
+
 def export_folder(run_dir: Path, name: str) -> Path:
     """A finished export of the run (`exports/<name>/` with its runtime check's facts)."""
     folder = run_dir / EXPORTS_DIR / name
     if not (folder / EXPORT_FACTS).is_file():
-        root = run_dir / EXPORTS_DIR
-        known = sorted(p.name for p in root.iterdir() if (p / EXPORT_FACTS).is_file()) if root.is_dir() else []
+        known = finished_exports(run_dir)
         raise PublishError(f"--export {name}: {run_dir} has no finished export of that name (exports: "
                            f"{', '.join(known) or 'none'}); write one with `compress export {run_dir} --format "
                            f"onnx|compressed-tensors|gguf` or an export stage")
@@ -193,8 +214,9 @@ Full report: `report.md` / `report.html` (plots in `{PLOTS_DIR}/`), raw figures 
 {_export_checks(export) if export else ""}
 ## Reproduce
 
-Install compress from its source repository (`pip install -c requirements.lock -e .` in a clone; the
-PyPI package named `compress` is a different project), then:
+{INSTALL}
+
+then:
 
 ```bash
 compress run recipe.yaml
@@ -214,10 +236,24 @@ def _export_checks(folder: Path) -> str:
             "(its `" + EXPORT_FACTS + "`):\n\n| figure | value |\n|---|---|\n" + "\n".join(lines) + "\n")
 
 
+def compress_format_refusal(run_dir: Path, model_dir: Path) -> str:
+    """Why a push of `model_dir` (a compress-only folder) is refused, and the alternatives."""
+    fmt = json.loads((model_dir / "compress_bundle.json").read_text()).get("format", "?")
+    exports = finished_exports(run_dir)
+    have = (f"this run has: {', '.join(exports)}" if exports else
+            f"write one first with `compress export {run_dir} --format onnx|compressed-tensors|gguf`")
+    return (f"push: {run_dir}'s final model ({model_dir.name}) is in compress's own format {fmt!r}, which only "
+            f"compress loads (plain transformers, vLLM or llama.cpp cannot). Publish an export a serving runtime "
+            f"loads with --export NAME ({have}), or pass --allow-compress-format to publish compress's format "
+            f"anyway (its card says to install {DISTRIBUTION}); nothing was written")
+
+
 def build_publish_folder(run_dir: str | Path, output: str | Path, spec: PublishSpec,
-                         repo_id: str | None = None, export: str | None = None) -> Path:
+                         repo_id: str | None = None, export: str | None = None,
+                         allow_compress_format: bool = True) -> Path:
     """Write exactly what would be uploaded into `output` (atomically) and return it: the run's final
-    model, or with `export` that export of it (`exports/<export>/`, for its runtime)."""
+    model, or with `export` that export of it (`exports/<export>/`, for its runtime). A final model in
+    a compress-only format is refused unless `allow_compress_format` (`push` passes its flag)."""
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").exists() or not (run_dir / "report.json").exists():
         raise PublishError(f"{run_dir}: not a finished compress run (no run.json/report.json)")
@@ -227,6 +263,8 @@ def build_publish_folder(run_dir: str | Path, output: str | Path, spec: PublishS
     model_dir = final_stage_dir(run_dir)
     bundle_meta = json.loads((model_dir / "compress_bundle.json").read_text())
     exported = export_folder(run_dir, export) if export else None
+    if exported is None and not allow_compress_format and is_compress_only(model_dir):
+        raise PublishError(compress_format_refusal(run_dir, model_dir))
     # The folder is replaced as a whole: only a new one, or one an earlier push wrote (the run's
     # own publish/ included), may be.
     output = check_output(output, "publish", inputs=[run_dir], allowed_inside=run_dir / publish_dir_name(export))
@@ -276,14 +314,20 @@ def _assert_no_secret(folder: Path, token: str | None) -> None:
 
 def push(run_dir: str | Path, repo_id: str, *, private: bool = True, spec: PublishSpec | None = None,
          dry_run: bool = False, output: str | Path | None = None, endpoint: str | None = None,
-         export: str | None = None) -> dict[str, Any]:
-    """Build the publish folder, then (unless dry_run) create the repo and upload it in one commit."""
+         export: str | None = None, allow_compress_format: bool = False) -> dict[str, Any]:
+    """Build the publish folder, then (unless dry_run) create the repo and upload it in one commit.
+
+    A final model in a compress-only format (model_type: compress) is refused, dry run included,
+    unless `allow_compress_format`: a Hub user without compress could not load it; `export` names
+    an export of the run (onnx, compressed-tensors, gguf) that its runtime loads instead."""
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
     run_dir = Path(run_dir)
     spec = spec or PublishSpec()
+    export = export or spec.export
+    allow_compress_format = allow_compress_format or spec.allow_compress_format
     folder = Path(output) if output else run_dir / publish_dir_name(export)
-    build_publish_folder(run_dir, folder, spec, repo_id, export)
+    build_publish_folder(run_dir, folder, spec, repo_id, export, allow_compress_format=allow_compress_format)
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
     if dry_run:
         return {"dry_run": True, "folder": str(folder), "files": files, "repo_id": repo_id, "private": private}

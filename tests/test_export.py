@@ -197,7 +197,7 @@ def test_export_refusals_come_before_any_work(cls_recipe, monkeypatch):
     monkeypatch.setattr(runtime.importlib.util, "find_spec",
                         lambda name, *a: None if name == "onnxruntime" else real(name, *a))
     cls_recipe["stages"] = [{"type": "export", "format": "onnx"}]
-    with pytest.raises(RecipeError, match=r"needs onnxruntime, .* pip install 'compress\[export\]'"):
+    with pytest.raises(RecipeError, match=r"needs onnxruntime, .* pip install 'compress-hf\[export\]'"):
         run(cls_recipe, show_progress=False)
 
 

@@ -226,3 +226,36 @@ def test_push_an_export_publishes_what_its_runtime_loads(tiny_bert_dir, sentimen
     # Unknown exports are named with the ones the run has.
     assert main(["push", str(out), "--repo-id", "acme/x", "--export", "gguf", "--dry-run"]) == 2
     assert "(exports: compressed-tensors)" in capsys.readouterr().err
+
+
+def test_push_refuses_a_compress_only_format_unless_allowed(tiny_bert_dir, sentiment_csv, tmp_path, capsys):
+    """A final model only compress loads is not published by accident: the refusal names --export and
+    the flag; with the flag the folder is written and its card installs compress by its own
+    distribution name (the one in pyproject, not the unrelated PyPI package `compress`)."""
+    import tomllib
+    from pathlib import Path
+
+    from compress import DISTRIBUTION, testing
+    from compress.hub import push
+
+    out = tmp_path / "run"
+    run(testing.tiny_recipe(tiny_bert_dir, sentiment_csv, "sequence-classification", out,
+                            stages=[{"type": "quantize", "scheme": "int8-dynamic"}], eval={"speed": False}))
+    assert main(["push", str(out), "--repo-id", "acme/x", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "in compress's own format 'quantized', which only compress loads" in err
+    assert "--export NAME (write one first with `compress export" in err and "--allow-compress-format" in err
+    assert not (out / "publish").exists()  # refused before anything was written
+    with pytest.raises(PublishError, match="pass --allow-compress-format"):
+        push(out, "acme/x", dry_run=True)
+    # The recipe's publish section may allow it too (for publish.push_after_run).
+    assert push(out, "acme/x", dry_run=True, spec=PublishSpec(allow_compress_format=True))["dry_run"]
+    assert main(["push", str(out), "--repo-id", "acme/x", "--dry-run", "--allow-compress-format",
+                 "--output", str(tmp_path / "pub")]) == 0
+    card = (tmp_path / "pub" / "README.md").read_text()
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["name"] == DISTRIBUTION != "compress"
+    assert pyproject["project"]["scripts"]["compress"] == "compress.cli:main"
+    assert f"pip install -c requirements.lock -e .   # installs {DISTRIBUTION}" in card
+    assert f"the distribution `{DISTRIBUTION}` (the PyPI package named `compress` is a different" in card
+    assert "pip install compress" not in card

@@ -15,7 +15,7 @@ def run_lm_eval(model: Any, tokenizer: Any, spec: LmEvalSpec, device: str = "cpu
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise CompressError("eval.lm_eval needs lm-eval: pip install 'compress[harness]'") from None
+        raise CompressError("eval.lm_eval needs lm-eval: pip install 'compress-hf[harness]'") from None
     from compress.paths import resolve_path
 
     include = str(resolve_path(spec.include_path)) if spec.include_path else None

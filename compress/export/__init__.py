@@ -1,15 +1,16 @@
 """Exports for serving runtimes, one module per format, each checked in the runtime that serves it.
 
-- `onnx`: ONNX Runtime (CPU classifiers): fp32 graph, ORT graph optimisations, int8 dynamic.
+- `onnx`: ONNX Runtime: classifiers (fp32 graph, ORT graph optimisations, int8 dynamic) and causal LMs
+  (fp32 or int4 weight-only MatMulNBits, `onnx_lm`).
 - `compressed-tensors`: transformers / vLLM: W8A8 int8, W4A16, sparse bitmask.
 - `gguf`: llama.cpp (llama.cpp's converter and quantizer; perplexity and speed in llama.cpp).
 
-`problems()` refuses what cannot work before any work; `export_bundle()` writes and checks.
+`problems()` refuses what cannot work before any work. The export stage's per-format configs and
+handlers are in `formats/` (registered in `config.EXPORT_FORMATS`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from compress.export.runtime import EXTRA, missing_runtime, task_problem
@@ -59,24 +60,4 @@ def gguf_problems(bundle_format: str, architectures: list[str]) -> list[str]:
     return found + ([f"gguf export: {why}"] if why else [])
 
 
-def export_bundle(bundle: Any, fmt: str, folder: Path, batches: Any, options: Any,
-                  logger: Any) -> dict[str, Any]:
-    """Write `bundle` as `fmt` into `folder` (which must exist) and check it in its runtime.
-
-    `batches`: held-out batches (onnx, compressed-tensors) or the held-out text (gguf)."""
-    if fmt == "onnx":
-        from compress.export.onnx import export_onnx
-
-        return export_onnx(bundle.model, bundle.tokenizer, folder, batches, options, logger)
-    if fmt == "compressed-tensors":
-        from compress.export.compressed import export_compressed
-
-        return export_compressed(bundle, folder, batches, options, logger)
-    if fmt == "gguf":
-        from compress.export.gguf import export_gguf
-
-        return export_gguf(bundle, folder, batches, options, logger)
-    raise ValueError(f"unknown export format {fmt!r}")
-
-
-__all__ = ["EXTRA", "FORMATS", "export_bundle", "gguf_problems", "missing_runtime", "problems"]
+__all__ = ["EXTRA", "FORMATS", "gguf_problems", "missing_runtime", "problems"]

@@ -92,22 +92,23 @@ def float_copy(model: nn.Module) -> tuple[nn.Module, str | None]:
 class _Logits(nn.Module):
     """The model as a function of positional tensors -> logits (what the ONNX graph computes)."""
 
-    def __init__(self, model: nn.Module, names: list[str]):
+    def __init__(self, model: nn.Module, names: list[str], fixed: dict[str, Any]):
         super().__init__()
-        self.model, self.names = model, names
+        self.model, self.names, self.fixed = model, names, fixed
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return self.model(**dict(zip(self.names, tensors, strict=True))).logits
+        return self.model(**dict(zip(self.names, tensors, strict=True)), **self.fixed).logits
 
 
-def export_graph(model: nn.Module, sample: dict[str, torch.Tensor], path: Path) -> None:
-    """fp32 ONNX graph with dynamic batch and sequence axes (torch.onnx's dynamo exporter)."""
+def export_graph(model: nn.Module, sample: dict[str, torch.Tensor], path: Path, **fixed: Any) -> None:
+    """fp32 ONNX graph with dynamic batch and sequence axes (torch.onnx's dynamo exporter); `fixed`
+    are keyword arguments baked into the call (e.g. `use_cache=False`)."""
     from torch.export import Dim
 
     names = list(sample)
     batch, seq = Dim("batch", min=1, max=4096), Dim("sequence", min=2, max=4096)
     args = tuple(sample[n] for n in names)
-    program = torch.onnx.export(_Logits(model.eval(), names), args, dynamo=True, input_names=names,
+    program = torch.onnx.export(_Logits(model.eval(), names, fixed), args, dynamo=True, input_names=names,
                                 output_names=["logits"], dynamic_shapes=(tuple({0: batch, 1: seq} for _ in names),),
                                 optimize=True, verbose=False)
     program.save(str(path))

@@ -1,6 +1,6 @@
 """Which serving runtime each export format needs, and a refusal that names how to install it.
 
-The runtimes are an optional extra (`pip install 'compress[export]'`), so they are looked up by
+The runtimes are an optional extra (`pip install 'compress-hf[export]'`), so they are looked up by
 import name here, before any work, instead of failing half-way through an export.
 """
 
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 
-EXTRA = "pip install 'compress[export]'"
+from compress import DISTRIBUTION
+
+EXTRA = f"pip install '{DISTRIBUTION}[export]'"
 
 # format -> the Python modules its exporter and its runtime check import.
 RUNTIME_MODULES: dict[str, tuple[str, ...]] = {
@@ -19,7 +21,7 @@ RUNTIME_MODULES: dict[str, tuple[str, ...]] = {
 
 # format -> tasks it can serve (checked before any work).
 FORMAT_TASKS: dict[str, tuple[str, ...]] = {
-    "onnx": ("sequence-classification",),
+    "onnx": ("sequence-classification", "causal-lm"),
     "compressed-tensors": ("sequence-classification", "causal-lm"),
     "gguf": ("causal-lm",),
 }
