@@ -191,7 +191,7 @@ def test_export_refusals_come_before_any_work(cls_recipe, monkeypatch):
     with pytest.raises(RecipeError, match=r"stages\[0\]: export is terminal; only other export stages may follow"):
         run(cls_recipe, show_progress=False)
     cls_recipe["stages"] = [{"type": "export", "format": "compressed-tensors", "quantize": "int8"}]
-    with pytest.raises(RecipeError, match="quantize applies to format onnx only"):
+    with pytest.raises(RecipeError, match="quantize: applies to format onnx only"):
         run(cls_recipe, show_progress=False)
     real = runtime.importlib.util.find_spec
     monkeypatch.setattr(runtime.importlib.util, "find_spec",
@@ -212,7 +212,7 @@ def test_cli_exports_a_finished_run(cls_recipe, capsys):
     assert main(["export", str(out), "--format", "gguf"]) == 2
     assert "gguf export is for causal-lm models" in capsys.readouterr().err
     assert main(["export", str(out), "--format", "compressed-tensors", "--quantize", "none"]) == 2
-    assert "quantize applies to format onnx only" in capsys.readouterr().err
+    assert "quantize: applies to format onnx only" in capsys.readouterr().err
     assert main(["export", str(out), "--format", "compressed-tensors", "--eval-samples", "16"]) == 0
     printed = capsys.readouterr().out
     assert "exported 01-quantize as compressed-tensors" in printed

@@ -157,7 +157,7 @@ def test_onnx_lm_int4_from_compress_int8_weight_is_rounded_by_ort_with_the_reaso
     ({"per_channel": False}, "per_channel: applies to classifiers only"),
     ({"block_size": 48}, "block_size: 48 is not a power of two"),
     ({"quantize": "none", "symmetric": True}, "symmetric: only used with quantize: int4"),
-    ({"bench_rounds": 2}, "bench_rounds applies to format gguf only"),
+    ({"bench_rounds": 2}, "bench_rounds: applies to format gguf only"),
 ])
 def test_onnx_lm_refusals_come_before_any_work(lm_recipe, stage, message):
     lm_recipe["stages"] = [{"type": "export", "format": "onnx", **stage}]

@@ -127,7 +127,7 @@ def test_gguf_refused_before_any_work_when_llama_cpp_is_not_built(lm_recipe, tmp
 
 def test_gguf_fields_belong_to_gguf(lm_recipe):
     lm_recipe["stages"] = [{"type": "export", "format": "onnx", "outtype": "q8_0"}]
-    with pytest.raises(RecipeError, match="outtype applies to format gguf only"):
+    with pytest.raises(RecipeError, match="outtype: applies to format gguf only"):
         run(lm_recipe, show_progress=False)
     lm_recipe["stages"] = [{"type": "export", "format": "gguf", "outtype": "q8_0", "llama_quantize": "Q4_K_M"}]
     with pytest.raises(RecipeError, match="outtype: not used with llama_quantize Q4_K_M"):
@@ -329,7 +329,7 @@ def test_cli_exports_a_finished_run_to_gguf(smol_recipe, capsys):
     run(smol_recipe, show_progress=False)
     out = Path(smol_recipe["output_dir"])
     assert main(["export", str(out), "--format", "gguf", "--quantize", "none"]) == 2
-    assert "quantize applies to format onnx only" in capsys.readouterr().err
+    assert "quantize: applies to format onnx only" in capsys.readouterr().err
     assert main(["export", str(out), "--format", "gguf", "--outtype", "q8_0", "--ppl-ctx", "32"]) == 0
     printed = capsys.readouterr().out
     assert "exported 01-quantize as gguf" in printed and "ppl_runtime:" in printed

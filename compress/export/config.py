@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from compress.methods import FamilyConfig, MethodFamily, accepted_keys
+from compress.methods import FamilyConfig, MethodFamily
 from compress.registry import StageConfig
 
 FACTS_FILE = "export.json"
@@ -32,25 +32,6 @@ class Export(FamilyConfig):
         "with `python -m compress.export.llama_cpp build`). Each format takes its own fields (see "
         "`compress stages`)."))
     eval_samples: int = Field(1000, gt=0, description="Held-out rows the export is checked on.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _other_methods_fields(cls, data: Any) -> Any:
-        # Overrides FamilyConfig's check to keep the export stage's wording ("X applies to format Y
-        # only"), which recipes, the CLI and their tests already use.
-        if not isinstance(data, dict):
-            return data
-        fmt = data.get("format")
-        problems = []
-        for key in data:
-            if key in accepted_keys(cls):
-                continue
-            owners = [m.name for m in EXPORT_FORMATS.methods() if key in accepted_keys(m.config_cls)]
-            if owners:
-                problems.append(f"{key} applies to format {' / '.join(owners)} only (this stage exports {fmt})")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return data
 
     # ------------------------------------------------------------------ what a format overrides
 
