@@ -10,7 +10,8 @@ from compress.bundle import ModelBundle
 from compress.context import RunContext
 from compress.data import load_data
 from compress.pruning.masks import check_nm, nm_mask, unstructured_mask, wanda_score
-from compress.pruning.sparsegpt import sequential_groups, sparsegpt_prune
+from compress.calibration.sequential import sequential_groups
+from compress.pruning.sparsegpt import sparsegpt_prune
 from compress.recipe import DataSpec
 from compress.stages.prune import Prune, run_prune
 
@@ -107,7 +108,8 @@ def test_replaying_blocks_sees_what_a_full_forward_sees(kind, request, tmp_path)
     """With nothing pruned, the Hessians from captured-and-replayed blocks equal full-pass ones, for
     every block: the replay hands each block exactly what the model would (masks, positions)."""
     from compress.calibration import calibration_batches
-    from compress.pruning.sparsegpt import hessians, prune_sequentially
+    from compress.calibration import input_hessians as hessians
+    from compress.pruning.sparsegpt import prune_sequentially
     from compress.pruning.targets import select_linears
     from compress.testing import TINY_ARCHITECTURES, make_tiny_model
 

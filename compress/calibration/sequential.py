@@ -11,23 +11,123 @@ and v read one normed hidden state; gate and up another) form one sub-group, in 
 for every architecture's naming (GPT-2's c_attn, Falcon's fused query_key_value, BERT's query/key/value)
 without a table of layer names.
 
-The capture and replay of blocks are SparseGPT's (`compress.pruning.sparsegpt`), imported when called so
-the calibration package does not depend on pruning at import time.
+SparseGPT (`compress.pruning.sparsegpt`) and GPTQ (`compress.quant.schemes.gptq`) both fit through
+`fit_sequentially`; only the per-layer fit differs.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from compress.calibration.forward import Tokens, forward_hooks, hessian_hooks, input_hessians
+from compress.calibration.forward import Tokens, forward_hooks, hessian_hooks, input_hessians, to_device
 from compress.errors import StageError
 
 # fit(name, module, hessian) fits one layer (in place, or by swapping it in the model) and returns
 # whatever the caller wants back for it (SparseGPT: the keep-mask).
 Fit = Callable[[str, torch.nn.Module, torch.Tensor], Any]
+
+
+_BLOCK = re.compile(r"^(.*?\.(?:layers|layer|h|blocks|block)\.\d+)\.")
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the block being calibrated has its inputs: later blocks are not needed."""
+
+
+def sequential_groups(linears: dict[str, torch.nn.Linear]) -> Iterator[tuple[str | None, dict[str, Any]]]:
+    """Target layers grouped by transformer block (`model.layers.3`), in model order; layers outside
+    any block form a last group (None)."""
+    groups: dict[str | None, dict[str, Any]] = {}
+    for name, lin in linears.items():
+        m = _BLOCK.match(name)
+        groups.setdefault(m[1] if m else None, {})[name] = lin
+    outside = groups.pop(None, None)
+    yield from groups.items()
+    if outside:
+        yield None, outside
+
+
+# One captured call of a block: its positional and keyword arguments, and the batch's attention mask.
+_Call = tuple[tuple, dict, "torch.Tensor | None"]
+
+
+def capture_block_inputs(model: Any, blocks: list[torch.nn.Module],
+                         batches: list[dict[str, torch.Tensor]]) -> list[list[_Call]]:
+    """Per block of `blocks` (consecutive entries of one layer list), its call on every batch, from one
+    forward pass that stops after the last of them.
+
+    Every block keeps its *own* arguments, because they differ between layers: Gemma2/3 and ModernBERT
+    alternate sliding-window and global attention masks, and Gemma3 even rotary tables. Only the first
+    block's hidden state is kept (later ones are None, filled in by `replay_block` from the pruned
+    block before), so memory holds one layer's activations, not all of them.
+
+    The KV cache is dropped, found by its type rather than its keyword: transformers 5.24 renamed the
+    layers' `past_key_values` argument to `cache`, and a cache left in place grows on every replay
+    (the attention then sees 2x the keys its mask was built for)."""
+    from transformers.cache_utils import Cache
+
+    calls: list[list[_Call]] = [[] for _ in blocks]
+
+    def make(index: int):
+        def pre(_module, args, kwargs):
+            args = tuple(None if isinstance(a, Cache) else a for a in args)
+            kwargs = {k: None if isinstance(v, Cache) else v for k, v in kwargs.items()}
+            if "use_cache" in kwargs:
+                kwargs["use_cache"] = False
+            if index and args:
+                args = (None, *args[1:])
+            elif index:
+                kwargs["hidden_states"] = None
+            calls[index].append((args, kwargs, None))
+            if index == len(blocks) - 1:
+                raise _StopForward
+        return pre
+
+    device = next(model.parameters()).device
+    handles = [b.register_forward_pre_hook(make(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                inputs = to_device(batch, device, labels=False)
+                try:
+                    model(**inputs)
+                except _StopForward:
+                    pass
+                mask = inputs["attention_mask"].bool() if "attention_mask" in inputs else None
+                for block_calls in calls:
+                    if len(block_calls) != len(calls[0]):
+                        raise StageError("calibration could not capture every block's inputs (a block was "
+                                         "skipped in the forward pass); use a method that needs no block "
+                                         "replay (prune: wanda; quantize: int4-weight)")
+                    block_calls[-1] = (*block_calls[-1][:2], mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def replay_block(block: torch.nn.Module, calls: list[_Call], tokens: Tokens | None = None,
+                 next_calls: list[_Call] | None = None) -> list[_Call]:
+    """Run `block` on captured calls; return the calls the next block receives: its output as the
+    hidden state, in `next_calls` (the next block's own captured arguments) or else in `calls`."""
+    out = []
+    with torch.no_grad():
+        for i, (args, kwargs, mask) in enumerate(calls):
+            if tokens is not None:
+                tokens.mask = mask
+            result = block(*args, **kwargs)
+            hidden = result[0] if isinstance(result, tuple) else result
+            n_args, n_kwargs, _ = next_calls[i] if next_calls is not None else (args, kwargs, mask)
+            if n_args:
+                out.append(((hidden, *n_args[1:]), n_kwargs, mask))
+            else:
+                out.append(((), {**n_kwargs, "hidden_states": hidden}, mask))
+    return out
 
 
 def next_in_list(block: str, previous: str | None) -> bool:
@@ -73,15 +173,13 @@ def _replay_hessians(model: Any, block: torch.nn.Module, names: list[str], calls
 
 
 def fit_sequentially(model: Any, linears: dict[str, torch.nn.Module], batches: list[dict[str, torch.Tensor]],
-                     fit: Fit, split_blocks: bool = False) -> Iterator[tuple[str, Any]]:
+                     fit: Fit, split_blocks: bool = False, field: str = "include") -> Iterator[tuple[str, Any]]:
     """Fit every layer of `linears` block after block; yields (name, fit's result) as each is fitted.
 
     A run of consecutive blocks is captured once and then each block replays only itself, so the pass
     costs about two forward passes of the model (plus one replay per sub-group with `split_blocks`).
     Layers outside any block are measured on full passes of the (already fitted) model.
     """
-    from compress.pruning.sparsegpt import capture_block_inputs, replay_block, sequential_groups
-
     modules = dict(model.named_modules())
     groups = list(sequential_groups(linears))
     frames: dict[str, list] = {}
@@ -109,7 +207,7 @@ def fit_sequentially(model: Any, linears: dict[str, torch.nn.Module], batches: l
                 found, _ = _replay_hessians(model, modules[block], sub, calls, replay_block)
             for name in sub:
                 if name not in found:
-                    raise StageError(f"include: layer {name} is never called on the calibration data, so "
+                    raise StageError(f"{field}: layer {name} is never called on the calibration data, so "
                                      f"there are no inputs to fit it on; exclude it")
                 yield name, fit(name, model.get_submodule(name), found.pop(name))
         if block is not None:
