@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from compress import DISTRIBUTION
 from compress.errors import CompressError
+from compress.hub_adapters import copy_task_adapters
 from compress.io import atomic_dir
 from compress.ownership import MARKER, check_output, write_marker
 from compress.portable import is_compress_only
@@ -67,7 +68,8 @@ def final_stage_dir(run_dir: Path) -> Path:
     return folder
 
 
-def _hub_id(path: str) -> str | None:
+def hub_id(path: str) -> str | None:
+    """`path` when it names a Hub model, None for a local folder (never published as a base)."""
     from compress.paths import looks_like_local_path
 
     return None if looks_like_local_path(path) else path
@@ -157,13 +159,13 @@ def _export_how_to(folder: Path, name: str) -> str:
 
 
 def build_model_card(report: Report, spec: PublishSpec, task: str, repo_id: str | None,
-                     fmt: str = "hf", export: Path | None = None) -> str:
+                     fmt: str = "hf", export: Path | None = None, adapters: str = "") -> str:
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     recipe = report.recipe
     final, base = report.final, report.baseline
     source = recipe.get("data", {}).get("source", "")
-    dataset = _hub_id(source) or Path(source.removeprefix("pkg:")).name
+    dataset = hub_id(source) or Path(source.removeprefix("pkg:")).name
     results = []
     if final and final.accuracy:
         for metric in ("accuracy", "macro_f1", "perplexity"):
@@ -173,7 +175,7 @@ def build_model_card(report: Report, spec: PublishSpec, task: str, repo_id: str 
                                           metric_type=metric, metric_value=value))
     stage_types = [s.get("type") for s in recipe.get("stages", [])]
     data = ModelCardData(
-        base_model=spec.base_model or _hub_id(recipe.get("model", {}).get("path", "")),
+        base_model=spec.base_model or hub_id(recipe.get("model", {}).get("path", "")),
         library_name=_EXPORT_LIBRARY.get(fmt, "transformers") if export else "transformers",
         license=spec.license,
         pipeline_tag=_task_tag(task),
@@ -211,7 +213,7 @@ Full report: `report.md` / `report.html` (plots in `{PLOTS_DIR}/`), raw figures 
 ## How to load
 
 {_export_how_to(export, name) if export else how_to_load(task, fmt, name)}
-{_export_checks(export) if export else ""}
+{_export_checks(export) if export else ""}{adapters}
 ## Reproduce
 
 {INSTALL}
@@ -282,11 +284,13 @@ def build_publish_folder(run_dir: str | Path, output: str | Path, spec: PublishS
         if (run_dir / PLOTS_DIR).is_dir():
             shutil.copytree(run_dir / PLOTS_DIR, tmp / PLOTS_DIR)
         recipe = {k: v for k, v in report.recipe.items() if k != "output_dir"}
+        # A compose stage's task adapters travel with the final model (not with an export's runtime files).
+        adapters = "" if exported is not None else copy_task_adapters(run_dir, tmp, recipe, repo_id or "ORG/NAME")
         (tmp / "recipe.yaml").write_text("# compress run recipe.yaml\n" + yaml.safe_dump(recipe, sort_keys=False))
         fmt = (json.loads((exported / EXPORT_FACTS).read_text()).get("format", export) if exported
                else bundle_meta.get("format", "hf"))
         (tmp / "README.md").write_text(build_model_card(report, spec, bundle_meta["task"], repo_id, fmt,
-                                                        export=exported))
+                                                        export=exported, adapters=adapters))
         write_marker(tmp, "publish", entries=[p.name for p in tmp.iterdir()])
     return output
 

@@ -248,3 +248,38 @@ def test_the_report_shows_the_task_table(ties_run):
     text = "\n".join(composition_section(report))
     assert text.startswith("## Composition: 01-compose") and "peft's `ties`, density 0.5" in text
     assert "| topic | accuracy | " in text and "min_retained is off" in text
+
+
+@pytest.mark.slow  # a whole run with two task adapters and its eval points (~15-30 s here)
+def test_a_published_compose_run_carries_every_adapter_loadable_with_plain_peft(tiny_bert_dir, sentiment_csv,
+                                                                                topic_csv, tmp_path):
+    """`compress push --dry-run` of a run with a compose stage: every task's own and composed adapter
+    travels with the final model; compose.json names no local path; each published adapter reloads with
+    plain peft into the logits of the run's own copy; the card says how."""
+    from compress import run
+    from compress.hub import PublishSpec, build_publish_folder
+
+    out = tmp_path / "run"
+    recipe = {"name": "compose-publish", "model": {"path": str(tiny_bert_dir)},
+              "data": {"source": str(sentiment_csv), "label_column": "label", "max_length": 32, "eval_size": 0.2},
+              "eval": {"speed": False, "side_by_side": False}, "output_dir": str(out),
+              "stages": [{"type": "compose", "tasks": _tasks(topic_csv), "combine": "cat", "min_retained": None,
+                          **FAST}]}
+    run(recipe, show_progress=False)
+    published = build_publish_folder(out, tmp_path / "publish", PublishSpec(), repo_id="me/composed")
+    stage = published / "adapters" / "01-compose"
+    index = json.loads((stage / "compose.json").read_text())
+    assert index["base_model"] is None  # a local base folder is never published as a path
+    assert str(tmp_path) not in (stage / "compose.json").read_text()
+    for task, entry in index["tasks"].items():
+        for sub in (entry["adapter"], entry["composed_adapter"]):
+            base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=entry["num_labels"])
+            mine = PeftModel.from_pretrained(base, stage / sub).eval()
+            base2 = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=entry["num_labels"])
+            theirs = PeftModel.from_pretrained(base2, out / "adapters" / "01-compose" / sub).eval()
+            ids = torch.tensor([[1, 5, 9, 2]])
+            with torch.no_grad():
+                assert torch.equal(mine(input_ids=ids).logits, theirs(input_ids=ids).logits), (task, sub)
+    card = (published / "README.md").read_text()
+    assert "### Task adapters (01-compose: cat)" in card
+    assert 'subfolder="adapters/01-compose/composed/sentiment"' in card and "me/composed" in card
