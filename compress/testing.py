@@ -91,24 +91,22 @@ def topic_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
-def write_topic_csv(path: str | Path, n: int = 300, seed: int = 0) -> Path:
+def _write_csv(path: str | Path, rows: list[dict[str, str]]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["text", "topic"])
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(topic_rows(n, seed))
+        writer.writerows(rows)
     return path
+
+
+def write_topic_csv(path: str | Path, n: int = 300, seed: int = 0) -> Path:
+    return _write_csv(path, topic_rows(n, seed))
 
 
 def write_sentiment_csv(path: str | Path, n: int = 300, seed: int = 0) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["text", "label"])
-        writer.writeheader()
-        writer.writerows(sentiment_rows(n, seed))
-    return path
+    return _write_csv(path, sentiment_rows(n, seed))
 
 
 def write_lm_text(path: str | Path, n: int = 400, seed: int = 0) -> Path:

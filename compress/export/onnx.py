@@ -225,10 +225,7 @@ def export_onnx(model: nn.Module, tokenizer: Any, folder: Path, batches: list[di
                               "onnxruntime": lambda a=arrays: sess.run(None, a)},
                              repeats=options.repeats if batch == 1 else max(3, options.repeats // 3))
         latency[f"b{batch}"] = timed
-    tokenizer.save_pretrained(folder)
-    for leftover in work.iterdir():
-        leftover.unlink()
-    work.rmdir()
+    finish_folder(folder, work, tokenizer)
     facts = {
         "format": "onnx",
         "file": GRAPH,
@@ -267,3 +264,11 @@ batch = tokenizer(["an example"], return_tensors="np")
 names = [i.name for i in session.get_inputs()]
 logits = session.run(None, {{n: batch[n] for n in names}})[0]
 """
+
+
+def finish_folder(folder: Path, work: Path, tokenizer: Any) -> None:
+    """The export folder gets the tokenizer; the scratch folder (intermediate graphs) goes."""
+    tokenizer.save_pretrained(folder)
+    for leftover in work.iterdir():
+        leftover.unlink()
+    work.rmdir()

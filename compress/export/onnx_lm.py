@@ -221,10 +221,7 @@ def export_onnx_lm(model: nn.Module, tokenizer: Any, folder: Path, text: str, op
         arrays.update(onnx_kv.empty_cache(model.config, 1))
     latency = side_by_side({"pytorch": lambda: model(**_feed(ids), use_cache=False),
                             "onnxruntime": lambda: sess.run(None, arrays)}, repeats=options.repeats)
-    tokenizer.save_pretrained(folder)
-    for leftover in work.iterdir():
-        leftover.unlink()
-    work.rmdir()
+    onnx_export.finish_folder(folder, work, tokenizer)
     facts = {
         "format": "onnx",
         "file": onnx_export.GRAPH,
