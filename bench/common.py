@@ -89,6 +89,11 @@ def _tweets_tokenizer(folder: Path, vocab_size: int = 4096) -> Any:
     return fast
 
 
+# Public names for benchmarks that build and cache models of their own (bench_qlora_memory).
+build_lock = _lock
+tweets_tokenizer = _tweets_tokenizer
+
+
 # The LM the pruning, distillation and chain benchmarks use. 300 steps (the quantization report's
 # LM) left a model that barely depends on its weights (50% magnitude pruning cost 0.5% perplexity),
 # too weak to tell pruning or distillation methods apart.
