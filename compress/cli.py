@@ -271,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stages", help="list stage types with their fields, defaults and help")
     p.set_defaults(func=cmd_stages)
+    # No abbreviated flags: `--over` silently meaning --overwrite (which replaces a run folder), or
+    # `--output` meaning --output-dir, is a typo argparse would otherwise accept.
+    for command in [parser, *sub.choices.values()]:
+        command.allow_abbrev = False
     return parser
 
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 
 from compress.cli import main
@@ -80,3 +81,13 @@ def test_stages_lists_every_stage_and_method_in_a_fresh_process():
                          check=True).stdout
     for line in ("prune: ", "quantize: ", "finetune: ", "structure: n:m -- ", "allocation: "):
         assert line in out, line
+
+
+def test_abbreviated_flags_are_refused_not_guessed(tmp_path, cls_recipe, capsys):
+    """`--over` must not silently mean --overwrite (which replaces a run folder)."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(cls_recipe))
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", str(path), "--over"])
+    assert exit_.value.code == 2
+    assert "--over" in capsys.readouterr().err
