@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import CACHE, REPORTS, build_lock, lm_data, machine_line, tweets_tokenizer
+from bench.common import CACHE, REPORTS, build_lock, lm_data, machine_line, save_random_tweets_llama
 
 # Runs the CLI in-process; a sampler thread records, per phase, the peak of the process's anonymous
 # resident memory (RssAnon: heap and tensors), its memory-mapped file pages (RssFile: the checkpoint
@@ -107,20 +107,14 @@ def random_llama() -> tuple[Path, int]:
     """The 317M-parameter random Llama as a bfloat16 safetensors folder, built once (values random:
     memory depends on the shapes and dtypes only). Returns the folder and its parameter count."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = CACHE / "random-llama-317m"
     with build_lock("random-llama-317m"):
         if not (folder / "model.safetensors").is_file():
             folder.mkdir(parents=True, exist_ok=True)
-            tokenizer = tweets_tokenizer(folder)
-            config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=1024, num_hidden_layers=24,
-                                 num_attention_heads=16, num_key_value_heads=16, intermediate_size=2816,
-                                 max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 tie_word_embeddings=False)
-            torch.manual_seed(0)
-            LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+            save_random_tweets_llama(folder, torch.bfloat16, hidden_size=1024, num_hidden_layers=24,
+                                     num_attention_heads=16, num_key_value_heads=16, intermediate_size=2816,
+                                     max_position_embeddings=512)
     return folder, _parameter_count(folder)
 
 

@@ -91,7 +91,6 @@ def _tweets_tokenizer(folder: Path, vocab_size: int = 4096) -> Any:
 
 # Public names for benchmarks that build and cache models of their own (bench_qlora_memory).
 build_lock = _lock
-tweets_tokenizer = _tweets_tokenizer
 
 
 # The LM the pruning, distillation and chain benchmarks use. 300 steps (the quantization report's
@@ -103,8 +102,6 @@ LM_STEPS = 1000
 def text_lm(steps: int = 300) -> Path:
     """A 4-layer Llama (hidden 256, GQA 4:2, ~5M params) trained on tweet text for `steps` steps of
     batch 32 x 64 tokens. Built once (~2 s per step on 2 cores); cached per step count."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from compress import run
 
@@ -115,14 +112,8 @@ def text_lm(steps: int = 300) -> Path:
             return target / "01-finetune"
         init = CACHE / "tweets-lm-init"
         init.mkdir(parents=True, exist_ok=True)
-        tokenizer = _tweets_tokenizer(init)
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, num_hidden_layers=4,
-                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=768,
-                             max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             tie_word_embeddings=False)
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(init)
+        save_random_tweets_llama(init, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=768, max_position_embeddings=256)
         run({
             "name": name,
             "model": {"path": str(init), "task": "causal-lm"},
@@ -191,3 +182,18 @@ def kept_sections(path: Path, markers: list[tuple[str, str]]) -> str:
     text = path.read_text() if path.exists() else ""
     found = [m.group(0) for start, end in markers for m in [_section_pattern(start, end).search(text)] if m]
     return "".join(f"\n{section}\n" for section in found)
+
+
+def save_random_tweets_llama(folder: Path, dtype: Any = None, **shape: Any) -> None:
+    """A randomly initialised Llama (seed 0, untied embeddings) of `shape` with the tweets tokenizer, saved
+    into `folder` (in `dtype` when given)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _tweets_tokenizer(folder)
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=False, **shape)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    (model.to(dtype) if dtype is not None else model).save_pretrained(folder)
