@@ -49,27 +49,37 @@ def _count_nonzero(tensor: torch.Tensor, cache: dict[int, int] | None = None) ->
     return count
 
 
+def _held_elsewhere(model: Any) -> dict[int, torch.Tensor]:
+    """Parameters whose values a layer holds in another form (an int8-dynamic layer keeps its codes only
+    in fbgemm's packed copy once it has run): id -> the tensor they stand for, read back once here."""
+    return {id(param): tensor for module in model.modules()
+            for param, tensor in getattr(module, "read_back", list)()}
+
+
 def count_parameters(model: Any, _cache: dict[int, int] | None = None) -> tuple[int, int]:
     """(parameters, non-zero parameters), counting each logical weight once."""
     total = nonzero = 0
     seen: set[int] = set()
+    elsewhere = _held_elsewhere(model)
     for param in model.parameters():
         if id(param) in seen:  # tied weights (e.g. embeddings and lm_head) count once
             continue
         seen.add(id(param))
-        n = _logical_numel(param)
-        total += n
-        nonzero += _count_nonzero(param, _cache)
+        tensor = elsewhere.get(id(param), param)
+        total += _logical_numel(tensor)
+        nonzero += _count_nonzero(tensor, _cache)
     return total, nonzero
 
 
 def memory_bytes(model: Any) -> int:
     seen: set[int] = set()
     size = 0
+    elsewhere = _held_elsewhere(model)
     for tensor in list(model.parameters()) + list(model.buffers()):
         if id(tensor) not in seen:
             seen.add(id(tensor))
-            size += tensor.numel() * tensor.element_size()
+            held = elsewhere.get(id(tensor), tensor)
+            size += held.numel() * held.element_size()
     return size
 
 

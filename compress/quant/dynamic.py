@@ -5,7 +5,9 @@ behind `torch.ao.quantization.quantize_dynamic`. Measured on this machine for a 
 matmul: fp32 49 ms, fbgemm dynamic 21 ms, torch._int_mm 44-107 ms, torchao's
 Int8DynamicActivationInt8Weight 179 ms. The module keeps its weight as plain int8 codes and fp32
 per-channel scales (so it saves to safetensors and reloads exactly) and packs them for fbgemm
-lazily in memory.
+lazily in memory. Once packed, the plain codes are dropped and read back from the packed copy when
+asked for (saving, size accounting, export): holding both made the loaded model 1.3x the memory its
+tensors account for (reports/memory.md).
 
 fbgemm quantizes each activation tensor with one scale, so one outlier token (BERT-style models
 put huge activations on [CLS]/[SEP]) eats the int8 range of every other token in the batch.
@@ -83,13 +85,40 @@ class DynamicInt8Linear(nn.Module):
             layer.bias.data.copy_(linear.bias.detach().float())
         return layer
 
+    def codes(self) -> torch.Tensor:
+        """The int8 codes (out, in): the held tensor, or read back exactly from fbgemm's packed copy."""
+        if self._packed is None or self.qweight.numel():
+            return self.qweight.data
+        return torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
+
+    def _release_codes(self) -> None:
+        # The Parameter object stays (its logical shape in `quant_shape` keeps parameter counts right);
+        # only its storage goes. `_save_to_state_dict` and `codes()` read the packed copy instead.
+        self.qweight.data = torch.empty(0, dtype=torch.int8)
+
+    def read_back(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(parameter, the tensor it stands for) for parameters held in another form: the released codes.
+        Size measurement (`compress.evaluate.size`) counts and reads those instead of the empty holder."""
+        return [] if self.qweight.numel() else [(self.qweight, self.codes())]
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self.qweight.numel():
+            destination[prefix + "qweight"] = self.codes()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        if not self.qweight.numel():  # released: give the codes their storage back to load into
+            self.qweight.data = self.codes().clone()
+            self._packed = None
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def _pack(self) -> Any:
         # torch marks quantized tensors deprecated (moving to torchao), but torchao has no fast CPU
         # int8 path yet; `kernel_available` and the check report it if a future torch drops them.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             q = torch._make_per_channel_quantized_tensor(
-                self.qweight.data, self.scales.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
+                self.codes(), self.scales.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
         # Per-token mode rescales the kernel's output, so the bias is added afterwards instead.
         bias = None if self.bias is None or self.per_token else self.bias.data.float()
         return torch.ops.quantized.linear_prepack(q, bias)
@@ -97,7 +126,7 @@ class DynamicInt8Linear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight, smoothing undone (for code that inspects `.weight`; not stored)."""
-        w = self.qweight.float() * self.scales.unsqueeze(1)
+        w = self.codes().float() * self.scales.unsqueeze(1)
         return w if self.smooth_inv is None else w * self.smooth_inv.unsqueeze(0)
 
     def spec(self) -> dict[str, Any]:
@@ -120,6 +149,7 @@ class DynamicInt8Linear(nn.Module):
             raise RuntimeError("int8-dynamic layers run on CPU only (fbgemm kernels)")
         if self._packed is None:
             self._packed = self._pack()
+            self._release_codes()
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()
         if self.smooth_inv is not None:

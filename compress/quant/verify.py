@@ -89,7 +89,7 @@ def weight_error(module: nn.Module, dense: torch.Tensor) -> float:
     before rounding, exactly the columns that barely reach the output."""
     smooth_inv = getattr(module, "smooth_inv", None)
     if smooth_inv is not None:
-        held = module.qweight.float() * module.scales.unsqueeze(1)
+        held = module.codes().float() * module.scales.unsqueeze(1)
         return relative_error(held, dense.float() / smooth_inv.unsqueeze(0))
     return relative_error(dequantized(module), dense)
 
