@@ -2,6 +2,7 @@
 and every check broken on purpose to see it fail."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,10 @@ def test_onnx_fp32_and_int8_export_run_in_onnx_runtime_without_compress(cls_reci
     fp32, int8 = _export_facts(out, "fp32"), _export_facts(out, "int8")
     assert fp32["max_rel_logit_diff"] <= 1e-4 and fp32["top1_agreement"] == 1.0
     assert fp32["source"] == "the PyTorch model as it is (float)"
+    # ORT's attention fusion found its pattern (it does not on the dynamo exporter's graph), and the
+    # fused graph still computes the model: the parity above and the padded-batch run below.
+    assert fp32["exporter"] == "torch.onnx TorchScript exporter, eager attention"
+    assert re.search(r"(^|, )Attention [1-9]", fp32["fused_ops"]), fp32["fused_ops"]
     assert int8["quantize"] == "int8" and int8["accuracy_drop_pt"] <= 1.0 and int8["top1_agreement"] >= 0.95
     assert int8["file_bytes"] < fp32["file_bytes"]
     assert {"latency_b1_ms_onnxruntime", "latency_b32_ms_pytorch"} <= set(int8)
@@ -100,7 +105,8 @@ def test_onnx_graph_that_does_not_compute_the_model_is_refused(cls_recipe, tiny_
     from compress.stages.export import Export, run_export
 
     real = onnx_export.export_graph
-    monkeypatch.setattr(onnx_export, "export_graph", lambda model, sample, path: real(_flipped(model), sample, path))
+    monkeypatch.setattr(onnx_export, "export_graph",
+                        lambda model, sample, path, **kw: real(_flipped(model), sample, path, **kw))
     bundle = ModelBundle.load(tiny_bert_dir)
     with pytest.raises(StageError, match=r"fp32 graph's logits differ from PyTorch's by .* of the largest logit; "
                                          r"allowed 0.0001"):

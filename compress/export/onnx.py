@@ -1,7 +1,8 @@
 """ONNX export for ONNX Runtime: the graph, ORT's graph optimisations, int8 dynamic quantization.
 
-Path: `torch.onnx.export(dynamo=True)` of a float copy of the model -> ONNX Runtime's transformer
-optimizer (layer-norm / GELU fusions; it is ORT's own tool, so the fused ops are ones ORT runs) ->
+Path: `torch.onnx.export` of a float copy of the model -> ONNX Runtime's transformer optimizer
+(attention / embedding / layer-norm / GELU fusions; it is ORT's own tool, so the fused ops are ones
+ORT runs) ->
 `onnxruntime.quantization.quantize_dynamic` (int8 weights, activations quantized at run time,
 the ORT counterpart of compress's int8-dynamic). The result is evaluated in ONNX Runtime on the
 held-out rows and must match the PyTorch model within the tolerances below, else `StageError`.
@@ -100,9 +101,51 @@ class _Logits(nn.Module):
         return self.model(**dict(zip(self.names, tensors, strict=True)), **self.fixed).logits
 
 
-def export_graph(model: nn.Module, sample: dict[str, torch.Tensor], path: Path, **fixed: Any) -> None:
-    """fp32 ONNX graph with dynamic batch and sequence axes (torch.onnx's dynamo exporter); `fixed`
-    are keyword arguments baked into the call (e.g. `use_cache=False`)."""
+def export_graph(model: nn.Module, sample: dict[str, torch.Tensor], path: Path, fusable: bool = False,
+                 **fixed: Any) -> str:
+    """fp32 ONNX graph with dynamic batch and sequence axes; `fixed` are keyword arguments baked into the
+    call (e.g. `use_cache=False`). Returns which exporter wrote it.
+
+    `fusable`: ONNX Runtime's transformer optimizer fuses attention (and the embeddings) only on the
+    graph shape that torch's TorchScript exporter writes for eager attention; on the dynamo exporter's
+    graph it finds no Attention (MiniLM student: 3 Attention + EmbedLayerNormalization fused vs none),
+    and the unfused int8 graph is slower at batch 32 than compress's own int8 model. So a graph meant
+    for those fusions is tried that way first, and the dynamo exporter is the fallback."""
+    if fusable:
+        try:
+            _export_torchscript(model, sample, path, fixed)
+            return "torch.onnx TorchScript exporter, eager attention"
+        except Exception as exc:  # noqa: BLE001  (any tracing failure: the dynamo exporter may still work)
+            import logging
+
+            logging.getLogger("compress").warning("onnx export: the TorchScript exporter failed (%s: %s); using the "
+                                                  "dynamo exporter, without attention fusion", type(exc).__name__,
+                                                  (str(exc).strip().splitlines() or [""])[0][:200])
+    _export_dynamo(model, sample, path, fixed)
+    return "torch.onnx dynamo exporter"
+
+
+def _export_torchscript(model: nn.Module, sample: dict[str, torch.Tensor], path: Path, fixed: dict[str, Any]) -> None:
+    import warnings
+
+    names = list(sample)
+    before = getattr(model.config, "_attn_implementation", None)
+    model.set_attn_implementation("eager")  # the matmul-softmax-matmul pattern ORT's fusion matches
+    try:
+        with warnings.catch_warnings():  # torch marks this exporter deprecated; it is the one ORT's fusions fit
+            warnings.simplefilter("ignore")
+            # The wrapper in eval mode too: this exporter restores the mode the module it is given had, and a
+            # new module is in training mode, which would leave the model's dropout on after the export.
+            torch.onnx.export(_Logits(model, names, fixed).eval(), tuple(sample[n] for n in names), str(path),
+                              dynamo=False, input_names=names, output_names=["logits"], opset_version=17,
+                              dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names},
+                                            "logits": {0: "batch"}})
+    finally:
+        if before is not None:
+            model.set_attn_implementation(before)
+
+
+def _export_dynamo(model: nn.Module, sample: dict[str, torch.Tensor], path: Path, fixed: dict[str, Any]) -> None:
     from torch.export import Dim
 
     names = list(sample)
@@ -128,9 +171,13 @@ def optimize_graph(src: Path, dst: Path, config: Any) -> dict[str, int]:
 
 def quantize_graph(src: Path, dst: Path, per_channel: bool) -> None:
     """ONNX Runtime's dynamic int8 quantization (int8 weights; activations quantized per call)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
+    # ORT's fused ops (Attention, EmbedLayerNormalization) are outside ONNX's shape inference, so the
+    # quantizer is told their outputs' type (float) instead of stopping at them.
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 def session(path: Path, threads: int | None = None) -> Any:
@@ -175,7 +222,7 @@ def export_onnx(model: nn.Module, tokenizer: Any, folder: Path, batches: list[di
     work = folder / ".graphs"
     work.mkdir(parents=True, exist_ok=True)
     float_path, final = work / "float.onnx", folder / GRAPH
-    export_graph(exportable, inputs[0], float_path)
+    exporter = export_graph(exportable, inputs[0], float_path, fusable=options.optimize)
 
     reference = torch_logits(model, inputs, names)
     float_ref = reference if exportable is model else torch_logits(exportable, inputs, names)
@@ -231,6 +278,7 @@ def export_onnx(model: nn.Module, tokenizer: Any, folder: Path, batches: list[di
         "file": GRAPH,
         "quantize": options.quantize,
         "per_channel": options.per_channel if options.quantize == "int8" else None,
+        "exporter": exporter,
         "fused_ops": ", ".join(f"{k} {v}" for k, v in fused.items()) or "none",
         "source": (reason + ("; ONNX Runtime's int8 quantization rounds them again" if options.quantize == "int8"
                              else "")) if reason else "the PyTorch model as it is (float)",
