@@ -47,6 +47,7 @@ def test_onnx_lm_fp32_and_int4_match_pytorch_perplexity_and_run_without_compress
     assert fp32["ppl_rel_diff"] <= 1e-3 and fp32["fp32_graph_max_rel_logit_diff"] <= 1e-4
     # int4 by default for a causal LM: every linear layer (2 blocks x 7, and lm_head) becomes MatMulNBits.
     assert int4["quantize"] == "int4" and int4["matmul_nbits_nodes"] == 15 and int4["block_size"] == 32
+    assert int4["int4_codes"] == "onnxruntime (half-quadratic (HQQ))"
     assert 0 < int4["ppl_rel_diff"] <= 0.10 and int4["tolerances"]["max_ppl_diff"] == 0.10
     assert int4["file_bytes"] < 0.7 * fp32["file_bytes"]
     # The graph carries its KV cache: tokens fed one at a time give its whole-sequence logits.
@@ -143,7 +144,7 @@ def test_onnx_lm_int4_from_compress_int8_weight_is_rounded_by_ort_with_the_reaso
     lm_recipe["eval"] = FAST_EVAL
     lm_recipe["stages"] = [{"type": "quantize", "scheme": "int8-weight", "evaluate": False},
                            {"type": "export", "format": "onnx", "evaluate": False, "repeats": 1, "ppl_ctx": 32,
-                            "ppl_chunks": 4}]
+                            "ppl_chunks": 4, "int4_algorithm": "rtn"}]
     run(lm_recipe, show_progress=False)
     facts = _facts(Path(lm_recipe["output_dir"]), "onnx")
     assert facts["int4_codes"] == "onnxruntime (round-to-nearest)" and facts["matmul_nbits_nodes"] == 15
@@ -157,6 +158,9 @@ def test_onnx_lm_int4_from_compress_int8_weight_is_rounded_by_ort_with_the_reaso
     ({"per_channel": False}, "per_channel: applies to classifiers only"),
     ({"block_size": 48}, "block_size: 48 is not a power of two"),
     ({"quantize": "none", "symmetric": True}, "symmetric: only used with quantize: int4"),
+    ({"symmetric": True}, ("symmetric: HQQ fits a zero point per block, so it has no symmetric form; set "
+                           "int4_algorithm: rtn")),
+    ({"quantize": "none", "int4_algorithm": "rtn"}, "int4_algorithm: only used with quantize: int4"),
     ({"bench_rounds": 2}, "bench_rounds: applies to format gguf only"),
 ])
 def test_onnx_lm_refusals_come_before_any_work(lm_recipe, stage, message):
