@@ -115,6 +115,22 @@ def test_onnx_graph_that_does_not_compute_the_model_is_refused(cls_recipe, tiny_
 
 
 @pytest.mark.slow
+def test_onnx_torchscript_graph_that_does_not_compute_the_model_falls_back_to_dynamo(cls_recipe, tiny_bert_dir,
+                                                                                    tmp_path, monkeypatch):
+    from compress.export import onnx as onnx_export
+    from compress.stages.export import Export, run_export
+
+    real = onnx_export._export_torchscript
+    monkeypatch.setattr(onnx_export, "_export_torchscript",
+                        lambda model, sample, path, fixed: real(_flipped(model), sample, path, fixed))
+    bundle = ModelBundle.load(tiny_bert_dir)
+    facts = run_export(bundle, Export(format="onnx", quantize="none", repeats=1),
+                       _direct_context(cls_recipe, tmp_path)).facts
+    assert facts["exporter"] == "torch.onnx dynamo exporter"
+    assert facts["fp32_graph_max_rel_logit_diff"] <= 1e-4
+
+
+@pytest.mark.slow
 def test_onnx_int8_graph_that_loses_accuracy_is_refused(cls_recipe, tiny_bert_dir, tmp_path, monkeypatch):
     from compress.export import onnx as onnx_export
     from compress.stages.export import Export, run_export
