@@ -103,8 +103,8 @@ def test_registration_needs_the_protocol_and_refuses_a_taken_name():
 
 
 def test_int8_dynamic_holds_its_codes_once_after_packing(tmp_path):
-    """fbgemm's packed copy replaces the plain codes after the first forward (memory: one copy, not two);
-    the codes read back exactly for saving, counting and verification, and the layer reloads bit-exact."""
+    """fbgemm's packed copy replaces the plain codes when the layer is built or loaded (memory: one copy,
+    not two); the codes read back exactly for saving, counting and verification, and reload bit-exact."""
     from safetensors.torch import load_model, save_model
 
     from compress.evaluate.size import count_parameters, memory_bytes
@@ -115,11 +115,12 @@ def test_int8_dynamic_holds_its_codes_once_after_packing(tmp_path):
     with torch.no_grad():
         dense.weight[:, ::2] = 0  # half the weights pruned: the count must see the zeros after packing
     layer = DynamicInt8Linear.from_linear(dense, per_token=True)
-    codes = layer.qweight.detach().clone()
+    assert layer.qweight.numel() == 0, "the plain codes are still held beside fbgemm's packed copy"
+    codes = layer.codes()
+    scale = dense.weight.detach().abs().amax(dim=1) / 127
+    assert torch.equal(codes, torch.round(dense.weight.detach() / scale.unsqueeze(1)).clamp(-127, 127).to(torch.int8))
     x = torch.randn(3, 64)
     before = layer(x)
-    assert layer.qweight.numel() == 0, "the plain codes are still held beside fbgemm's packed copy"
-    assert torch.equal(layer.codes(), codes)
     assert torch.equal(layer.state_dict()["qweight"], codes)
     assert int(codes.count_nonzero()) <= 32 * 32  # small weights may round to zero as well
     assert count_parameters(layer) == (64 * 32 + 32, int(codes.count_nonzero()) + 32)
@@ -129,9 +130,10 @@ def test_int8_dynamic_holds_its_codes_once_after_packing(tmp_path):
     save_model(layer, str(tmp_path / "l.safetensors"))
     fresh = DynamicInt8Linear(64, 32, bias=True, per_token=True)
     load_model(fresh, str(tmp_path / "l.safetensors"))
+    assert fresh.qweight.numel() == 0  # packed on load
     assert torch.equal(fresh.codes(), codes)
     assert torch.equal(fresh(x), before)
-    # Loading into a layer that has already run (and released its codes) repacks the new codes.
+    # Loading into a layer that has released its codes repacks the new codes.
     layer.load_state_dict({**layer.state_dict(), "qweight": torch.zeros_like(codes)})
     assert torch.equal(layer.codes(), torch.zeros_like(codes))
     assert torch.equal(layer(x), torch.zeros(3, 32) + layer.bias)

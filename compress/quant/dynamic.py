@@ -5,7 +5,7 @@ behind `torch.ao.quantization.quantize_dynamic`. Measured on this machine for a 
 matmul: fp32 49 ms, fbgemm dynamic 21 ms, torch._int_mm 44-107 ms, torchao's
 Int8DynamicActivationInt8Weight 179 ms. The module keeps its weight as plain int8 codes and fp32
 per-channel scales (so it saves to safetensors and reloads exactly) and packs them for fbgemm
-lazily in memory. Once packed, the plain codes are dropped and read back from the packed copy when
+when built or loaded. Once packed, the plain codes are dropped and read back from the packed copy when
 asked for (saving, size accounting, export): holding both made the loaded model 1.3x the memory its
 tensors account for (reports/memory.md).
 
@@ -66,8 +66,9 @@ class DynamicInt8Linear(nn.Module):
             self.smooth_inv = None
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self._packed: Any = None
-        # Loading new codes must invalidate the packed copy.
-        self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "_packed", None))
+        # Loaded codes are packed at once (the packed copy of earlier codes goes): the packing's transient
+        # copies then belong to the load, not to the first forward's peak memory.
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.pack())
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, smooth: torch.Tensor | None = None,
@@ -83,6 +84,7 @@ class DynamicInt8Linear(nn.Module):
         layer.scales.copy_(scale)
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach().float())
+        layer.pack()
         return layer
 
     def codes(self) -> torch.Tensor:
@@ -90,6 +92,13 @@ class DynamicInt8Linear(nn.Module):
         if self._packed is None or self.qweight.numel():
             return self.qweight.data
         return torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
+
+    def pack(self) -> None:
+        """Pack the codes for fbgemm and keep only the packed copy (no-op where the kernel is missing,
+        so a saved model can still be loaded and inspected there; its forward then says why)."""
+        if self.qweight.numel() and kernel_available() is None:
+            self._packed = self._pack()
+            self._release_codes()
 
     def _release_codes(self) -> None:
         # The Parameter object stays (its logical shape in `quant_shape` keeps parameter counts right);
@@ -148,8 +157,7 @@ class DynamicInt8Linear(nn.Module):
         if x.device.type != "cpu":
             raise RuntimeError("int8-dynamic layers run on CPU only (fbgemm kernels)")
         if self._packed is None:
-            self._packed = self._pack()
-            self._release_codes()
+            self.pack()
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()
         if self.smooth_inv is not None:
