@@ -8,6 +8,8 @@ interleaved rounds.
 
     python -m compress.export.llama_cpp build     # once: llama.cpp's tools (~3 min on 2 cores)
     python -m bench.bench_gguf [--threads 2]
+    # the recovered model of recipes/smollm2-wanda-recover.yaml (Wanda 50% + masked LoRA, merged):
+    python -m bench.bench_gguf --model runs/smollm2-wanda-recover/02-finetune
 
 The Q4_K_M stage is given max_ppl_diff 0.10 (default 0.05) so that its number is recorded either way;
 the table says which exports are within their type's default.
@@ -32,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", default=SMOLLM2,
+                        help="the model to export: SmolLM2 as shipped (default) or a run's stage folder")
     args = parser.parse_args(argv)
     import torch
 
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     out = CACHE / "gguf-smollm2"
     load_before = os.getloadavg()
     start = time.perf_counter()
-    run({"name": "gguf-smollm2", "model": {"path": SMOLLM2, "task": "causal-lm"},
+    run({"name": "gguf-smollm2", "model": {"path": args.model, "task": "causal-lm"},
          "data": lm_data(train=200, eval_size=400), "eval": {"speed": False, "baseline": False},
          "output_dir": str(out),
          # f32 first: the same weights, so llama.cpp and PyTorch must agree to float rounding (shows the
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         overwrite=True, show_progress=False)
     seconds = time.perf_counter() - start
     facts = {name: json.loads((out / "exports" / name / "export.json").read_text()) for name in ("f32", "q8_0", "q4_k_m")}
-    result = {"machine": machine_line(), "threads": args.threads, "load_before": load_before,
+    result = {"model": args.model, "machine": machine_line(), "threads": args.threads, "load_before": load_before,
               "load_after": os.getloadavg(), "seconds": round(seconds, 1), "exports": facts}
     (REPORTS / "deploy-gguf.json").write_text(json.dumps(result, indent=2) + "\n")
     section = render(result)
@@ -80,14 +84,19 @@ def render(result: dict) -> str:
                     f"{f['decode_tokens_per_s_llama_cpp']:.1f} / {f['decode_tokens_per_s_pytorch']:.1f} | "
                     f"{f['decode_speedup_vs_pytorch']:.2f}x |")
     any_facts = next(iter(result["exports"].values()))
+    model = result.get("model", SMOLLM2)
+    shipped = model == SMOLLM2
+    what = ("SmolLM2-135M-Instruct as shipped (Q4_1 GGUF, float32 in PyTorch)" if shipped else
+            f"SmolLM2-135M-Instruct from `{model}` (float32)")
+    flag = "" if shipped else f" --model {model}"
     return "\n".join([
         START,
         "## llama.cpp (GGUF): SmolLM2-135M",
         "",
-        (f"Command: `python -m bench.bench_gguf --threads {result['threads']}` ({result['seconds']:.0f} s; "
+        (f"Command: `python -m bench.bench_gguf --threads {result['threads']}{flag}` ({result['seconds']:.0f} s; "
         f"{result['machine']}; load average before {[round(x, 2) for x in result['load_before']]}, after "
-        f"{[round(x, 2) for x in result['load_after']]}, i.e. a shared, loaded machine). SmolLM2-135M-Instruct as "
-        f"shipped (Q4_1 GGUF, float32 in PyTorch) exported by compress's `export` stage with llama.cpp's converter "
+        f"{[round(x, 2) for x in result['load_after']]}). {what} "
+        f"exported by compress's `export` stage with llama.cpp's converter "
         f"({any_facts['converter']}) and `llama-quantize`; perplexity on {any_facts['ppl_tokens']} of held-out "
         f"tweets' text, llama.cpp and PyTorch on the same tokens; speed: {any_facts['bench']}, "
         f"{any_facts['threads']} threads each."),
