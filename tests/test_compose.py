@@ -2,6 +2,7 @@
 switchable; every adapter saved as a plain PEFT folder that peft reloads exactly; the retention check
 broken on purpose; recipe mistakes named with the field and the fix."""
 
+import dataclasses
 import json
 
 import pytest
@@ -283,3 +284,38 @@ def test_a_published_compose_run_carries_every_adapter_loadable_with_plain_peft(
     card = (published / "README.md").read_text()
     assert "### Task adapters (01-compose: cat)" in card
     assert 'subfolder="adapters/01-compose/composed/sentiment"' in card and "me/composed" in card
+
+
+@pytest.mark.slow  # three more compositions (~20-50 s here)
+def test_a_resumed_run_reuses_the_tasks_that_finished_and_trains_the_rest(ties_run, tiny_bert_dir, cls_data,
+                                                                           topic_csv, tmp_path, monkeypatch):
+    """Stopped while training the second task, then resumed: the first task is not trained again, and the
+    run ends with the same table as one that never stopped (ties_run: the same settings)."""
+    from compress.training import entry
+
+    real, trained, stop = entry.train_in_stage, [], [True]
+
+    def stopped_at_topic(model, dataset, collate, config, ctx, **kw):
+        trained.append(config.name)
+        if config.name.endswith("[topic]") and stop:
+            stop.clear()
+            raise KeyboardInterrupt  # the first run is stopped here
+        return real(model, dataset, collate, config, ctx, **kw)
+
+    monkeypatch.setattr(entry, "train_in_stage", stopped_at_topic)
+    config = Compose(tasks=_tasks(topic_csv), combine="ties", density=0.5, min_retained=None, **FAST)
+    with pytest.raises(KeyboardInterrupt):
+        run_compose(ModelBundle.load(tiny_bert_dir), config, _ctx(tmp_path, cls_data))
+    trained.clear()
+    resumed = run_compose(ModelBundle.load(tiny_bert_dir), config,
+                          dataclasses.replace(_ctx(tmp_path, cls_data), resume=True))
+    assert trained == ["compose[topic]"]  # sentiment came back from its finished state
+    def table(facts):  # every figure but the wall-clock seconds
+        return [{k: v for k, v in row.items() if k != "train_seconds"} for row in facts["composition"]]
+
+    assert table(resumed.facts) == table(ties_run[0].facts)
+    # Other settings make the finished state stale: everything trains again.
+    trained.clear()
+    other = config.model_copy(update={"rank": 2})
+    run_compose(ModelBundle.load(tiny_bert_dir), other, dataclasses.replace(_ctx(tmp_path, cls_data), resume=True))
+    assert trained == ["compose[sentiment]", "compose[topic]"]

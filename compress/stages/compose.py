@@ -29,6 +29,7 @@ from compress.errors import DataError, StageError
 from compress.registry import StageConfig, StageResult, register_stage
 from compress.specs import DataSpec
 from compress.stages import compose_peft as cp
+from compress.stages.compose_finished import load_finished, save_finished, settings_key
 from compress.training import TrainingFields
 from compress.training import adapters as ad
 
@@ -204,13 +205,22 @@ def run_compose(bundle: ModelBundle, config: Compose, ctx: RunContext) -> StageR
                                       num_labels=data.num_labels)
         # One checkpoint folder and one progress label per task, so a resumed run continues the right one.
         task_ctx = dataclasses.replace(ctx, work_dir=ctx.work_dir / task.name)  # type: ignore[operator]
-        result = train_in_stage(model, data.tokenized("train", tokenizer), pad_collate(tokenizer),
-                                config.model_copy(update={"name": f"{config.label()}[{task.name}]"}), task_ctx,
-                                task=task_kind, evaluate=evaluate)
-        metric, single = _score(evaluate(model), task_kind)
-        rows.append({"task": task.name, "labels": data.label_names, "metric": metric, "single": round(single, 6),
-                     "weight": task.weight, "steps": result.steps, "train_seconds": round(result.seconds, 3),
-                     "final_loss": result.loss_curve[-1][1] if result.loss_curve else None})
+        key, finished_dir = settings_key(config, task.name, ctx.seed), task_ctx.work_dir / "finished"
+        row = load_finished(model, key, finished_dir) if ctx.resume else None
+        if row is not None:
+            ctx.logger.info("%s: task %s finished before the run stopped; its trained adapter is reused",
+                            config.label(), task.name)
+        else:
+            result = train_in_stage(model, data.tokenized("train", tokenizer), pad_collate(tokenizer),
+                                    config.model_copy(update={"name": f"{config.label()}[{task.name}]"}), task_ctx,
+                                    task=task_kind, evaluate=evaluate)
+            metric, single = _score(evaluate(model), task_kind)
+            row = {"task": task.name, "labels": data.label_names, "metric": metric, "single": round(single, 6),
+                   "weight": task.weight, "steps": result.steps, "train_seconds": round(result.seconds, 3),
+                   "final_loss": result.loss_curve[-1][1] if result.loss_curve else None}
+            if ctx.is_main_process:  # one process writes; a resume reads it on every rank
+                save_finished(model, row, key, finished_dir)
+        rows.append(row)
         models[task.name], evaluators[task.name] = model, evaluate
 
     composed_config = None
