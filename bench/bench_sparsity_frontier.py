@@ -71,7 +71,8 @@ def render(result: dict[str, Any]) -> str:
             share = gap_closed(rows, method, level)
             if share is not None:
                 lines.append(f"- {method} {level}%: {100 * share:.1f}%")
-    return "\n".join(lines + sweep_lines(result.get("owl_sweep", []))) + "\n"
+    notes = [""] + [f"- {note}" for note in result.get("notes", [])] if result.get("notes") else []
+    return "\n".join(lines + sweep_lines(result.get("owl_sweep", [])) + notes) + "\n"
 
 
 def sweep_lines(rows: list[dict[str, Any]]) -> list[str]:
