@@ -184,6 +184,19 @@ def test_owl_allocation_falls_with_outliers_and_keeps_the_mean():
     assert set(block_sparsities({"b.0": 0.02, "b.1": 0.02}, 0.5, 0.08).values()) == {0.5}
 
 
+def test_owl_allocation_follows_the_reference_code_and_refuses_blocks_outside_0_1():
+    from compress.pruning.owl import block_sparsities
+
+    # luuyin/OWL prune_wanda_outlier: density = minmax(ratio) * 2λ - mean + (1 - S); sparsity = 1 - density.
+    # The span is centred on the mean, not on S: b.1 sits 0.10 below the target, more than λ = 0.08.
+    sparsity = block_sparsities({"b.0": 0.01, "b.1": 0.03, "b.2": 0.02, "b.3": 0.01}, 0.7, 0.08)
+    assert sparsity == pytest.approx({"b.0": 0.76, "b.1": 0.60, "b.2": 0.68, "b.3": 0.76}, abs=1e-6)
+    # 0.29 <= 0.7 < 1 - 0.29 passes the recipe check, but the one quiet block lands at 0.7 + 0.435
+    with pytest.raises(StageError, match=r"owl_spread: 0\.29 around sparsity 0\.7 gives block sparsities "
+                                         r"outside \[0, 1\) for \{'b\.3': 1\.135\}.*lower owl_spread"):
+        block_sparsities({"b.0": 0.03, "b.1": 0.03, "b.2": 0.03, "b.3": 0.01}, 0.7, 0.29)
+
+
 def _owl_prune(tiny_llama_dir, tmp_path, lm_data, **fields):
     bundle = ModelBundle.load(tiny_llama_dir)
     with torch.no_grad():  # block 1's query projection gets 16 loud input columns: the outlier block

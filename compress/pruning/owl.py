@@ -2,8 +2,11 @@
 
 Uniform sparsity prunes every block alike, but blocks differ in how many *outlier* weights they
 hold (Wanda scores |W_ij|·||X_j|| far above their block's mean), and those outliers carry the
-model. OWL gives each block a sparsity that falls as its outlier ratio rises, spread over
-[target − λ, target + λ] and averaging the target, so the model's overall sparsity is unchanged.
+model. OWL gives each block a sparsity that falls as its outlier ratio rises: the ratios are min-max
+scaled onto a span of 2λ and re-centred so the blocks average the target, so the model's overall
+sparsity is unchanged. As in the authors' code (not the paper's "[S − λ, S + λ]" wording) the span is
+centred on the mean, not on the target: a lone outlier block sits almost 2λ below the target and the
+others a little above it.
 
 Written here (about 40 lines) because no maintained library exposes it: the authors' code is a
 research script tied to its own LLaMA loop, and llm-compressor 0.14 has no layer-wise allocation.
@@ -18,6 +21,7 @@ from collections import defaultdict
 
 import torch
 
+from compress.errors import StageError
 from compress.pruning.masks import wanda_score
 from compress.pruning.targets import oriented
 
@@ -46,8 +50,13 @@ def outlier_ratios(linears: dict[str, torch.nn.Module], norms: dict[str, torch.T
 
 
 def block_sparsities(ratios: dict[str, float], target: float, spread: float) -> dict[str, float]:
-    """OWL's allocation: more outliers, less sparsity; values in [target − spread, target + spread]
-    with mean `target` (equal-sized blocks keep the overall sparsity)."""
+    """OWL's allocation: more outliers, less sparsity; the most and least pruned blocks are 2 × `spread`
+    apart and the mean is `target` (equal-sized blocks keep the overall sparsity).
+
+    The span is centred on the blocks' mean, so a block can move up to almost 2 × `spread` from the
+    target (the recipe's `sparsity ± owl_spread` check does not bound it); a block pushed outside
+    [0, 1) is a StageError naming `owl_spread`, not a silently clipped (and so off-target) allocation.
+    """
     if not ratios:
         return {}
     values = torch.tensor(list(ratios.values()), dtype=torch.float64)
@@ -56,6 +65,11 @@ def block_sparsities(ratios: dict[str, float], target: float, spread: float) -> 
         return dict.fromkeys(ratios, target)
     scaled = (values - values.min()) / width * 2 * spread
     sparsity = target - (scaled - scaled.mean())
+    outside = {block: round(float(s), 4) for block, s in zip(ratios, sparsity, strict=True) if not 0 <= s < 1}
+    if outside:
+        raise StageError(f"owl_spread: {spread} around sparsity {target} gives block sparsities outside "
+                         f"[0, 1) for {outside} (OWL's span is centred on the blocks' mean, so a block "
+                         f"can move up to 2 x owl_spread); lower owl_spread or sparsity")
     return {block: round(float(s), 6) for block, s in zip(ratios, sparsity, strict=True)}
 
 
