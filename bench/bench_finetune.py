@@ -135,7 +135,7 @@ def _tuning(train: int) -> list[str]:
          f"`python -m bench.bench_finetune --tune <method> {train} <seed> lr=<lr>` "
          "(reports/finetune_tuning.json)."),
         "",
-        ("| method | seed | changed from the bench setting | accuracy | macro-F1 | final loss | train time (s) "
+        ("| method | seed | setting tried | accuracy | macro-F1 | final loss | train time (s) "
          "| load before |"),
         "|---|---|---|---|---|---|---|---|",
         *(f"| {r['method']} | {r['seed']} | {', '.join(f'{k} {v:g}' for k, v in r['overrides'].items()) or '–'} | "
@@ -239,6 +239,9 @@ def write(rows: list[dict]) -> None:
             *_about(part),
             *_table(part, "lora"),
             "",
+            *([f"No row at this setting yet (run them with the command above): {', '.join(missing)}.", ""]
+              if (missing := [m for m in METHODS if m not in ("full", "dora", "qlora")
+                              and m not in {r["method"] for r in part}]) else []),
             *_tuning(train),
         ]
     (REPORTS / "finetune.md").write_text("\n".join(lines))
