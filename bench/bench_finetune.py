@@ -225,8 +225,8 @@ def write(rows: list[dict]) -> None:
             "",
             f"Same model, data, held-out set and batch as above, but {train:,} training examples (1 epoch, "
             f"{-(-train // 32)} steps), so that the methods fit on the shared, loaded machine; LoRA re-run at "
-            "this setting is the reference. Settings per method (IA³'s lr chosen on another split, see the "
-            "tuning table below; the others not tuned): "
+            "this setting is the reference. Settings per method, as each row ran (not tuned, except that "
+            f"IA³'s bench lr is {METHODS['ia3']['lr']:g}, chosen on another split: see the tuning table below): "
             + "; ".join(f"{r['method']}: " + ", ".join(f"{k} {v}" for k, v in r["settings"].items()
                                                       if k not in ("type", "method", "eval_every"))
                         for r in part) + ".",
