@@ -156,6 +156,17 @@ def test_flat_yaml_keeps_working_and_another_methods_field_is_refused_by_name():
         Finetune(method="ia3", target_modules=["key"])
 
 
+def test_ia3_defaults_to_its_own_larger_lr_and_a_recipe_lr_still_wins():
+    # IA³ trains scaling vectors only: the shared default (2e-4, LoRA's) barely moves them (bench_finetune).
+    def stage(**fields):
+        return load_recipe({"name": "t", "model": {"path": "m"}, "data": {"source": "d.csv"},
+                            "stages": [{"type": "finetune", **fields}]}).stages[0]
+
+    assert stage(method="ia3").lr == 3e-2
+    assert stage(method="lora").lr == stage(method="loha").lr == 2e-4
+    assert stage(method="ia3", lr=1e-3).lr == 1e-3
+
+
 def test_a_wrong_merge_is_caught_by_the_logit_check(tiny_llama_dir, lm_data, tmp_path, monkeypatch):
     """Break it on purpose: a 'merge' that drops the adapter changes the logits, and the stage fails."""
     monkeypatch.setattr(adapters, "merge_with_peft", lambda model, masks: model.unload())
