@@ -43,8 +43,10 @@ class ExportOnnx(Export):
                                                "(scales only).")
     int4_algorithm: Literal["hqq", "rtn"] = Field("hqq", description=(
         "Causal LMs, int4 from a float model: how ONNX Runtime's quantizer picks each block's scale and zero "
-        "point. hqq fits them to the weights (SmolLM2-135M, block 32: perplexity +0.09%; slower to write); rtn "
-        "rounds to the nearest level (+25% there). compress's own int4 codes are written as they are."))
+        "point. hqq fits them to the weights (SmolLM2-135M, block 32: perplexity +0.06%) but stores float zero "
+        "points, which ORT's MatMulNBits runs on a slower path (decode 5.1 vs 38.2 tokens/s for rtn there, side "
+        "by side); rtn rounds to the nearest level (+25.8% there, refused at the default max_ppl_diff). "
+        "compress's own int4 codes (gptq, awq, int4-weight) are written as they are, with integer zero points."))
     max_ppl_diff: float | None = Field(None, ge=0, description=(
         "Causal LMs: largest relative difference between ORT's perplexity of the graph and PyTorch's of the "
         "model on the same held-out tokens. Default: 0.001 for none, 0.10 for int4."))
