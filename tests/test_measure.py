@@ -34,6 +34,14 @@ def test_interleaved_rounds_run_models_in_turn():
     assert [len(t) for t in out] == [2, 2, 2] and all(v >= 0 for t in out for v in t)
 
 
+def test_a_round_keeps_the_median_or_the_fastest_of_its_repeats(monkeypatch):
+    durations = iter([3.0, 1.0, 2.0, 5.0, 4.0, 9.0] * 2)  # A's three repeats, then B's
+    monkeypatch.setattr(timing, "_timed", lambda call, device: next(durations))
+    calls = [lambda: None, lambda: None]
+    assert timing.time_interleaved(calls, warmup=0, rounds=1, repeats=3) == [[2.0], [5.0]]
+    assert timing.time_interleaved(calls, warmup=0, rounds=1, repeats=3, keep="min") == [[1.0], [4.0]]
+
+
 def test_ratio_spread_that_includes_one_is_not_significant():
     base, same, twice = [1.0, 1.0, 1.0], [0.9, 1.05, 1.1], [0.5, 0.45, 0.55]
     assert not timing.significant(timing.round_ratios(base, same))
@@ -145,6 +153,7 @@ def test_side_by_side_pass_in_a_run(lm_recipe):
     folder = Path(lm_recipe["output_dir"])
     md = (folder / "report.md").read_text()
     assert "## Side by side" in md and "interleaved rounds" in md and "lat b1 ms (alone)" in md
+    assert "the round keeps the fastest" in md  # what the figures are, stated where they are quoted
     assert "TTFT ms" in md and "decode tok/s bN" in md
     assert (folder / "plots" / "generation.png").read_bytes()[:4] == b"\x89PNG"
     again = Report.model_validate_json((folder / "report.json").read_text())
@@ -248,6 +257,7 @@ def test_processes_mode_and_isolated_memory(lm_recipe):
     lm_recipe["eval"].update(side_by_side=True, memory=True, side_by_side_mode="processes")
     report = run(lm_recipe, show_progress=False)
     assert report.side_by_side.mode == "processes" and "alternating fresh processes" in report.side_by_side.notes[0]
+    assert "fastest of 2 calls" in report.side_by_side.notes[0]
     base, final = report.baseline, report.final
     assert final.timing.speedup["decode_b1"].median > 0 and base.timing.ttft_ms.median > 0
     for p in (base, final):

@@ -158,7 +158,8 @@ def _measure_timing(bundle: Any, spec: dict[str, Any], device: str) -> dict[str,
     model, vocab = bundle.model, timing.model_vocab(bundle.model, bundle.tokenizer)
     calls = [timing.forward_call(model, timing.random_ids(vocab, b, spec["seq_len"]).to(device))
              for b in (1, spec["batch"])]
-    lat = timing.time_interleaved(calls, warmup=spec["warmup"], rounds=1, repeats=spec["repeats"], device=device)
+    lat = timing.time_interleaved(calls, warmup=spec["warmup"], rounds=1, repeats=spec["repeats"], device=device,
+                                  keep=spec.get("keep", "median"))
     out: dict[str, Any] = {"latency_b1_s": lat[0][0], "latency_bn_s": lat[1][0]}
     gen = spec.get("generate")
     if gen and bundle.task == "causal-lm":

@@ -90,7 +90,7 @@ class SideBySide(_Model):
     device: str
     threads: int
     rounds: int
-    repeats: int = Field(description="Calls per model per round for forward timing (the round keeps their median).")
+    repeats: int = Field(description="Calls per model per round for forward timing (the round keeps the fastest).")
     warmup: int
     batch_size: int
     seq_len: int

@@ -77,7 +77,7 @@ def setup_note(report: Report) -> str:
         how = ("in one process, in interleaved rounds (A B C A B C …)" if s.mode == "interleaved"
                else "in alternating fresh processes (A B C A B C …), one model per process")
         parts.append(f"Timed side by side {how} after the last stage: {s.rounds} rounds, each model run "
-                     f"{s.repeats} times per round (the round keeps the median) for forward passes after "
+                     f"{s.repeats} times per round (the round keeps the fastest, since contention only adds time) for forward passes after "
                      f"{s.warmup} warm-up runs; {s.device}, {s.threads} threads; forward inputs "
                      f"{s.seq_len} tokens, batch N = {s.batch_size}.")
         if s.prompt_tokens:
