@@ -137,3 +137,15 @@ def test_int8_dynamic_holds_its_codes_once_after_packing(tmp_path):
     layer.load_state_dict({**layer.state_dict(), "qweight": torch.zeros_like(codes)})
     assert torch.equal(layer.codes(), torch.zeros_like(codes))
     assert torch.equal(layer(x), torch.zeros(3, 32) + layer.bias)
+
+
+def test_int8_dynamic_without_the_kernel_says_why_when_run(monkeypatch):
+    """Without the fbgemm kernel the layer still builds, saves and reads back (so a saved model can be
+    inspected), but a forward says why it cannot run instead of failing inside torch."""
+    from compress.quant import dynamic
+
+    monkeypatch.setattr(dynamic, "kernel_available", lambda: "this torch build has no quantized CPU engine")
+    layer = dynamic.DynamicInt8Linear.from_linear(nn.Linear(16, 8))
+    assert layer.qweight.numel() == 16 * 8  # kept unpacked: nothing to pack with
+    with pytest.raises(RuntimeError, match="cannot run here: this torch build has no quantized CPU engine"):
+        layer(torch.randn(2, 16))

@@ -56,11 +56,12 @@ def _held_elsewhere(model: Any) -> dict[int, torch.Tensor]:
             for param, tensor in getattr(module, "read_back", list)()}
 
 
-def count_parameters(model: Any, _cache: dict[int, int] | None = None) -> tuple[int, int]:
+def count_parameters(model: Any, _cache: dict[int, int] | None = None,
+                     _elsewhere: dict[int, torch.Tensor] | None = None) -> tuple[int, int]:
     """(parameters, non-zero parameters), counting each logical weight once."""
     total = nonzero = 0
     seen: set[int] = set()
-    elsewhere = _held_elsewhere(model)
+    elsewhere = _held_elsewhere(model) if _elsewhere is None else _elsewhere
     for param in model.parameters():
         if id(param) in seen:  # tied weights (e.g. embeddings and lm_head) count once
             continue
@@ -71,10 +72,10 @@ def count_parameters(model: Any, _cache: dict[int, int] | None = None) -> tuple[
     return total, nonzero
 
 
-def memory_bytes(model: Any) -> int:
+def memory_bytes(model: Any, _elsewhere: dict[int, torch.Tensor] | None = None) -> int:
     seen: set[int] = set()
     size = 0
-    elsewhere = _held_elsewhere(model)
+    elsewhere = _held_elsewhere(model) if _elsewhere is None else _elsewhere
     for tensor in list(model.parameters()) + list(model.buffers()):
         if id(tensor) not in seen:
             seen.add(id(tensor))
@@ -115,7 +116,8 @@ def layer_sizes(model: Any, _cache: dict[int, int] | None = None) -> list[LayerS
 def measure_size(model: Any, saved_dir: str | Path | None = None, save_fn: Any = None) -> SizeMetrics:
     """Measure a model. Disk bytes come from `saved_dir`, or from saving with `save_fn(tmpdir)`."""
     nonzeros: dict[int, int] = {}  # shared by both counts below
-    params, nonzero = count_parameters(model, nonzeros)
+    elsewhere = _held_elsewhere(model)  # unpacks int8-dynamic codes: once per measurement, not per count
+    params, nonzero = count_parameters(model, nonzeros, elsewhere)
     disk = None
     if saved_dir is not None:
         disk = folder_bytes(saved_dir)
@@ -127,7 +129,7 @@ def measure_size(model: Any, saved_dir: str | Path | None = None, save_fn: Any =
         parameters=params,
         nonzero_parameters=nonzero,
         sparsity=round(1 - nonzero / params, 6) if params else 0.0,
-        memory_bytes=memory_bytes(model),
+        memory_bytes=memory_bytes(model, elsewhere),
         disk_bytes=disk,
         bits_per_weight=round(8 * disk / params, 4) if disk and params else None,
         layers=layer_sizes(model, nonzeros),

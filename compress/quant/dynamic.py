@@ -158,6 +158,10 @@ class DynamicInt8Linear(nn.Module):
             raise RuntimeError("int8-dynamic layers run on CPU only (fbgemm kernels)")
         if self._packed is None:
             self.pack()
+            if self._packed is None:  # pack() leaves the codes unpacked when the kernel is missing
+                why = kernel_available() or "no packed weights"
+                raise RuntimeError(f"int8-dynamic layers cannot run here: {why}; load the model on a torch "
+                                   "build with the fbgemm/x86 quantized engine")
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()
         if self.smooth_inv is not None:
