@@ -87,7 +87,22 @@ INSTALL = f"""```bash
 pip install -c requirements.lock -e .   # installs {DISTRIBUTION}
 ```"""
 
-def how_to_load(task: str, fmt: str, name: str) -> str:
+# bitsandbytes repacks 4-bit weights for CPUs with AVX512-BF16 and computes them in bf16 there;
+# compress pins the portable fp32 path (quant/bnb_weights) so its figures agree on every machine.
+BNB4_CPU_NOTE = """
+On CPUs with AVX512-BF16, bitsandbytes computes these 4-bit layers in bf16, so the logits there differ
+from the figures above by bf16 rounding (about 0.5% of the largest logit on compress's tiny test models);
+compress measured them on bitsandbytes' fp32 path, the same on every machine."""
+
+
+def is_bnb_4bit(model_dir: Path) -> bool:
+    """Whether `model_dir` holds a bitsandbytes 4-bit checkpoint (its config's quantization_config)."""
+    path = model_dir / "config.json"
+    qc = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
+    return bool(isinstance(qc, dict) and qc.get("load_in_4bit"))
+
+
+def how_to_load(task: str, fmt: str, name: str, bnb_4bit: bool = False) -> str:
     """The card's loading instructions for the published folder's format."""
     load = "AutoModelForSequenceClassification" if task == "sequence-classification" else "AutoModelForCausalLM"
     if fmt == "hf":
@@ -95,7 +110,7 @@ def how_to_load(task: str, fmt: str, name: str) -> str:
 from transformers import AutoTokenizer, {load}
 model = {load}.from_pretrained("{name}")
 tokenizer = AutoTokenizer.from_pretrained("{name}")
-```"""
+```""" + (BNB4_CPU_NOTE if bnb_4bit else "")
     if fmt == "peft-adapter":
         return f"""The base weights are at the top of the repository and the fine-tuned adapter in `{ADAPTER_DIR}/`
 (PEFT format); loading the base alone gives the model *before* fine-tuning.
@@ -108,7 +123,7 @@ model = PeftModel.from_pretrained(base, "{name}", subfolder="{ADAPTER_DIR}")
 tokenizer = AutoTokenizer.from_pretrained("{name}")
 ```"""
     return f"""This checkpoint holds compress's own layers (format `{fmt}`), which transformers cannot build:
-its `config.json` declares `model_type: compress` so that plain `from_pretrained` refuses it
+its `config.json` declares a `model_type` naming compress so that plain `from_pretrained` refuses it
 instead of loading random weights. Load it with compress:
 
 {INSTALL}
@@ -159,7 +174,7 @@ def _export_how_to(folder: Path, name: str) -> str:
 
 
 def build_model_card(report: Report, spec: PublishSpec, task: str, repo_id: str | None,
-                     fmt: str = "hf", export: Path | None = None, adapters: str = "") -> str:
+                     fmt: str = "hf", export: Path | None = None, adapters: str = "", bnb_4bit: bool = False) -> str:
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     recipe = report.recipe
@@ -212,7 +227,7 @@ Full report: `report.md` / `report.html` (plots in `{PLOTS_DIR}/`), raw figures 
 
 ## How to load
 
-{_export_how_to(export, name) if export else how_to_load(task, fmt, name)}
+{_export_how_to(export, name) if export else how_to_load(task, fmt, name, bnb_4bit)}
 {_export_checks(export) if export else ""}{adapters}
 ## Reproduce
 
@@ -290,7 +305,8 @@ def build_publish_folder(run_dir: str | Path, output: str | Path, spec: PublishS
         fmt = (json.loads((exported / EXPORT_FACTS).read_text()).get("format", export) if exported
                else bundle_meta.get("format", "hf"))
         (tmp / "README.md").write_text(build_model_card(report, spec, bundle_meta["task"], repo_id, fmt,
-                                                        export=exported, adapters=adapters))
+                                                        export=exported, adapters=adapters,
+                                                        bnb_4bit=exported is None and is_bnb_4bit(model_dir)))
         write_marker(tmp, "publish", entries=[p.name for p in tmp.iterdir()])
     return output
 
@@ -321,8 +337,8 @@ def push(run_dir: str | Path, repo_id: str, *, private: bool = True, spec: Publi
          export: str | None = None, allow_compress_format: bool = False) -> dict[str, Any]:
     """Build the publish folder, then (unless dry_run) create the repo and upload it in one commit.
 
-    A final model in a compress-only format (model_type: compress) is refused, dry run included,
-    unless `allow_compress_format`: a Hub user without compress could not load it; `export` names
+    A final model in a compress-only format (its config.json's model_type names compress) is refused,
+    dry run included, unless `allow_compress_format`: a Hub user without compress could not load it; `export` names
     an export of the run (onnx, compressed-tensors, gguf) that its runtime loads instead."""
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
 

@@ -5,9 +5,10 @@ embeddings, low-rank factors) has a normal-looking config.json. `AutoModelFor*.f
 would build the float architecture, find none of the weights it expects under those names,
 initialise them at random with a warning, and return a model that agrees with the real one on
 0-42% of inputs. transformers has no hook to refuse such a folder (an unknown
-`quantization_config` is skipped with a warning), but it does refuse an unknown `model_type`. So
-these folders declare `model_type: "compress"` and keep the real one under
-`compress.base_model_type`; compress's own loaders read the config through `read_config`.
+`quantization_config` is skipped with a warning), but it does refuse an unknown `model_type`, and
+quotes it in its error. So these folders declare a `model_type` that names what to install and
+how to load (`MODEL_TYPE`) and keep the real one under `compress.base_model_type`; compress's own
+loaders read the config through `read_config`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ from typing import Any
 
 from compress.errors import ModelError
 
-MODEL_TYPE = "compress"
+# transformers' refusal reads "has model type `<this>` but Transformers does not recognize this
+# architecture ... pip install --upgrade transformers": the type itself must say what to install
+# instead. The distribution name is the one in pyproject.toml (tests check they agree).
+MODEL_TYPE = "compress-hf (install compress-hf, then compress.ModelBundle.load; see the model card)"
+# Folders written before the type named the install; still recognised.
+LEGACY_MODEL_TYPES = ("compress",)
 CONFIG = "config.json"
 
 
@@ -26,7 +32,7 @@ def mark_compress_only(folder: Path, format_name: str) -> None:
     """Rewrite `folder/config.json` so plain transformers refuses it with an error naming compress."""
     path = folder / CONFIG
     config = json.loads(path.read_text())
-    if config.get("model_type") == MODEL_TYPE:
+    if config.get("model_type") in (MODEL_TYPE, *LEGACY_MODEL_TYPES):
         return
     config["compress"] = {
         "base_model_type": config.get("model_type"),
@@ -40,7 +46,7 @@ def mark_compress_only(folder: Path, format_name: str) -> None:
 
 def is_compress_only(folder: Path) -> bool:
     path = Path(folder) / CONFIG
-    return path.exists() and json.loads(path.read_text()).get("model_type") == MODEL_TYPE
+    return path.exists() and json.loads(path.read_text()).get("model_type") in (MODEL_TYPE, *LEGACY_MODEL_TYPES)
 
 
 def read_config(folder: Path) -> Any:

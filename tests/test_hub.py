@@ -185,7 +185,7 @@ def test_published_folder_loads_as_its_card_says(stages, fmt, tiny_bert_dir, sen
         base = AutoModelForSequenceClassification.from_pretrained(str(folder))
         model = PeftModel.from_pretrained(base, str(folder), subfolder="adapter").eval()
     else:
-        assert "declares `model_type: compress`" in card and "ModelBundle.load" in card
+        assert "declares a `model_type` naming compress" in card and "ModelBundle.load" in card
         with pytest.raises(ValueError, match="compress"):
             AutoModelForSequenceClassification.from_pretrained(str(folder))
         model = ModelBundle.load(folder).model

@@ -35,6 +35,14 @@ def test_compress_only_outputs_are_refused_by_plain_transformers(lm_recipe, stag
         AutoModelForCausalLM.from_pretrained(str(folder))
     bundle = ModelBundle.load(folder)
     assert bundle.format == fmt and torch.isfinite(_logits(bundle.model)).all()
+    # The refusal quotes the type, so the type names what to install (not "upgrade transformers").
+    from compress import DISTRIBUTION
+
+    assert MODEL_TYPE.startswith(f"{DISTRIBUTION} (install {DISTRIBUTION}")
+    # A folder written before that (model_type "compress") is still compress's own and still loads.
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "compress"}))
+    assert is_compress_only(folder)
+    assert torch.equal(_logits(ModelBundle.load(folder).model), _logits(bundle.model))
 
 
 def test_plain_formats_stay_plain(lm_recipe):
