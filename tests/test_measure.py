@@ -42,6 +42,36 @@ def test_a_round_keeps_the_median_or_the_fastest_of_its_repeats(monkeypatch):
     assert timing.time_interleaved(calls, warmup=0, rounds=1, repeats=3, keep="min") == [[1.0], [4.0]]
 
 
+def test_timing_threads_fit_the_cores_other_work_leaves_free(monkeypatch):
+    import os
+
+    monkeypatch.setattr(timing.torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert timing.threads_for_free_cores(0.3) == (None, None)  # a quiet machine: torch's default
+    threads, why = timing.threads_for_free_cores(1.8)  # two cores taken by other work
+    assert threads == 2 and why.startswith("Timed at 2 thread(s), not 4: 1.8 of the cores were busy")
+    assert timing.threads_for_free_cores(9.0)[0] == 1  # never fewer than one
+    assert timing.threads_for_free_cores(None) == (None, None)  # no /proc/stat: nothing to go by
+    busy = timing.busy_cores(0.2)
+    assert busy is None or 0.0 <= busy <= os.cpu_count() + 0.01
+
+
+def test_side_by_side_times_at_the_free_cores_and_says_so(lm_recipe, monkeypatch):
+    from compress.evaluate import side_by_side
+
+    monkeypatch.setattr(side_by_side, "busy_cores", lambda: 1.0)  # a busy-looping process beside the run
+    monkeypatch.setattr(side_by_side, "threads_for_free_cores",
+                        lambda busy: (1, f"Timed at 1 thread(s), not 2: {busy:.1f} of the cores were busy"))
+    lm_recipe["stages"] = [QUANT]
+    lm_recipe["eval"].update(side_by_side=True, generation=False)
+    report = run(lm_recipe, show_progress=False)
+    assert report.side_by_side.threads == 1
+    assert "Timed at 1 thread(s), not 2: 1.0 of the cores were busy" in report.side_by_side.notes
+    lm_recipe["eval"]["threads"] = 2  # an explicit eval.threads is kept
+    lm_recipe["output_dir"] += "-explicit"
+    assert run(lm_recipe, show_progress=False).side_by_side.threads == 2
+
+
 def test_ratio_spread_that_includes_one_is_not_significant():
     base, same, twice = [1.0, 1.0, 1.0], [0.9, 1.05, 1.1], [0.5, 0.45, 0.55]
     assert not timing.significant(timing.round_ratios(base, same))

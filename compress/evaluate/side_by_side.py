@@ -21,12 +21,14 @@ from compress.errors import CompressError
 from compress.evaluate.isolated import run_isolated
 from compress.evaluate.timing import (
     MeasurementStopped,
+    busy_cores,
     forward_call,
     model_vocab,
     random_ids,
     round_ratios,
     significant,
     spread,
+    threads_for_free_cores,
     time_generation,
     time_interleaved,
     torch_threads,
@@ -109,13 +111,13 @@ def _load(source: dict[str, Any], device: str) -> Any:
 
 
 def _time_in_process(sources: dict[str, dict[str, Any]], spec: EvalSpec, device: str, seed: int, stop: Any,
-                     generate: bool) -> tuple[dict[str, dict[str, list[float]]], int]:
+                     generate: bool, threads: int | None) -> tuple[dict[str, dict[str, list[float]]], int]:
     """Per model, per figure: one value per round, all models timed in one process."""
     bundles = {name: _load(src, device) for name, src in sources.items()}
     try:
         vocab = min(model_vocab(b.model, b.tokenizer) for b in bundles.values())  # ids valid for every model
         rounds: dict[str, dict[str, list[float]]] = {name: {} for name in bundles}
-        with torch_threads(spec.threads) as threads:
+        with torch_threads(threads) as used:
             for figure, batch in (("latency_b1", 1), ("latency_bn", spec.batch_size)):
                 ids = random_ids(vocab, batch, spec.seq_len, seed).to(device)
                 calls = [forward_call(b.model, ids) for b in bundles.values()]
@@ -136,33 +138,33 @@ def _time_in_process(sources: dict[str, dict[str, Any]], spec: EvalSpec, device:
     finally:
         bundles.clear()
         gc.collect()
-    return rounds, threads
+    return rounds, used
 
 
 def _time_in_processes(sources: dict[str, dict[str, Any]], spec: EvalSpec, device: str, stop: Any,
-                       generate: bool) -> tuple[dict[str, dict[str, list[float]]], int]:
+                       generate: bool, threads: int | None) -> tuple[dict[str, dict[str, list[float]]], int]:
     """Alternating fresh processes (A B C A B C ...), one model each: one value per process."""
     timing = {"batch": spec.batch_size, "seq_len": spec.seq_len, "warmup": spec.warmup, "repeats": spec.repeats,
               "keep": ROUND_KEEP,
               "generate": {"batch": spec.generate_batch_size, "prompt": spec.prompt_tokens,
                            "new": spec.new_tokens} if generate else None}
     names = list(sources)
-    jobs = [{"source": sources[n], "device": device, "threads": spec.threads, "timing": timing}
+    jobs = [{"source": sources[n], "device": device, "threads": threads, "timing": timing}
             for _ in range(spec.rounds) for n in names]
     results = run_isolated(jobs, stop=stop)
     rounds: dict[str, dict[str, list[float]]] = {n: {} for n in names}
-    threads = 0
+    used = 0
     keys = {"latency_b1_s": "latency_b1", "latency_bn_s": "latency_bn", "ttft_s": "ttft",
             "decode_b1_tps": "decode_b1", "decode_bn_tps": "decode_bn"}
     for i, res in enumerate(results):
         name = names[i % len(names)]
         if "error" in res:
             raise CompressError(f"side-by-side timing of {name} failed: {res['error']}")
-        threads = res["ok"]["threads"]
+        used = res["ok"]["threads"]
         for key, figure in keys.items():
             if key in res["ok"]["timing"]:
                 rounds[name].setdefault(figure, []).append(res["ok"]["timing"][key])
-    return rounds, threads
+    return rounds, used
 
 
 def _memory(sources: dict[str, dict[str, Any]], spec: EvalSpec, device: str, stop: Any,
@@ -222,11 +224,16 @@ def _measure(report: Report, recipe: Recipe, out: Path, task: str, data: Any, de
     if mode == "auto":
         mode = "interleaved" if fits_together(report, list(sources), device) else "processes"
     setup.mode = mode
+    threads = spec.threads
+    if threads is None and device == "cpu":  # an explicit eval.threads is kept as set
+        threads, why = threads_for_free_cores(busy_cores())
+        if why:
+            setup.notes.append(why)
     log.info("timing %d model(s) side by side (%s, %d rounds)", len(sources), mode, spec.rounds)
     if mode == "interleaved":
-        rounds, setup.threads = _time_in_process(sources, spec, device, recipe.seed, stop, generate)
+        rounds, setup.threads = _time_in_process(sources, spec, device, recipe.seed, stop, generate, threads)
     else:
-        rounds, setup.threads = _time_in_processes(sources, spec, device, stop, generate)
+        rounds, setup.threads = _time_in_processes(sources, spec, device, stop, generate, threads)
         setup.notes.append("Models timed in alternating fresh processes (A B C A B C ...), one model per "
                            "process: they would not fit in memory together. Each round's value is one "
                            f"process's fastest of {spec.repeats} calls after {spec.warmup} warm-up calls.")

@@ -33,6 +33,51 @@ def torch_threads(n: int | None):
         torch.set_num_threads(old)
 
 
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(ticks busy at normal priority, all ticks) over all CPUs so far, from /proc/stat; None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, _nice, system, _idle, _iowait, irq, softirq, steal = fields
+    # Time at nice > 0 is left out: such work yields the CPU to a timing pass at normal priority.
+    return user + system + irq + softirq + steal, sum(fields)
+
+
+def busy_cores(window: float = 1.0) -> float | None:
+    """How many of the machine's cores other work kept busy at normal priority over `window` seconds
+    (this process sleeps meanwhile), or None where /proc/stat cannot be read."""
+    import os
+
+    before = _cpu_ticks()
+    time.sleep(window)
+    after = _cpu_ticks()
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or 1)
+
+
+def threads_for_free_cores(busy: float | None) -> tuple[int | None, str | None]:
+    """The thread count for a timing pass given `busy` cores (None: torch's default), and why.
+
+    Why: torch's parallel ops end each step at a barrier, so with more threads than free cores every
+    step waits for the thread that lost its core. Under one busy-looping process on 2 cores the
+    quickstart's batch-1 speed-ups moved by up to 20% between runs at 2 threads, and agreed within 5%
+    at 1 thread (which also ran faster there). The figures are then at fewer threads; the note says so."""
+    import os
+
+    default = torch.get_num_threads()
+    if busy is None or default <= 1:
+        return None, None
+    free = max(1, min(default, len(os.sched_getaffinity(0)) - round(busy)))
+    if free >= default:
+        return None, None
+    return free, (f"Timed at {free} thread(s), not {default}: {busy:.1f} of the cores were busy with other work "
+                  f"at normal priority just before the pass, and more threads than free cores time the waits "
+                  f"for a descheduled thread rather than the model (set eval.threads to fix the count).")
+
+
 def random_ids(vocab: int, batch: int, seq_len: int, seed: int = 0, low: int = 1000) -> torch.Tensor:
     """Token ids drawn reproducibly from [min(low, vocab // 2), vocab): real tokens, not special ones."""
     gen = torch.Generator().manual_seed(seed)
