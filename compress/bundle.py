@@ -179,6 +179,12 @@ def detect_task(path_or_config: Any) -> str:
 def load_tokenizer(path: str | Path, **kwargs: Any):
     from transformers import AutoTokenizer
 
+    from compress.portable import is_compress_only, read_config
+
+    if "config" not in kwargs and Path(path).is_dir() and is_compress_only(Path(path)):
+        # Its config.json names compress as the model type; without the real config, AutoTokenizer
+        # falls back to a bare config and transformers warns that the model type does not match.
+        kwargs["config"] = read_config(Path(path))
     tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         # Causal LMs often ship without a pad token; padding with EOS is the usual, harmless choice
