@@ -101,6 +101,8 @@ def render() -> None:
     rows = data["rows"]
     # Rows run on their own (`only=`) join the main file, in the order of the variants.
     for part in sorted(REPORTS.glob("frontier-*.json")):
+        if part.name == "frontier-sparsity.json":  # bench_sparsity_frontier's own report, not a row part
+            continue
         rows += [r for r in json.loads(part.read_text())["rows"] if r["variant"] not in {x["variant"] for x in rows}]
     order = list(_variants())
     rows.sort(key=lambda r: order.index(r["variant"]))
