@@ -189,64 +189,65 @@ def _out(tool: str, label: str, round_: int) -> Path:
     return WORK / f"{slug}-{tool}-r{round_}"
 
 
-def run_rounds(labels: list[str], rounds: int) -> list[dict[str, Any]]:
-    """Every method's pair back to back, `rounds` times; round 1 saves the outputs for evaluation."""
+def run_pairs(label: str, rounds: int) -> list[dict[str, Any]]:
+    """One method's compress / llm-compressor pair, back to back, `rounds` times (who goes first
+    alternates by round); round 1 keeps the outputs for evaluation."""
     rows = []
     for r in range(1, rounds + 1):
-        for label in labels:
-            tools = ["compress", "llmcompressor"] if r % 2 else ["llmcompressor", "compress"]
-            for tool in tools:
-                res = _run_worker(tool, label, _out(tool, label, r), save=r == 1)
-                res.update(round=r, load=os.getloadavg()[0])
-                rows.append(res)
-                print(f"round {r} {label} {tool}: stage {res['stage_seconds']} s "
-                      f"(cpu {res['stage_cpu_seconds']} s)", flush=True)
+        for tool in (["compress", "llmcompressor"] if r % 2 else ["llmcompressor", "compress"]):
+            res = _run_worker(tool, label, _out(tool, label, r), save=r == 1)
+            res.update(round=r, load=os.getloadavg()[0])
+            rows.append(res)
+            print(f"round {r} {label} {tool}: stage {res['stage_seconds']} s "
+                  f"(cpu {res['stage_cpu_seconds']} s)", flush=True)
     return rows
 
 
 # ---------------------------------------------------------------------------- evaluation (parent)
 
 
-def evaluate(labels: list[str]) -> dict[str, Any]:
-    """Perplexity (compress's evaluator, same held-out tokens) of dense and of both outputs per method,
-    after checking each output is what its method promises."""
-    import torch
+class Evaluator:
+    """Perplexity by compress's evaluator on the same held-out tokens, for dense and both outputs of a
+    method, each output first checked to be what its method promises (bench/peer_checks.py)."""
 
-    from bench.peer_checks import check_output
-    from compress.bundle import ModelBundle
-    from compress.data import load_data
-    from compress.evaluate.accuracy import evaluate_accuracy
-    from compress.recipe import load_recipe
+    def __init__(self) -> None:
+        import torch
 
-    torch.set_num_threads(THREADS)
-    recipe = load_recipe(_recipe([]))
-    data = load_data(recipe.data, "causal-lm", recipe.seed)
-    dense = ModelBundle.load(DENSE)
-    eval_set = data.tokenized("eval", dense.tokenizer)
+        from compress.bundle import ModelBundle
+        from compress.data import load_data
+        from compress.recipe import load_recipe
 
-    def ppl(model: Any) -> float:
-        metrics, _ = evaluate_accuracy(model, eval_set, dense.tokenizer, "causal-lm", batch_size=64)
+        torch.set_num_threads(THREADS)
+        recipe = load_recipe(_recipe([]))
+        data = load_data(recipe.data, "causal-lm", recipe.seed)
+        self.dense = ModelBundle.load(DENSE)
+        self.eval_set = data.tokenized("eval", self.dense.tokenizer)
+        self.dense_state = {k: v.clone() for k, v in self.dense.model.state_dict().items()}
+
+    def ppl(self, model: Any) -> float:
+        from compress.evaluate.accuracy import evaluate_accuracy
+
+        metrics, _ = evaluate_accuracy(model, self.eval_set, self.dense.tokenizer, "causal-lm", batch_size=64)
         return metrics.perplexity
 
-    dense_state = {k: v.clone() for k, v in dense.model.state_dict().items()}
-    out: dict[str, Any] = {"dense": ppl(dense.model), "eval_blocks": len(eval_set), "methods": {}}
-    for label in labels:
-        stage = METHODS[label][0]
-        mine = ModelBundle.load(_out("compress", label, 1) / "model")
+    def method(self, label: str) -> dict[str, Any]:
         from safetensors.torch import load_file
 
-        dense.model.load_state_dict(dense_state)
+        from bench.peer_checks import check_output
+        from compress.bundle import ModelBundle
+
+        stage = METHODS[label][0]
+        mine = ModelBundle.load(_out("compress", label, 1) / "model").model
         theirs = load_file(str(_out("llmcompressor", label, 1) / "weights.safetensors"))
-        dense.model.load_state_dict(theirs, strict=False)
-        facts = {"compress": check_output(mine.model, label, stage, dense_state),
-                 "llmcompressor": check_output(dense.model, label, stage, dense_state, changed=set(theirs))}
-        out["methods"][label] = {"compress_ppl": ppl(mine.model), "llmcompressor_ppl": ppl(dense.model),
-                                 "checks": facts}
-        print(f"{label}: ppl compress {out['methods'][label]['compress_ppl']}, "
-              f"llm-compressor {out['methods'][label]['llmcompressor_ppl']}", flush=True)
-        del mine
-    dense.model.load_state_dict(dense_state)
-    return out
+        peer = self.dense.model
+        peer.load_state_dict(self.dense_state)
+        peer.load_state_dict(theirs, strict=False)
+        checks = {"compress": check_output(mine, label, stage, self.dense_state),
+                  "llmcompressor": check_output(peer, label, stage, self.dense_state, changed=set(theirs))}
+        out = {"compress_ppl": self.ppl(mine), "llmcompressor_ppl": self.ppl(peer), "checks": checks}
+        peer.load_state_dict(self.dense_state)
+        print(f"{label}: ppl compress {out['compress_ppl']}, llm-compressor {out['llmcompressor_ppl']}", flush=True)
+        return out
 
 
 # ---------------------------------------------------------------------------- report
@@ -260,18 +261,26 @@ def _peer_versions() -> dict[str, str]:
 
 
 def main(rounds: int, labels: list[str]) -> None:
+    """Method by method: the pairs, then both outputs' perplexity; reports/peer.json and .md are
+    rewritten after each method (a method run again replaces its earlier rows)."""
     peer_python()  # fail before any work when the peer is missing
     prepare()
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    rows = run_rounds(labels, rounds)
-    quality = evaluate(labels)
-    data = {"machine": machine_line(), "started": started, "load_at_end": os.getloadavg(), "rounds": rounds,
-            "threads": THREADS, "calibration": {"samples": SAMPLES, "block_tokens": BLOCK_LEN},
-            "eval_tweets": EVAL_TWEETS, "peer": _peer_versions(), "methods": {l: METHODS[l] for l in labels},
-            "rows": rows, "quality": quality}
-    REPORTS.mkdir(exist_ok=True)
-    (REPORTS / "peer.json").write_text(json.dumps(data, indent=1) + "\n")
-    render()
+    path = REPORTS / "peer.json"
+    data = json.loads(path.read_text()) if path.exists() else {"rows": [], "quality": {"methods": {}}}
+    evaluator = Evaluator()
+    data["quality"].update(dense=evaluator.ppl(evaluator.dense.model), eval_blocks=len(evaluator.eval_set))
+    data.update(machine=machine_line(), started=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                rounds=rounds, threads=THREADS, calibration={"samples": SAMPLES, "block_tokens": BLOCK_LEN},
+                eval_tweets=EVAL_TWEETS, peer=_peer_versions())
+    for label in labels:
+        rows = run_pairs(label, rounds)
+        data["quality"]["methods"][label] = evaluator.method(label)
+        data["rows"] = [r for r in data["rows"] if r["method"] != label] + rows
+        data["methods"] = {k: METHODS[k] for k in METHODS if any(r["method"] == k for r in data["rows"])}
+        data["load_at_end"] = os.getloadavg()
+        REPORTS.mkdir(exist_ok=True)
+        path.write_text(json.dumps(data, indent=1) + "\n")
+        render()
 
 
 def render() -> None:

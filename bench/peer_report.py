@@ -32,10 +32,12 @@ def method_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
 def render_markdown(data: dict[str, Any]) -> str:
     peer = data["peer"]
     q = data["quality"]
+    quoted = " ".join(f'"{m}"' for m in data["methods"])  # the methods run, in their order
     lines = [
         "# Parity with llm-compressor: stage time and perplexity", "",
-        (f"`nice -n 19 python -m bench.bench_peer {data['rounds']}` (started {data['started']}); every number "
-        "below is from that run's reports/peer.json."), "",
+        (f"`nice -n 19 python -m bench.bench_peer {data['rounds']} "
+         f"{quoted}` (started {data['started']}); every "
+         "number below is from that run's reports/peer.json."), "",
         (f"Machine: {data['machine']}. **Loaded**: shared with other agents' jobs at normal priority while this "
         f"ran at nice 19 (load average at the end {', '.join(f'{x:.1f}' for x in data['load_at_end'])}), so "
         "absolute seconds are inflated and noisy; the ratios of back-to-back pairs are what count. Each worker "
@@ -67,8 +69,9 @@ def render_markdown(data: dict[str, Any]) -> str:
                      f"{theirs if theirs is not None else '–'} | {diff} | {_fmt(m['compress_s'])} | "
                      f"{_fmt(m['peer_s'])} | {_fmt(m['ratios'])} | "
                      f"{ratio} | {ok} |")
-    lines += ["", ("Process CPU seconds inside the same timers (less sensitive to other jobs than wall "
-              "time; a ratio above the wall ratio means compress used its 2 threads better):"), "",
+    lines += ["", ("Process CPU seconds inside the same timers: the work each did, whatever share of the loaded "
+                   "machine it got (on a quiet machine wall time is what a user waits; here CPU time is the steadier "
+                   "comparison):"), "",
               "| method | cpu s compress | cpu s llm-compressor | cpu ratio per pair |", "|---|---|---|---|"]
     for m in method_rows(data):
         lines.append(f"| {m['method']} | {_fmt(m['compress_cpu_s'])} | {_fmt(m['peer_cpu_s'])} | "
@@ -80,6 +83,12 @@ def render_markdown(data: dict[str, Any]) -> str:
     lines += ["", "Settings matched per method (compress stage / llm-compressor modifier):", ""]
     for label, (stage, spec) in data["methods"].items():
         lines.append(f"- {label}: `{stage}` / `{spec}`")
+    lines += ["", ("The peer's venv (torch first, so the venv keeps the CPU build of the torch compress uses; on "
+                   "this machine pip found torch 2.13.0+cpu in its local wheel folder, the rest on PyPI):"), "", "```",
+              "python -m venv /work/venvs/llmc",
+              "/work/venvs/llmc/bin/pip install torch==2.13.0",
+              "/work/venvs/llmc/bin/pip install 'llmcompressor==0.14.*'",
+              "```"]
     for note in data.get("notes", []):
         lines += ["", note]
     return "\n".join(lines) + "\n"
