@@ -189,6 +189,13 @@ def _f(value: Any, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _missing(rows: list[dict[str, Any]]) -> list[str]:
+    missing = [m for m in lm_methods() if m not in {r["method"] for r in rows}]
+    line = (f"No row yet for: {', '.join(missing)} (none refused: not yet run at this setting; run them with "
+            "the command above).")
+    return [line] if missing else []
+
+
 def section(rows: list[dict[str, Any]]) -> str:
     """The report section (between the markers) for the LM rows."""
     ref = next((r for r in rows if r["method"] == "lora"), None)
@@ -238,6 +245,7 @@ def section(rows: list[dict[str, Any]]) -> str:
         + "; threads: " + ", ".join(f"{r['method']} {r['threads']}" for r in rows) + "; repeats: 1.",
         "Machine and libraries: " + "; ".join(sorted({f"{r['machine']}, " + ", ".join(
             f"{k} {v}" for k, v in r["versions"].items()) for r in rows})) + ".",
+        *_missing(rows),
         END,
     ]
     return "\n".join(lines)
