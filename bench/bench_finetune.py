@@ -6,6 +6,7 @@ Writes reports/finetune.md and reports/finetune.json.
     python -m bench.bench_finetune            # all methods (~15 min on 2 cores)
     python -m bench.bench_finetune lora full  # a subset
     python -m bench.bench_finetune --train 2000 lora ia3  # a reduced setting: its own table
+    python -m bench.bench_finetune --lm [methods]  # SmolLM2 as a causal LM (bench/bench_finetune_lm.py)
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import sys
 import time
 from importlib.metadata import version
 
-from bench.common import MINILM, REPORTS, machine_line, tweets_data
+from bench import bench_finetune_lm as lm
+from bench.common import MINILM, REPORTS, kept_sections, machine_line, tweets_data
 
 ADAPTER = {"rank": 16, "alpha": 32, "dropout": 0.0, "lr": 1e-3}
 METHODS = {
@@ -244,14 +246,22 @@ def write(rows: list[dict]) -> None:
                               and m not in {r["method"] for r in part}]) else []),
             *_tuning(train),
         ]
-    (REPORTS / "finetune.md").write_text("\n".join(lines))
-    (REPORTS / "finetune.json").write_text(json.dumps({"machine": machine,
-                                                       "repeats": 1, "rows": rows}, indent=1))
+    # The causal-LM section (bench_finetune_lm) lives in the same files: keep it.
+    lm_section = kept_sections(REPORTS / "finetune.md", [(lm.START, lm.END)])
+    (REPORTS / "finetune.md").write_text("\n".join(lines) + lm_section)
+    (REPORTS / "finetune.json").write_text(json.dumps({"machine": machine, "repeats": 1, "rows": rows,
+                                                       "lm_rows": lm.saved_rows()}, indent=1))
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--one":
+    if len(sys.argv) == 4 and sys.argv[1] == "--lm-one":
+        print("RESULT " + json.dumps(lm.run_one(sys.argv[2], int(sys.argv[3]))), flush=True)
+    elif sys.argv[1:] == ["--lm", "--write"]:
+        lm.write(lm.saved_rows())
+    elif sys.argv[1:2] == ["--lm"]:
+        lm.main(sys.argv[2:] or list(lm.lm_methods()))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--one":
         print("RESULT " + json.dumps(run_one(sys.argv[2], int(sys.argv[3]))), flush=True)
     elif len(sys.argv) > 4 and sys.argv[1] == "--tune":  # --tune METHOD TRAIN SEED field=value...
         tune(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
