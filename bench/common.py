@@ -10,6 +10,7 @@ A file lock guards each asset, so benchmarks started side by side build it once.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -197,3 +198,17 @@ def save_random_tweets_llama(folder: Path, dtype: Any = None, **shape: Any) -> N
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     (model.to(dtype) if dtype is not None else model).save_pretrained(folder)
+
+
+def row_in_subprocess(module: str, flag: str, method: str, train: int) -> dict[str, Any]:
+    """Run one benchmark row as `python -m module flag method train` in a fresh process (so its peak RSS is
+    its own) and return the JSON it prints on its `RESULT ` line; stop with its stderr if it fails."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", module, flag, method, str(train)],
+                          check=False, capture_output=True, text=True)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not line:
+        print(proc.stderr[-4000:], flush=True)
+        raise SystemExit(f"{flag} {method} failed")
+    return json.loads(line[-1][7:])
