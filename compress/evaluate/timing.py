@@ -7,6 +7,7 @@ Timing a single model is the one-model case of the same loop.
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -48,8 +49,6 @@ def _cpu_ticks() -> tuple[int, int] | None:
 def busy_cores(window: float = 1.0) -> float | None:
     """How many of the machine's cores other work kept busy at normal priority over `window` seconds
     (this process sleeps meanwhile), or None where /proc/stat cannot be read."""
-    import os
-
     before = _cpu_ticks()
     time.sleep(window)
     after = _cpu_ticks()
@@ -65,8 +64,6 @@ def threads_for_free_cores(busy: float | None) -> tuple[int | None, str | None]:
     step waits for the thread that lost its core. Under one busy-looping process on 2 cores the
     quickstart's batch-1 speed-ups moved by up to 20% between runs at 2 threads, and agreed within 5%
     at 1 thread (which also ran faster there). The figures are then at fewer threads; the note says so."""
-    import os
-
     default = torch.get_num_threads()
     if busy is None or default <= 1:
         return None, None
