@@ -23,12 +23,12 @@ from compress.recipe_text import apply_overrides, expand_env, find_secrets, pars
 from compress.registry import StageConfig, registry_version, stage_entries
 
 # The sections' specs live in a leaf module; re-exported here, where users look for them.
-from compress.specs import DataSpec, EvalSpec, LmEvalSpec, ModelSpec, StrictModel
+from compress.specs import DataSpec, DistributedSpec, EvalSpec, LmEvalSpec, ModelSpec, StrictModel
 
 TASKS = ("causal-lm", "sequence-classification")
 MAX_SEED = 2**32 - 1  # numpy's and transformers.set_seed's limit
 
-__all__ = ["DataSpec", "EvalSpec", "LmEvalSpec", "ModelSpec", "Recipe", "load_recipe"]
+__all__ = ["DataSpec", "DistributedSpec", "EvalSpec", "LmEvalSpec", "ModelSpec", "Recipe", "load_recipe"]
 
 
 class Recipe(StrictModel):
@@ -52,6 +52,8 @@ class Recipe(StrictModel):
     data: DataSpec
     eval: EvalSpec = Field(default_factory=EvalSpec)
     stages: list[StageConfig] = Field(default_factory=list, description="Ordered stages.")
+    distributed: DistributedSpec | None = Field(
+        None, description="FSDP or DeepSpeed settings for every training stage that sets none of its own.")
     autotune: AutotuneSpec | None = Field(None, description="Search space and budget for `compress autotune`.")
     publish: PublishSpec | None = Field(None, description="Defaults for `compress push` (repo_id, private, ...).")
     goals: dict[str, Goal] = Field(
@@ -78,6 +80,22 @@ class Recipe(StrictModel):
                 kind = stage.stage_type()
                 raise ValueError(f"stages[{index}]: {kind} is terminal; only other {kind} stages may follow it "
                                  f"(found {', '.join(later)}); move it to the end")
+        return self
+
+    @model_validator(mode="after")
+    def _share_distributed_settings(self) -> Recipe:
+        # Copied into the stages (not read from the recipe at train time) so a stage config alone says
+        # how it trains: the resolved recipe shows it, and the stage, its checks and `compress plan`
+        # read one place. A stage's own fsdp/deepspeed wins.
+        from compress.registry import get_stage
+
+        if self.distributed is None:
+            return self
+        for stage in self.stages:
+            if (get_stage(stage.stage_type()).distributed and hasattr(stage, "fsdp")
+                    and stage.fsdp is None and stage.deepspeed is None):
+                stage.fsdp, stage.deepspeed = self.distributed.fsdp, self.distributed.deepspeed
+                stage._sharding_from = "distributed"
         return self
 
     @model_validator(mode="after")

@@ -6,7 +6,7 @@ use these specs without importing the recipe, which imports every stage.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -114,6 +114,28 @@ class LmEvalSpec(StrictModel):
     num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (None: the task's default).")
     include_path: str | None = Field(None, description="Folder of local task YAMLs (offline tasks over local data).")
     batch_size: int = Field(8, gt=0, description="Batch size for the harness.")
+
+
+class DistributedSpec(StrictModel):
+    """Sharded training for the whole recipe: each training stage (finetune, distill) that sets neither
+    `fsdp` nor `deepspeed` itself trains with these settings. The same keys as accelerate's plugins, so an
+    accelerate config file and a recipe say the same thing."""
+
+    fsdp: dict[str, Any] | None = Field(
+        None, description="GPU only: keyword arguments for accelerate's FullyShardedDataParallelPlugin "
+        "(e.g. {fsdp_version: 2, reshard_after_forward: true}).")
+    deepspeed: dict[str, Any] | None = Field(
+        None, description="GPU only: a DeepSpeed config (as a mapping) for accelerate's DeepSpeedPlugin, "
+        "e.g. {zero_optimization: {stage: 3}}.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DistributedSpec:
+        if self.fsdp is not None and self.deepspeed is not None:
+            raise ValueError("fsdp and deepspeed exclude each other; keep one")
+        if self.fsdp is None and self.deepspeed is None:
+            raise ValueError("give fsdp or deepspeed (or remove the distributed section: plain data "
+                             "parallelism needs no settings)")
+        return self
 
 
 class EvalSpec(StrictModel):

@@ -187,3 +187,45 @@ def test_fsdp_or_an_accelerate_fsdp_config_on_cpu_is_refused_before_any_work(cls
     assert "FSDP (from the accelerate config)" in err.value.problems[0]
     assert "launch without that accelerate config" in err.value.problems[0]
     assert not Path(cls_recipe["output_dir"]).exists()  # refused before the run folder was made
+
+
+def test_the_recipe_distributed_section_reaches_every_training_stage_and_is_refused_on_cpu(cls_recipe):
+    from compress.recipe import Recipe
+
+    cls_recipe["device"] = "cpu"
+    cls_recipe["distributed"] = {"fsdp": {"fsdp_version": 2}}
+    own = {"deepspeed": {"zero_optimization": {"stage": 2}}}
+    cls_recipe["stages"] = [_stage(), _stage(**own), {"type": "prune", "method": "magnitude", "sparsity": 0.5}]
+    recipe = Recipe.model_validate(cls_recipe)
+    assert recipe.stages[0].fsdp == {"fsdp_version": 2} and recipe.stages[0].deepspeed is None
+    assert recipe.stages[1].fsdp is None and recipe.stages[1].deepspeed == own["deepspeed"]  # its own wins
+    assert not hasattr(recipe.stages[2], "fsdp")
+    # The resolved recipe says the same thing when read back (a resumed run trains the same way).
+    again = Recipe.model_validate(recipe.to_dict(explicit_only=True))
+    assert again.stages[0].fsdp == recipe.stages[0].fsdp and again.stages[1].deepspeed == own["deepspeed"]
+    cls_recipe["stages"] = [_stage()]
+    with pytest.raises(RecipeError) as err:
+        run(cls_recipe)
+    message = err.value.problems[0]
+    assert message.startswith("stages[0].fsdp: FSDP (from the recipe's distributed section) shards training")
+    assert message.endswith("remove distributed.fsdp, or run on GPUs")
+    assert not Path(cls_recipe["output_dir"]).exists()
+
+
+def test_a_distributed_section_without_settings_or_with_both_is_refused(cls_recipe):
+    for section, words in (({}, "give fsdp or deepspeed"), ({"fsdp": {}, "deepspeed": {}}, "exclude each other")):
+        cls_recipe["distributed"] = section
+        with pytest.raises(RecipeError) as err:
+            run(cls_recipe)
+        assert any(p.startswith("distributed") and words in p for p in err.value.problems), err.value.problems
+
+
+def test_sharding_a_4bit_base_on_gpus_is_refused_with_the_reason():
+    from compress.stages.finetune import Finetune
+    from compress.training.loop import sharding_problems
+
+    config = Finetune(method="qlora", fsdp={"fsdp_version": 2})
+    assert sharding_problems(config, "cuda") == []
+    (problem,) = sharding_problems(config, "cuda", four_bit=True)
+    assert problem.startswith("fsdp: FSDP (from this stage) cannot shard a 4-bit (bitsandbytes) base")
+    assert problem.endswith("remove fsdp")

@@ -132,7 +132,7 @@ def check_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> li
         problems.append(f"merge: none keeps the adapter next to the base, which needs a plain Hugging Face "
                         f"base (this one is {bundle.format!r}); use merge: merge or dequantize-merge-requantize"
                         + ("" if method.merge else f" with a method that merges ({config.method} cannot)"))
-    problems += sharding_problems(config, ctx.device)
+    problems += sharding_problems(config, ctx.device, four_bit=quantized or method.loads_4bit)
     if config.optimizer.startswith("paged") and ctx.device != "cuda":
         problems.append(f"optimizer: {config.optimizer} pages optimizer state through CUDA memory; on "
                         f"{ctx.device} use adamw or adamw_8bit")
@@ -142,9 +142,6 @@ def check_finetune(bundle: ModelBundle, config: Finetune, ctx: RunContext) -> li
         except ImportError:
             problems.append(f"optimizer: {config.optimizer} needs bitsandbytes; pip install bitsandbytes "
                             f"or use adamw")
-    for name in ("fsdp", "deepspeed"):
-        if getattr(config, name) is not None and ctx.device != "cuda":
-            problems.append(f"{name}: needs CUDA GPUs (device is {ctx.device}); remove {name} to train with DDP")
     return problems
 
 

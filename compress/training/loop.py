@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from compress.errors import Interrupted, StageError
 from compress.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -67,6 +67,9 @@ class TrainingFields(BaseModel):
     deepspeed: dict[str, Any] | None = Field(
         None, description="GPU only: a DeepSpeed config (as a mapping) passed to accelerate's DeepSpeedPlugin."
     )
+    # "stage", or "distributed" when the recipe's distributed section filled fsdp/deepspeed in, so an
+    # error names the field the user wrote.
+    _sharding_from: str = PrivateAttr("stage")
 
     @model_validator(mode="after")
     def _training_combinations(self) -> TrainingFields:
@@ -138,22 +141,34 @@ def make_optimizer(params: list[torch.nn.Parameter], settings: TrainingFields) -
     return cls(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
-def sharding_problems(settings: TrainingFields, device: str) -> list[str]:
+def sharding_problems(settings: TrainingFields, device: str, four_bit: bool = False) -> list[str]:
     """FSDP / DeepSpeed asked for where they cannot run: refused before any work, never silently
-    replaced by plain data parallelism. They come from the stage's fields or from the accelerate
-    config that `accelerate launch --config_file` passes on in the environment."""
+    replaced by plain data parallelism. They come from the stage's fields, the recipe's `distributed`
+    section, or the accelerate config that `accelerate launch --config_file` passes on in the environment."""
     import os
 
     wanted = [name for name, field, env in (("FSDP", settings.fsdp, "ACCELERATE_USE_FSDP"),
                                             ("DeepSpeed", settings.deepspeed, "ACCELERATE_USE_DEEPSPEED"))
               if field is not None or os.environ.get(env, "").lower() in ("1", "true")]
-    if not wanted or device == "cuda":
+    if not wanted:
         return []
-    field = "fsdp" if settings.fsdp is not None else "deepspeed" if settings.deepspeed is not None else None
-    fix = f"remove {field}" if field else "launch without that accelerate config"
-    return [f"{field or 'type'}: {' and '.join(wanted)} (from {'this stage' if field else 'the accelerate config'}) "
-            f"shards training across GPUs, but this run trains on {device}; processes launched with torchrun on "
-            f"CPU train with plain data parallelism (gloo) — {fix}, or run on GPUs"]
+    key = "fsdp" if settings.fsdp is not None else "deepspeed" if settings.deepspeed is not None else None
+    from_recipe = settings._sharding_from == "distributed"
+    source = ("the recipe's distributed section" if from_recipe else "this stage") if key else "the accelerate config"
+    fix = (f"remove {'distributed.' if from_recipe else ''}{key}" if key
+           else "launch without that accelerate config")
+    if device != "cuda":
+        return [f"{key or 'type'}: {' and '.join(wanted)} (from {source}) shards training across GPUs, but this "
+                f"run trains on {device}; processes launched with torchrun on CPU train with plain data "
+                f"parallelism (gloo) — {fix}, or run on GPUs"]
+    if four_bit:
+        # Sharding bitsandbytes' packed uint8 weights needs bnb_4bit_quant_storage set to the training
+        # dtype at load time (the FSDP-QLoRA recipe); compress loads NF4 with uint8 storage, which
+        # FSDP would flatten with the float adapters and DeepSpeed ZeRO-3 would partition as bytes.
+        return [f"{key or 'type'}: {' and '.join(wanted)} (from {source}) cannot shard a 4-bit "
+                f"(bitsandbytes) base as compress loads it; train QLoRA with plain data parallelism "
+                f"(torchrun, one copy of the 4-bit base per GPU) — {fix}"]
+    return []
 
 
 def _accelerator(settings: TrainingFields, device: str):
