@@ -269,6 +269,8 @@ def main(rounds: int, labels: list[str]) -> None:
     data = json.loads(path.read_text()) if path.exists() else {"rows": [], "quality": {"methods": {}}}
     evaluator = Evaluator()
     data["quality"].update(dense=evaluator.ppl(evaluator.dense.model), eval_blocks=len(evaluator.eval_set))
+    data.pop("notes", None)  # hand-written notes belong to the run that wrote them
+    data.update(load_at_start=os.getloadavg(), nice=os.nice(0))
     data.update(machine=machine_line(), started=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 rounds=rounds, threads=THREADS, calibration={"samples": SAMPLES, "block_tokens": BLOCK_LEN},
                 eval_tweets=EVAL_TWEETS, peer=_peer_versions())

