@@ -175,6 +175,15 @@ def test_stage_deepspeed_setting_counts_as_zero3():
     assert plan.stages[0].parts["weights"] == -(-6_738_415_616 * 2 // 4)
 
 
+def test_the_recipe_distributed_section_plans_like_the_stage_setting():
+    from compress.recipe import load_recipe as load
+
+    data = _as_method("full").to_dict(explicit_only=True)
+    data["distributed"] = {"fsdp": {"fsdp_version": 2}}
+    plan = plan_recipe(load(data), device="cuda", world_size=4, check_devices=False)
+    assert plan.stages[0].parts["weights"] == -(-6_738_415_616 * 2 // 4)
+
+
 def test_chain_tracks_masks_quantization_and_gptq_hessians(lm_recipe):
     lm_recipe["stages"] = [{"type": "prune", "method": "wanda", "sparsity": 0.5},
                            {"type": "quantize", "scheme": "gptq"},
