@@ -201,6 +201,8 @@ def section(rows: list[dict[str, Any]]) -> str:
     ref = next((r for r in rows if r["method"] == "lora"), None)
     settings = "; ".join(f"{r['method']}: " + ", ".join(f"{k} {v}" for k, v in r["settings"].items()
                                                         if k not in ("type", "method")) for r in rows if r["settings"])
+    merged = [f"{r['method']} {r['merge_relative_logit_change']}" for r in rows
+              if r.get("merge_relative_logit_change") is not None]
     lines = [
         START,
         "## Causal LM: SmolLM2-135M-Instruct answering a tweet's sentiment (prompt/completion)",
@@ -238,13 +240,11 @@ def section(rows: list[dict[str, Any]]) -> str:
     lines += [
         "",
         f"Settings per row: {settings}.",
-        "Merge check (relative logit change of the merge): " + ", ".join(
-            f"{r['method']} {r['merge_relative_logit_change']}" for r in rows
-            if r.get("merge_relative_logit_change") is not None) + ".",
+        *(["Merge check (relative logit change of the merge): " + ", ".join(merged) + "."] if merged else []),
         "1-minute load average before each row: " + ", ".join(f"{r['method']} {r['load_before']:.1f}" for r in rows)
         + "; threads: " + ", ".join(f"{r['method']} {r['threads']}" for r in rows) + "; repeats: 1.",
         "Machine and libraries: " + "; ".join(sorted({f"{r['machine']}, " + ", ".join(
-            f"{k} {v}" for k, v in r["versions"].items()) for r in rows})) + ".",
+            f"{k} {v}" for k, v in r["versions"].items() if k != "torch") for r in rows})) + ".",  # torch: in machine
         *_missing(rows),
         END,
     ]
