@@ -23,18 +23,21 @@ class HessianSum:
     round visibly; the mean is handed out in float32, the precision the algorithms work in.
     """
 
-    def __init__(self, features: int, device: torch.device | str = "cpu"):
-        self.sum = torch.zeros(features, features, dtype=torch.float64, device=device)
+    def __init__(self, features: int, device: torch.device | str = "cpu", diagonal: bool = False):
+        # `diagonal`: only diag(XᵀX), the per-channel sums of squares (Wanda's ||X_j||² up to n): features
+        # numbers instead of features², and no matrix product.
+        shape = (features,) if diagonal else (features, features)
+        self.sum = torch.zeros(*shape, dtype=torch.float64, device=device)
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
         """Add the rows of `x` (rows, features): one input vector per real token."""
         x64 = x.detach().reshape(-1, x.shape[-1]).to(self.sum.device, torch.float64)
-        self.sum += x64.T @ x64
+        self.sum += (x64 * x64).sum(0) if self.sum.dim() == 1 else x64.T @ x64
         self.rows += x64.shape[0]
 
     def mean(self) -> torch.Tensor:
-        """H = XᵀX / n (float32); all zeros when no input was seen."""
+        """H = XᵀX / n (float32), or its diagonal; all zeros when no input was seen."""
         return (self.sum / max(self.rows, 1)).float()
 
 

@@ -24,6 +24,8 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "magnitude": ("prune", {"type": "prune", "method": "magnitude", "sparsity": 0.5}),
     "wanda": ("prune", {"type": "prune", "method": "wanda", "sparsity": 0.5}),
     "sparsegpt": ("prune", {"type": "prune", "method": "sparsegpt", "sparsity": 0.5}),
+    "wanda-sequential": ("prune", {"type": "prune", "method": "wanda", "sparsity": 0.5, "sequential": True}),
+    "owl-wanda": ("prune", {"type": "prune", "method": "wanda", "sparsity": 0.5, "allocation": "owl"}),
     "magnitude-2:4": ("prune", {"type": "prune", "method": "magnitude", "structure": "n:m"}),
     "wanda-2:4": ("prune", {"type": "prune", "method": "wanda", "structure": "n:m"}),
     "sparsegpt-2:4": ("prune", {"type": "prune", "method": "sparsegpt", "structure": "n:m"}),

@@ -246,3 +246,37 @@ def test_owl_allocation_that_misses_the_target_is_a_stage_error(tiny_llama_dir, 
 def test_owl_settings_that_cannot_work_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         Prune(**fields)
+
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "n:m"])
+def test_sequential_wanda_measures_each_block_on_the_pruned_blocks_before_it(tiny_llama_dir, tmp_path, lm_data,
+                                                                             structure):
+    from compress.calibration import calibration_batches, input_norms
+
+    fields = {"sparsity": 0.5} if structure == "unstructured" else {"structure": "n:m", "pattern": "2:4"}
+    ctx = _ctx(tmp_path, lm_data)
+    seq = run_prune(ModelBundle.load(tiny_llama_dir), Prune(method="wanda", sequential=True, **fields), ctx)
+    one_pass = run_prune(ModelBundle.load(tiny_llama_dir), Prune(method="wanda", **fields), ctx)
+    pruned, dense = seq.bundle.model, ModelBundle.load(tiny_llama_dir).model
+    # q/k/v read their block's normed input, which in the pruned model has passed through every pruned
+    # block before: the sequential masks are Wanda's scores of the dense weights on exactly those inputs.
+    qkv = [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkv"]
+    norms = input_norms(pruned, {n: pruned.get_submodule(n) for n in qkv},
+                        calibration_batches(seq.bundle, lm_data, 16, ctx.seed))
+    for name in qkv:
+        score = wanda_score(dense.get_submodule(name).weight, norms[name])
+        expected = unstructured_mask(score, 0.5, per_row=True) if structure == "unstructured" else nm_mask(score, 2, 4)
+        assert torch.equal(seq.bundle.masks[f"{name}.weight"], expected), name
+    # Block 0 sees the same inputs either way; block 1 does not, and the one-pass masks differ there.
+    assert all(torch.equal(seq.bundle.masks[k], one_pass.bundle.masks[k]) for k in seq.bundle.masks
+               if k.startswith("model.layers.0.self_attn"))
+    assert any(not torch.equal(seq.bundle.masks[k], one_pass.bundle.masks[k]) for k in seq.bundle.masks
+               if k.startswith("model.layers.1."))
+    assert seq.facts["measured_sparsity_pruned_layers"] == 0.5
+
+
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
+def test_sequential_is_only_for_wanda(method):
+    with pytest.raises(ValueError, match=f"sequential: only wanda takes it \\({method} "):
+        Prune(sparsity=0.5, method=method, sequential=True)

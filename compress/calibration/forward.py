@@ -74,17 +74,17 @@ def input_norms(model: Any, modules: dict[str, torch.nn.Module],
     return {name: s.sqrt().cpu() for name, s in sums.items() if s is not None}
 
 
-def hessian_hooks(modules: dict[str, torch.nn.Module], tokens: Tokens
+def hessian_hooks(modules: dict[str, torch.nn.Module], tokens: Tokens, diagonal: bool = False
                   ) -> tuple[Any, Callable[[], dict[str, torch.Tensor]]]:
     """(hooks context, result): while the context is open, each module's real-token inputs are summed
-    into XᵀX; `result()` gives H = XᵀX / n per module that was called."""
+    into XᵀX; `result()` gives H = XᵀX / n per module that was called (`diagonal`: only its diagonal)."""
     sums: dict[str, HessianSum] = {}
 
     def make(name: str):
         def hook(_module, args, _output):
             x = tokens.real(args[0].detach())
             if name not in sums:
-                sums[name] = HessianSum(x.shape[-1], x.device)
+                sums[name] = HessianSum(x.shape[-1], x.device, diagonal)
             sums[name].add(x)
         return hook
 
@@ -95,10 +95,10 @@ def hessian_hooks(modules: dict[str, torch.nn.Module], tokens: Tokens
 
 
 def input_hessians(model: Any, modules: dict[str, torch.nn.Module],
-                   batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per module, XᵀX / n over the real tokens of its inputs, from full forward passes."""
+                   batches: list[dict[str, torch.Tensor]], diagonal: bool = False) -> dict[str, torch.Tensor]:
+    """Per module, XᵀX / n (or its diagonal) over the real tokens of its inputs, from full forward passes."""
     tokens = Tokens()
-    hooks, result = hessian_hooks(modules, tokens)
+    hooks, result = hessian_hooks(modules, tokens, diagonal)
     with hooks:
         forward_all(model, batches, tokens)
     return result()

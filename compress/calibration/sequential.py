@@ -151,12 +151,12 @@ def input_groups(order: list[str], inputs: dict[str, torch.Tensor]) -> list[list
 
 
 def _replay_hessians(model: Any, block: torch.nn.Module, names: list[str], calls: list, replay: Callable,
-                     record: bool = False) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
-    """Hessians of `names` (the modules the model holds now) from one replay of `block`; with `record`,
-    also the layers' sub-groups (see `input_groups`)."""
+                     record: bool = False, diagonal: bool = False) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
+    """Hessians (or their diagonals) of `names` (the modules the model holds now) from one replay of
+    `block`; with `record`, also the layers' sub-groups (see `input_groups`)."""
     modules = {n: model.get_submodule(n) for n in names}
     tokens = Tokens()
-    hooks, result = hessian_hooks(modules, tokens)
+    hooks, result = hessian_hooks(modules, tokens, diagonal)
     order: list[str] = []
     inputs: dict[str, torch.Tensor] = {}  # first call's input, kept alive so identity means something
 
@@ -173,8 +173,11 @@ def _replay_hessians(model: Any, block: torch.nn.Module, names: list[str], calls
 
 
 def fit_sequentially(model: Any, linears: dict[str, torch.nn.Module], batches: list[dict[str, torch.Tensor]],
-                     fit: Fit, split_blocks: bool = False, field: str = "include") -> Iterator[tuple[str, Any]]:
+                     fit: Fit, split_blocks: bool = False, field: str = "include",
+                     diagonal: bool = False) -> Iterator[tuple[str, Any]]:
     """Fit every layer of `linears` block after block; yields (name, fit's result) as each is fitted.
+    `diagonal`: fit receives only the Hessian's diagonal (per input channel, XⱼᵀXⱼ / n), for a fit that
+    needs no more (Wanda's input norms).
 
     A run of consecutive blocks is captured once and then each block replays only itself, so the pass
     costs about two forward passes of the model (plus one replay per sub-group with `split_blocks`).
@@ -187,7 +190,7 @@ def fit_sequentially(model: Any, linears: dict[str, torch.nn.Module], batches: l
     for index, (block, group) in enumerate(groups):
         if block is None:
             order = [list(group)]
-            found = input_hessians(model, {n: model.get_submodule(n) for n in group}, batches)
+            found = input_hessians(model, {n: model.get_submodule(n) for n in group}, batches, diagonal)
         else:
             if calls is None:
                 run = [block]  # this block and the consecutive ones after it: one capture serves them all
@@ -199,12 +202,12 @@ def fit_sequentially(model: Any, linears: dict[str, torch.nn.Module], batches: l
                                   strict=True))
                 calls = frames[block]
             found, order = _replay_hessians(model, modules[block], list(group), calls, replay_block,
-                                            record=split_blocks)
+                                            record=split_blocks, diagonal=diagonal)
             missing = [n for n in group if n not in found]
             order = [[n for n in sub if n in found] for sub in order] + ([missing] if missing else [])
         for position, sub in enumerate(order):
             if position and block is not None:  # inputs now pass through the sub-groups fitted before
-                found, _ = _replay_hessians(model, modules[block], sub, calls, replay_block)
+                found, _ = _replay_hessians(model, modules[block], sub, calls, replay_block, diagonal=diagonal)
             for name in sub:
                 if name not in found:
                     raise StageError(f"{field}: layer {name} is never called on the calibration data, so "

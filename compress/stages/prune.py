@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 
 from compress.bundle import ModelBundle
 from compress.calibration import batch_rows, calibration_batches, input_norms
+from compress.calibration.sequential import fit_sequentially
 from compress.context import RunContext
 from compress.errors import StageError
 from compress.layers import bad_patterns, first_match, ignore_field, pattern_problems, targets_field
@@ -59,12 +60,20 @@ class _MaskPrune(Prune):
         "pruned in order).")
     targets: list[str] | None = targets_field("prune")
     ignore: list[str] | None = ignore_field("pruned")
+    sequential: bool = Field(False, description=(
+        "wanda: measure each block's input norms on the outputs of the blocks already pruned before it (the "
+        "order of the Wanda and OWL reference code; about two forward passes), instead of on the dense model "
+        "in one pass. OWL's outlier ratios still come from the dense model, as in its reference. sparsegpt "
+        "always prunes block by block; magnitude reads no inputs."))
 
     @model_validator(mode="after")
     def _patterns(self) -> _MaskPrune:
         bad = bad_patterns(self.targets) + bad_patterns(self.ignore)
         if bad:
             raise ValueError(f"targets: invalid regular expression {', '.join(bad)}")
+        if self.sequential and self.method != "wanda":
+            why = "always prunes block by block" if self.method == "sparsegpt" else "reads no inputs"
+            raise ValueError(f"sequential: only wanda takes it ({self.method} {why}); remove sequential")
         return self
 
 
@@ -320,6 +329,22 @@ def _sparsegpt_masks(model: Any, config: Prune, linears: dict[str, torch.nn.Line
     return sparsegpt.prune_sequentially(model, linears, batches, prune_layer)
 
 
+def _wanda_sequential_masks(model: Any, config: Prune, linears: dict[str, torch.nn.Linear], batches: list,
+                            sparsity: dict[str, float]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Wanda block by block: each layer's input norms from the outputs of the blocks pruned before it
+    (the shared loop SparseGPT and GPTQ use, collecting only the Hessian's diagonal, ||X_j||² / n)."""
+
+    def prune_layer(name: str, lin: torch.nn.Linear, diagonal: torch.Tensor) -> torch.Tensor:
+        # The 1/n scale of the diagonal does not change a ranking within a row or an N:M group.
+        score = wanda_score(oriented(lin), diagonal.sqrt())
+        mask = (nm_mask(score, *config.nm()) if isinstance(config, PruneNM)
+                else unstructured_mask(score, sparsity[name], per_row=True))
+        oriented(lin).mul_(mask.to(lin.weight.dtype))  # now, so the next block's inputs see it pruned
+        return mask
+
+    return fit_sequentially(model, linears, batches, prune_layer, field="targets", diagonal=True)
+
+
 def _prune_masks(bundle: ModelBundle, config: Prune, ctx: RunContext) -> StageResult:
     model = bundle.model
     linears = select_linears(model, config.targets, config.ignore, conv1d=True)
@@ -327,7 +352,8 @@ def _prune_masks(bundle: ModelBundle, config: Prune, ctx: RunContext) -> StageRe
                if config.needs_data() else None)
     nm = config.nm() if isinstance(config, PruneNM) else None
     use_owl = isinstance(config, PruneUnstructured) and config.allocation == "owl"
-    norms = input_norms(model, linears, batches) if config.method == "wanda" or use_owl else {}
+    dense_norms = use_owl or (config.method == "wanda" and not config.sequential)
+    norms = input_norms(model, linears, batches) if dense_norms else {}
     owl_facts: dict[str, Any] = {}
     if nm is not None:
         sparsity = {}
@@ -341,8 +367,12 @@ def _prune_masks(bundle: ModelBundle, config: Prune, ctx: RunContext) -> StageRe
     masks = dict(bundle.masks)
     per_layer = {}
     with torch.no_grad():
-        chosen = (_sparsegpt_masks(model, config, linears, batches, sparsity) if config.method == "sparsegpt"
-                  else _score_masks(config, linears, norms, sparsity))
+        if config.method == "sparsegpt":
+            chosen = _sparsegpt_masks(model, config, linears, batches, sparsity)
+        elif config.method == "wanda" and config.sequential:
+            chosen = _wanda_sequential_masks(model, config, linears, batches, sparsity)
+        else:
+            chosen = _score_masks(config, linears, norms, sparsity)
         for name, mask in chosen:
             weight = linears[name].weight
             if is_conv1d(linears[name]):  # masks are kept in the parameter's own (in, out) layout
