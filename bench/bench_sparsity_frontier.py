@@ -33,8 +33,10 @@ from bench.common import REPORTS, lm_data, machine_line
 OWL = {"allocation": "owl", "owl_threshold": 10.0, "owl_spread": 0.15}  # tuned on seed 1 (`sweep`)
 VARIANTS: dict[str, list[dict[str, Any]]] = {"dense": []}
 for level in (50, 60, 70):
-    for method in ("wanda", "sparsegpt"):
-        stage = {"type": "prune", "method": method, "sparsity": level / 100}
+    for method in ("wanda", "wanda-seq", "sparsegpt"):
+        # wanda-seq: Wanda with each block's input norms from the already-pruned blocks (`sequential`).
+        extra = {"method": "wanda", "sequential": True} if method == "wanda-seq" else {"method": method}
+        stage = {"type": "prune", **extra, "sparsity": level / 100}
         VARIANTS[f"{method} {level}%"] = [stage]
         VARIANTS[f"owl-{method} {level}%"] = [{**stage, **OWL}]
 
@@ -67,7 +69,7 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"| {label} | {'–' if layers is None else f'{100 * layers:.1f}%'} | "
                      f"{r['perplexity']:.2f} | {r['stage_seconds'] or '–'} |")
     lines += ["", "Share of the dense-to-uniform perplexity gap that OWL closes (positive: OWL better):", ""]
-    for method in ("wanda", "sparsegpt"):
+    for method in ("wanda", "wanda-seq", "sparsegpt"):
         for level in (50, 60, 70):
             share = gap_closed(rows, method, level)
             if share is not None:
