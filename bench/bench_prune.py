@@ -126,7 +126,9 @@ def _dense_folder(model: Path | str, out: Path) -> Path:
     from compress.loading import load_base_model
     from compress.recipe import ModelSpec
 
-    folder = out / "dense"
+    # Beside the run folder, not inside it: compress refuses to overwrite a run folder holding files it
+    # did not write, so a folder saved in there would stop the next run of this benchmark.
+    folder = out.with_name(out.name + "-checkpoint")
     if not (folder / "compress_bundle.json").exists():
         load_base_model(ModelSpec(path=str(model), task="causal-lm"), "causal-lm", None, "cpu", 0).save(folder)
     return folder
