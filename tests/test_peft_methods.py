@@ -257,6 +257,13 @@ def test_dora_is_refused_on_a_pruned_base_before_work(tiny_bert_dir, cls_data, t
                         "use method: lora (masked LoRA keeps the sparsity)")]
 
 
+def test_prefix_tuning_passes_the_check_on_a_decoder(tiny_llama_dir, lm_data, tmp_path):
+    # transformers 5.24 calls the cache argument `cache`; the check looked only for `past_key_values`
+    # and refused every decoder (SmolLM2's benchmark row found it).
+    assert check_finetune(ModelBundle.load(tiny_llama_dir), Finetune(method="prefix-tuning"),
+                          _ctx(tmp_path, lm_data)) == []
+
+
 def test_prefix_tuning_is_refused_on_an_encoder_before_work(tiny_bert_dir, cls_data, tmp_path):
     problems = check_finetune(ModelBundle.load(tiny_bert_dir), Finetune(method="prefix-tuning"),
                               _ctx(tmp_path, cls_data))

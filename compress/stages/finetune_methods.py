@@ -302,10 +302,14 @@ def _ptuning_config(config: PTuning, model: Any, task: str) -> Any:
 def _check_prefix(bundle: Any, config: Any, ctx: Any, quantized: bool) -> list[str]:
     import inspect
 
-    # peft feeds the prefix as past key values; encoders such as BERT take none (peft would fail mid-run).
+    # peft feeds the prefix as past key values, which only a decoder attends to (peft would fail mid-run
+    # on BERT). transformers 5.24 renamed the argument `cache`, and BertModel takes one too (for its
+    # decoder use), so the signature alone no longer tells an encoder apart: the task or config does.
     model = bundle.model
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), model)
-    if not any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, backbone)):
+    takes = any({"past_key_values", "cache"} & set(inspect.signature(m.forward).parameters) for m in (model, backbone))
+    decoder = bundle.task == "causal-lm" or bool(getattr(model.config, "is_decoder", False))
+    if not (takes and decoder):
         return [(f"method: prefix-tuning feeds learned keys/values as past key values, which "
                 f"{type(model).__name__} does not take; use method: prompt-tuning or p-tuning")]
     return []
