@@ -40,6 +40,9 @@ def _variants(calibration: dict[str, Any] = CALIBRATION) -> dict[str, list[dict[
         out[f"RTN W{bits} g{GROUP}"] = [{**base, "scheme": "int4-weight"}]
         out[f"GPTQ W{bits} g{GROUP}"] = [{**base, "scheme": "gptq", **calibration}]
         out[f"GPTQ act-order W{bits} g{GROUP}"] = [{**base, "scheme": "gptq", "act_order": True, **calibration}]
+        # Groups' scales from the original weights (llm-compressor 0.14's GPTQ computes them so, up front).
+        out[f"GPTQ static-groups W{bits} g{GROUP}"] = [{**base, "scheme": "gptq", "static_groups": True,
+                                                        **calibration}]
         out[f"AWQ W{bits} g{GROUP}"] = [{**base, "scheme": "awq", **calibration}]
     # Block by block and sub-layer by sub-layer on quantized inputs: where it could matter, at 3 bits.
     out[f"GPTQ true-sequential W3 g{GROUP}"] = [{"type": "quantize", "bits": 3, "group_size": GROUP,
