@@ -131,21 +131,19 @@ def sweep(seed: int, eval_size: int, points: list[tuple[float, float]], target: 
     base = load_base_model(ModelSpec(path=SMOLLM2, task="causal-lm"), "causal-lm", data, "cpu", seed)
     evalset = data.tokenized("eval", base.tokenizer)
     linears = select_linears(base.model, None, None, conv1d=True)
-    norms = input_norms(base.model, linears, calibration_batches(base, data, None, seed + 1))  # dense model
+    batches = calibration_batches(base, data, None, seed + 1)
+    norms = input_norms(base.model, linears, batches)  # of the dense model
     dense = {n: oriented(lin).detach().clone() for n, lin in linears.items()}
     scores = {n: wanda_score(dense[n], norms[n]) for n in linears}
     result = json.loads(JSON.read_text()) if JSON.exists() else {"rows": []}
 
-    batches = calibration_batches(base, data, None, seed + 1)
-
     def point(label: str, sparsity: dict[str, float] | None, **extra: Any) -> None:
+        one_pass = sparsity is not None and not sequential
         with torch.no_grad():
             for n, lin in linears.items():
-                sequential_point = sequential and sparsity is not None
-                mask = (None if sparsity is None or sequential_point
-                        else unstructured_mask(scores[n], sparsity[n], per_row=True))
+                mask = unstructured_mask(scores[n], sparsity[n], per_row=True) if one_pass else None
                 oriented(lin).copy_(dense[n] if mask is None else dense[n] * mask)
-            if sequential and sparsity is not None:  # the stage's pass prunes in place, block by block
+            if sparsity is not None and sequential:  # the stage's pass prunes in place, block by block
                 from compress.stages.prune import PruneUnstructured, _wanda_sequential_masks
 
                 config = PruneUnstructured(method="wanda", sparsity=target, sequential=True)
