@@ -153,9 +153,15 @@ def resolve_task(spec: ModelSpec) -> str:
 
 
 def load_base_model(spec: ModelSpec, task: str, data: Any, device: str, seed: int,
-                    nf4: dict[str, Any] | None = None) -> ModelBundle:
-    """Load weights and tokenizer. A classifier gets its labels from the data."""
-    return load_model(spec, task, device, seed, label_names=getattr(data, "label_names", None), nf4=nf4)
+                    nf4: dict[str, Any] | None = None, device_map: dict[str, Any] | None = None) -> ModelBundle:
+    """Load weights and tokenizer. A classifier gets its labels from the data. `device_map`: the placement
+    already planned for model.device_map (planned here when not given)."""
+    if spec.device_map is not None and device_map is None:
+        from compress.placement import plan_device_map
+
+        device_map = plan_device_map(spec, task, device)
+    return load_model(spec, task, device, seed, label_names=getattr(data, "label_names", None), nf4=nf4,
+                      device_map=device_map)
 
 
 def load_other_model(path: str, task: str, device: str, *, field: str, label_names: list[str] | None = None,
@@ -170,7 +176,8 @@ def load_other_model(path: str, task: str, device: str, *, field: str, label_nam
 
 
 def load_model(spec: ModelSpec, task: str, device: str, seed: int, *, label_names: list[str] | None = None,
-               field: str = "model.path", base: bool = True, nf4: dict[str, Any] | None = None) -> ModelBundle:
+               field: str = "model.path", base: bool = True, nf4: dict[str, Any] | None = None,
+               device_map: dict[str, Any] | None = None) -> ModelBundle:
     """The one loader: weights and tokenizer of `spec`, checked (see load_other_model). `base` allows
     a classifier head to be missing (it is initialised, seeded); otherwise every weight must load.
 
@@ -211,6 +218,12 @@ def load_model(spec: ModelSpec, task: str, device: str, seed: int, *, label_name
         if names and len(names) == num_labels:
             kwargs["id2label"] = dict(enumerate(names))
             kwargs["label2id"] = {n: i for i, n in enumerate(names)}
+    offload = None
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+        if "disk" in device_map.values():
+            offload = _offload_folder()
+            kwargs["offload_folder"] = offload.name
     torch.manual_seed(seed)  # a new classifier head is initialised reproducibly
     qlora_base = _nf4_plan(location, spec, task, device, nf4, kwargs) if nf4 and not gguf else None
     try:
@@ -231,7 +244,12 @@ def load_model(spec: ModelSpec, task: str, device: str, seed: int, *, label_name
         _detach_gguf_quantizer(model)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if qlora_base is None:
+    if device_map is not None and qlora_base is None:
+        from compress.placement import summary
+
+        model._compress_offload = offload  # the folder lives as long as the model
+        placement = summary(device_map, device)
+    elif qlora_base is None:
         model.to(device)
     else:
         from compress.quant.bnb_weights import keep_canonical_layout
@@ -241,7 +259,18 @@ def load_model(spec: ModelSpec, task: str, device: str, seed: int, *, label_name
     bundle = ModelBundle(model=model, tokenizer=tokenizer, task=task, source=spec.path)
     if qlora_base is not None:
         bundle.info["qlora_base"] = qlora_base
+    elif device_map is not None:
+        bundle.info["placement"] = placement
     return bundle
+
+
+def _offload_folder() -> Any:
+    """A new temporary folder for the weights transformers writes out to offload them to disk (a
+    safetensors checkpoint is read in place; a dequantized GGUF is written here). compress creates it,
+    and it is deleted when the model is."""
+    import tempfile
+
+    return tempfile.TemporaryDirectory(prefix="compress-offload-")
 
 
 def _nf4_plan(location: str, spec: ModelSpec, task: str, device: str, nf4: dict[str, Any],

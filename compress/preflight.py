@@ -18,6 +18,7 @@ import torch
 from compress.errors import CompressError, RecipeError
 from compress.loading import load_config, resolve_dtype
 from compress.modelconfig import derived_config
+from compress.placement import in_place, placement_problems
 from compress.recipe import Recipe
 from compress.registry import base_load_plan
 
@@ -40,16 +41,20 @@ class MemoryCheckError(CompressError):
     exit_code = 2
 
 
-def check_before_loading(recipe: Recipe, task: str, data: Any, device: str) -> None:
-    """Every config-level check of the run; raises a CompressError naming the field and the fix."""
+def check_before_loading(recipe: Recipe, task: str, data: Any, device: str, world_size: int = 1,
+                         device_map: dict[str, Any] | None = None) -> None:
+    """Every config-level check of the run; raises a CompressError naming the field and the fix.
+    `device_map`: the placement the base will load with (compress.placement.plan_device_map)."""
     config = load_config(recipe.model)
     problems = position_problems(config, recipe, task) + head_problems(config, recipe, task, data)
     students = _student_configs(config, recipe)
     problems += [p for where, c in [("model.path", config), *students] for p in _depth_problems(c, where)]
+    problems += placement_problems(recipe.model, device_map, device, recipe.stages, recipe.eval.speed, world_size)
     if problems:
         raise RecipeError(problems)
     held_out = len(data.eval) if task == "sequence-classification" and data is not None else None
-    check_memory(config, recipe, task, device, students, held_out)
+    check_memory(config, recipe, task, device, students, held_out,
+                 weights_in_memory=device_map is None or in_place(device_map, device))
 
 
 # ---------------------------------------------------------------------------- positions
@@ -176,9 +181,10 @@ def activation_bytes(config: Any, task: str, batch: int, seq: int, width: int) -
 
 
 def check_memory(config: Any, recipe: Recipe, task: str, device: str, students: list[tuple[str, Any]],
-                 held_out: int | None = None) -> None:
+                 held_out: int | None = None, weights_in_memory: bool = True) -> None:
     """Refuse when the weights (base + largest distill student) and the largest evaluation batch
-    cannot fit in the memory the machine has free."""
+    cannot fit in the memory the machine has free. `weights_in_memory=False`: model.device_map offloads
+    or splits the base, within model.max_memory, so only the batch is checked."""
     if os.environ.get(SKIP_MEMORY_ENV, "") not in ("", "0"):
         log.warning("%s is set: the memory check is skipped", SKIP_MEMORY_ENV)
         return
@@ -196,6 +202,8 @@ def check_memory(config: Any, recipe: Recipe, task: str, device: str, students: 
     except Exception as exc:  # noqa: BLE001 - an estimate must never be what stops a valid run
         log.debug("memory estimate skipped: %s", exc)
         return
+    if not weights_in_memory:
+        params = 0  # accelerate placed the base within model.max_memory; what did not fit is offloaded
     weights = (params + student) * width
     speed = (recipe.eval.batch_size, recipe.eval.seq_len) if recipe.eval.speed else (1, 1)
     # The accuracy pass batches the held-out examples (a classifier has one row per example; an LM's
@@ -219,7 +227,8 @@ def check_memory(config: Any, recipe: Recipe, task: str, device: str, students: 
     raise MemoryCheckError(
         f"{largest}: this run needs at least {_gib(need)} of memory — " + "; ".join(parts)
         + f" — but {where} has {_gib(free)} available. Use a smaller model or student (num_hidden_layers, "
-        f"hidden_size), model.dtype: bfloat16, or smaller eval batches; if the estimate is wrong, set "
+        f"hidden_size), model.dtype: bfloat16, or smaller eval batches; to only evaluate a model larger than "
+        f"memory, model.device_map: auto offloads what does not fit to disk; if the estimate is wrong, set "
         f"{SKIP_MEMORY_ENV}=1 to run anyway")
 
 

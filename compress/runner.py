@@ -29,6 +29,7 @@ from compress.evaluate.side_by_side import measure_side_by_side
 from compress.io import write_json_atomic
 from compress.loading import load_base_model, resolve_task
 from compress.ownership import MARKER, check_output_folder, clear_run_folder, read_marker, write_marker
+from compress.placement import plan_device_map
 from compress.recipe import Recipe, load_recipe
 from compress.registry import StageResult, base_load_plan, get_stage
 from compress.report.render import write_report
@@ -62,6 +63,7 @@ class Runner:
         # Shared store of finished stage folders keyed by fingerprint: runs whose stages share a
         # prefix (autotune candidates) reuse those outputs instead of recomputing them.
         self.fingerprints = stage_fingerprints(recipe)
+        self.device_map: dict[str, Any] | None = None  # the base's placement (model.device_map), once planned
         self.stage_cache = StageCache(stage_cache, recipe, self.fingerprints) if stage_cache else None
         self.stop = stop or threading.Event()
         self.current_stage: str | None = None
@@ -146,7 +148,8 @@ class Runner:
             # Limits the model's config sets (positions, head, memory): before weights load or folders exist.
             from compress.preflight import check_before_loading
 
-            check_before_loading(recipe, task, data, device)
+            self.device_map = plan_device_map(recipe.model, task, device)  # before any weight is read
+            check_before_loading(recipe, task, data, device, ranks.world_size, self.device_map)
             if not all_done:
                 _seed_everything(recipe.seed)
                 bundle = self._load_base(task, data, device)
@@ -221,7 +224,7 @@ class Runner:
     def _load_base(self, task: str, data: DataBundle, device: str) -> ModelBundle:
         """The recipe's model, loaded as its first stage wants it (QLoRA: straight into NF4)."""
         return load_base_model(self.recipe.model, task, data, device, self.recipe.seed,
-                               nf4=base_load_plan(self.recipe.stages))
+                               nf4=base_load_plan(self.recipe.stages), device_map=self.device_map)
 
     def _open_folder(self) -> None:
         """Create (or reopen) the run folder: locked, marked, and cleared of a killed run's temporaries."""
@@ -256,6 +259,8 @@ class Runner:
                     model = bundle or self._load_base(task, data, device)
                     previous = evaluate_bundle(model, "baseline", recipe.eval, data=data, device=device,
                                                seed=recipe.seed)
+                    if model.info.get("placement"):
+                        previous[0].notes.append(model.info["placement"])
                     if model.info.get("qlora_base"):
                         previous[0].notes.append(
                             "measured on the base as QLoRA loads it: linear layers in NF4 straight from the "

@@ -38,6 +38,38 @@ class ModelSpec(StrictModel):
         "safetensors. Its weights are dequantized to `dtype` on load, so every stage sees a plain model; "
         "needs `pip install gguf`. A local model.path ending in .gguf sets this by itself.")
 
+    device_map: Literal["auto", "balanced", "sequential"] | dict[str, str | int] | None = Field(
+        None, description="Place the base model's modules across devices (accelerate's device_map): `auto`, "
+        "`balanced` or `sequential` within model.max_memory, or a mapping module name -> `cpu`, `disk`, "
+        "`cuda:N` / N. Weights placed on `disk` (or on `cpu` in a GPU run) are offloaded and read in at each "
+        "forward, so a model larger than memory can be evaluated; stages, which change weights, need every "
+        "weight in memory on the run's device and are refused. Default: the whole model on the run's device.")
+    max_memory: dict[str, str | int] | None = Field(
+        None, description="With model.device_map: the most each device may hold, e.g. {cpu: 8GiB, '0': 70GiB}; "
+        "what does not fit goes to the next device, then to disk (under the run folder's offload/).")
+
+    @field_validator("device_map")
+    @classmethod
+    def _device_names(cls, value: Any) -> Any:
+        import re
+
+        if isinstance(value, dict):
+            bad = [f"{k}: {v!r}" for k, v in value.items()
+                   if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+                   and not (isinstance(v, str) and re.fullmatch(r"cpu|disk|mps|cuda(:\d+)?|\d+", v))]
+            if bad:
+                raise ValueError(f"devices must be cpu, disk, mps, cuda, cuda:N or a GPU index N; got {', '.join(bad)}")
+            if not value:
+                raise ValueError("an empty mapping places nothing; drop model.device_map or name the modules")
+        return value
+
+    @model_validator(mode="after")
+    def _max_memory_needs_a_map(self) -> ModelSpec:
+        if self.max_memory is not None and self.device_map is None:
+            raise ValueError("max_memory: it only limits model.device_map's placement; set model.device_map: auto, "
+                             "or drop max_memory")
+        return self
+
     @field_validator("path")
     @classmethod
     def _local_path_exists(cls, value: str) -> str:

@@ -11,6 +11,7 @@ from compress.bundle import ModelBundle
 from compress.evaluate.accuracy import evaluate_accuracy
 from compress.evaluate.size import measure_size
 from compress.evaluate.speed import measure_speed
+from compress.placement import has_offloaded_weights
 from compress.report.schema import EvalPoint
 from compress.specs import EvalSpec
 
@@ -27,7 +28,10 @@ def evaluate_bundle(
     reference: torch.Tensor | None = None,
 ) -> tuple[EvalPoint, torch.Tensor | None]:
     """Measure `bundle`; returns the eval point and its predictions (for later agreement checks)."""
-    save_fn = None if saved_dir else (lambda tmp: bundle.model.save_pretrained(tmp))
+    # An offloaded model (model.device_map) saves shard by shard, each read back from the offload store:
+    # small shards keep that within memory.
+    shard = {"max_shard_size": "500MB"} if has_offloaded_weights(bundle.model) else {}
+    save_fn = None if saved_dir else (lambda tmp: bundle.model.save_pretrained(tmp, **shard))
     point = EvalPoint(name=name, size=measure_size(bundle.model, saved_dir=saved_dir, save_fn=save_fn))
     preds = None
     if spec.accuracy and data is not None:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from compress.io import folder_bytes
+from compress.placement import has_offloaded_weights
 from compress.report.schema import LayerSize, SizeMetrics
 
 
@@ -77,7 +78,7 @@ def memory_bytes(model: Any, _elsewhere: dict[int, torch.Tensor] | None = None) 
     size = 0
     elsewhere = _held_elsewhere(model) if _elsewhere is None else _elsewhere
     for tensor in list(model.parameters()) + list(model.buffers()):
-        if id(tensor) not in seen:
+        if id(tensor) not in seen and not tensor.is_meta:  # meta: offloaded (model.device_map), not in memory
             seen.add(id(tensor))
             held = elsewhere.get(id(tensor), tensor)
             size += held.numel() * held.element_size()
@@ -99,25 +100,30 @@ def _stored_bytes(module: torch.nn.Module) -> int:
 
 def layer_sizes(model: Any, _cache: dict[int, int] | None = None) -> list[LayerSize]:
     """Sparsity and bits per weight of every weight matrix: linear-like layers and embeddings."""
-    layers = []
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or list(module.children()):
-            continue
-        logical = _logical_numel(weight)
-        if weight.dim() < 2 and logical == weight.numel():
-            continue  # norms and biases are not weight matrices
-        nonzero = _count_nonzero(weight, _cache)
-        layers.append(LayerSize(name=name, parameters=logical, nonzero=nonzero,
-                                bits_per_weight=round(8 * _stored_bytes(module) / logical, 4)))
-    return layers
+    return [layer for name, module in model.named_modules()
+            if (layer := _layer_size(name, module, _cache)) is not None]
+
+
+def _layer_size(name: str, module: torch.nn.Module, cache: dict[int, int] | None = None) -> LayerSize | None:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or list(module.children()):
+        return None
+    logical = _logical_numel(weight)
+    if weight.dim() < 2 and logical == weight.numel():
+        return None  # norms and biases are not weight matrices
+    return LayerSize(name=name, parameters=logical, nonzero=_count_nonzero(weight, cache),
+                     bits_per_weight=round(8 * _stored_bytes(module) / logical, 4))
 
 
 def measure_size(model: Any, saved_dir: str | Path | None = None, save_fn: Any = None) -> SizeMetrics:
     """Measure a model. Disk bytes come from `saved_dir`, or from saving with `save_fn(tmpdir)`."""
     nonzeros: dict[int, int] = {}  # shared by both counts below
     elsewhere = _held_elsewhere(model)  # unpacks int8-dynamic codes: once per measurement, not per count
-    params, nonzero = count_parameters(model, nonzeros, elsewhere)
+    if has_offloaded_weights(model):
+        params, nonzero, layers = _count_offloaded(model)
+    else:
+        params, nonzero = count_parameters(model, nonzeros, elsewhere)
+        layers = layer_sizes(model, nonzeros)
     disk = None
     if saved_dir is not None:
         disk = folder_bytes(saved_dir)
@@ -132,5 +138,25 @@ def measure_size(model: Any, saved_dir: str | Path | None = None, save_fn: Any =
         memory_bytes=memory_bytes(model, elsewhere),
         disk_bytes=disk,
         bits_per_weight=round(8 * disk / params, 4) if disk and params else None,
-        layers=layer_sizes(model, nonzeros),
+        layers=layers,
     )
+
+
+def _count_offloaded(model: Any) -> tuple[int, int, list[LayerSize]]:
+    """count_parameters and layer_sizes for a model with offloaded weights (model.device_map): each
+    module's own weights are read in while it is counted, so the whole model is never in memory."""
+    from compress.placement import modules_onloaded
+
+    canonical = {name for name, _ in model.named_parameters()}  # tied weights appear once
+    total = nonzero = 0
+    layers = []
+    for prefix, module in modules_onloaded(model):
+        for name, param in module.named_parameters(recurse=False):
+            full = f"{prefix}.{name}" if prefix else name
+            if full in canonical:
+                canonical.discard(full)
+                total += _logical_numel(param)
+                nonzero += _count_nonzero(param)
+        if (layer := _layer_size(prefix, module)) is not None:
+            layers.append(layer)
+    return total, nonzero, layers
