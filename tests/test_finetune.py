@@ -179,7 +179,7 @@ def test_fsdp_or_an_accelerate_fsdp_config_on_cpu_is_refused_before_any_work(cls
     cls_recipe["stages"] = [_stage(fsdp={"sharding_strategy": "FULL_SHARD"})]
     with pytest.raises(RecipeError) as err:
         run(cls_recipe)
-    assert err.value.problems[0].startswith("stages[0].fsdp: FSDP (from this stage) shards training across GPUs")
+    assert err.value.problems[0].startswith("stages[0].fsdp: FSDP (from this stage) shards the weights themselves")
     cls_recipe["stages"] = [_stage()]
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file fsdp.yaml` sets
     with pytest.raises(RecipeError) as err:
@@ -207,8 +207,8 @@ def test_the_recipe_distributed_section_reaches_every_training_stage_and_is_refu
     with pytest.raises(RecipeError) as err:
         run(cls_recipe)
     message = err.value.problems[0]
-    assert message.startswith("stages[0].fsdp: FSDP (from the recipe's distributed section) shards training")
-    assert message.endswith("remove distributed.fsdp, or run on GPUs")
+    assert message.startswith("stages[0].fsdp: FSDP (from the recipe's distributed section) shards the weights")
+    assert "remove distributed.fsdp; on several GPUs train with plain data parallelism" in message
     assert not Path(cls_recipe["output_dir"]).exists()
 
 
@@ -224,8 +224,55 @@ def test_sharding_a_4bit_base_on_gpus_is_refused_with_the_reason():
     from compress.stages.finetune import Finetune
     from compress.training.loop import sharding_problems
 
-    config = Finetune(method="qlora", fsdp={"fsdp_version": 2})
+    config = Finetune(method="qlora", deepspeed={"zero_optimization": {"stage": 2}})
     assert sharding_problems(config, "cuda") == []
     (problem,) = sharding_problems(config, "cuda", four_bit=True)
-    assert problem.startswith("fsdp: FSDP (from this stage) cannot shard a 4-bit (bitsandbytes) base")
-    assert problem.endswith("remove fsdp")
+    assert problem.startswith("deepspeed: DeepSpeed (from this stage) cannot shard a 4-bit (bitsandbytes) base")
+    assert problem.endswith("remove deepspeed")
+
+
+@pytest.mark.parametrize(("fields", "env", "refused"), [
+    ({"fsdp": {"fsdp_version": 2}}, {}, "FSDP"),
+    ({"fsdp": {"sharding_strategy": "FULL_SHARD"}}, {}, "FSDP"),
+    ({"fsdp": {"sharding_strategy": "NO_SHARD"}}, {}, None),  # FSDP1 without sharding: whole weights
+    ({"deepspeed": {"zero_optimization": {"stage": 3}}}, {}, "DeepSpeed ZeRO-3"),
+    ({"deepspeed": {"zero_optimization": {"stage": 2}}}, {}, None),
+    ({}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "FSDP"),
+    ({}, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed ZeRO-3"),
+    ({}, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, None),
+])
+def test_sharding_the_weights_themselves_is_refused_on_gpus_too(monkeypatch, fields, env, refused):
+    from compress.stages.finetune import Finetune
+    from compress.training.loop import sharding_problems
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    problems = sharding_problems(Finetune(method="lora", **fields), "cuda")
+    if refused is None:
+        assert problems == []
+    else:
+        (problem,) = problems
+        assert f"{refused} (from " in problem and "shards the weights themselves" in problem
+        assert "plain data parallelism (torchrun" in problem
+
+
+def test_weights_left_in_shards_after_training_are_caught(tmp_path):
+    """The guard behind the refusal: a DTensor (FSDP2) or a ZeRO-3 partition is named, never saved."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from compress.training.loop import sharded_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    assert sharded_weights(model) is None
+    partition = torch.nn.Parameter(torch.zeros(0))
+    partition.ds_numel = 8  # what DeepSpeed ZeRO-3 leaves on a process outside its gather
+    holder = torch.nn.Module()
+    holder.weight = partition
+    assert "DeepSpeed ZeRO-3 partition (0 of 8 values)" in sharded_weights(holder)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        fully_shard(model)
+        assert sharded_weights(model).startswith("parameter 0.weight is an FSDP shard (DTensor")
+    finally:
+        dist.destroy_process_group()

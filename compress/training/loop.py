@@ -157,6 +157,15 @@ def sharding_problems(settings: TrainingFields, device: str, four_bit: bool = Fa
     source = ("the recipe's distributed section" if from_recipe else "this stage") if key else "the accelerate config"
     fix = (f"remove {'distributed.' if from_recipe else ''}{key}" if key
            else "launch without that accelerate config")
+    sharded = weight_sharding(settings)
+    if sharded is not None:
+        # Measured on CPU with torch's fully_shard (what accelerate's FSDP2 applies): after training, a
+        # rank-0 save_pretrained of the sharded weights fails ("invalid python storage"); compress's
+        # mid-stage checkpoints and pruning masks also assume whole weights on every process.
+        return [f"{key or 'type'}: {sharded} (from {source}) shards the weights themselves, and compress cannot yet "
+                f"gather sharded weights back into a stage's Hugging Face folder (nor checkpoint or mask them) — "
+                f"{fix}; on several GPUs train with plain data parallelism (torchrun, or accelerate launch "
+                f"--multi_gpu) or DeepSpeed ZeRO-1/2, which keep whole weights on every GPU"]
     if device != "cuda":
         return [f"{key or 'type'}: {' and '.join(wanted)} (from {source}) shards training across GPUs, but this "
                 f"run trains on {device}; processes launched with torchrun on CPU train with plain data "
@@ -169,6 +178,30 @@ def sharding_problems(settings: TrainingFields, device: str, four_bit: bool = Fa
                 f"(bitsandbytes) base as compress loads it; train QLoRA with plain data parallelism "
                 f"(torchrun, one copy of the 4-bit base per GPU) — {fix}"]
     return []
+
+
+def weight_sharding(settings: TrainingFields) -> str | None:
+    """The requested sharding that partitions the weights themselves (FSDP's sharding strategies,
+    DeepSpeed ZeRO-3), from the stage/recipe or the accelerate config in the environment, or None."""
+    import json
+    import os
+
+    env = os.environ
+    if settings.fsdp is not None or env.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        strategy = str((settings.fsdp or {}).get("sharding_strategy") or env.get("FSDP_SHARDING_STRATEGY", ""))
+        version = str((settings.fsdp or {}).get("fsdp_version") or env.get("FSDP_VERSION", "1"))
+        if not (version == "1" and strategy.upper() in ("NO_SHARD", "3")):  # FSDP2 always shards
+            return "FSDP"
+    stage = None
+    if settings.deepspeed is not None:
+        stage = (settings.deepspeed.get("zero_optimization") or {}).get("stage")
+    elif env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if stage is None and config_file and os.path.isfile(config_file):
+            with open(config_file, encoding="utf-8") as fh:
+                stage = (json.load(fh).get("zero_optimization") or {}).get("stage")
+    return "DeepSpeed ZeRO-3" if str(stage) == "3" else None
 
 
 def _accelerator(settings: TrainingFields, device: str):
@@ -344,7 +377,7 @@ def train(
             pos.epoch += 1
     progress.close()
     result.seconds = pos.elapsed + time.perf_counter() - start
-    _finish(result, accelerator, model, settings, device)
+    _finish(result, accelerator, model, settings, device, label)
     return result
 
 
@@ -360,7 +393,20 @@ def _trainable(model: Any, settings: TrainingFields, label: str) -> tuple[list[t
     return trainable, [names[id(p)] for p in trainable]
 
 
-def _finish(result: TrainResult, accelerator: Any, model: Any, settings: TrainingFields, device: str) -> None:
+def sharded_weights(model: Any) -> str | None:
+    """Which parameter is held in shards across processes (FSDP's DTensor, a ZeRO-3 partition), or None."""
+    from torch.distributed.tensor import DTensor
+
+    for name, param in model.named_parameters():
+        if isinstance(param, DTensor):
+            return f"parameter {name} is an FSDP shard (DTensor {tuple(param.to_local().shape)} of {tuple(param.shape)})"
+        if getattr(param, "ds_numel", None) not in (None, param.numel()):
+            return f"parameter {name} is a DeepSpeed ZeRO-3 partition ({param.numel()} of {param.ds_numel} values)"
+    return None
+
+
+def _finish(result: TrainResult, accelerator: Any, model: Any, settings: TrainingFields, device: str,
+            label: str) -> None:
     """Peak memory figures; the model back in eval mode, unwrapped, without checkpointing."""
     # ru_maxrss is the process's high-water mark in KiB on Linux (bytes on macOS).
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -368,6 +414,10 @@ def _finish(result: TrainResult, accelerator: Any, model: Any, settings: Trainin
     if device == "cuda":
         result.peak_memory_bytes = torch.cuda.max_memory_allocated()
     model = accelerator.unwrap_model(model)
+    problem = sharded_weights(model)
+    if problem is not None:  # every process gets here, so all stop with the same error
+        raise StageError(f"{label}: {problem} after training; compress saves whole weights only, so the stage "
+                         f"would save a model without them — train with plain data parallelism or DeepSpeed ZeRO-1/2")
     model.eval()
     if settings.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
         model.gradient_checkpointing_disable()
