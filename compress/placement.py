@@ -95,17 +95,17 @@ def placement_problems(spec: ModelSpec, device_map: dict[str, int | str] | None,
     from compress.loading import compress_output
 
     if spec.device_map is not None and compress_output(spec) is not None:
-        return ["model.device_map: model.path is a stage output of a compress run, which loads whole (it may "
-                "hold compress's own layers); drop model.device_map"]
+        return [("model.device_map: model.path is a stage output of a compress run, which loads whole (it may "
+                "hold compress's own layers); drop model.device_map")]
     if device_map is None or in_place(device_map, device):
         return []
     from compress.loading import gguf_kwargs
 
     if "disk" in device_map.values() and gguf_kwargs(spec):
         # transformers dequantizes a GGUF whole on load and refuses to offload it to disk.
-        return ["model.device_map: a GGUF checkpoint cannot be offloaded to disk (transformers dequantizes it "
+        return [("model.device_map: a GGUF checkpoint cannot be offloaded to disk (transformers dequantizes it "
                 "whole on load); convert it to a safetensors folder first, or raise model.max_memory so nothing "
-                "goes to disk"]
+                "goes to disk")]
     moved = offloaded(device_map, device)
     where = (f"offloads {len(moved)} module(s) ({', '.join(moved[:3])}{', …' if len(moved) > 3 else ''})"
              if moved else f"splits the model across {', '.join(devices_used(device_map))}")

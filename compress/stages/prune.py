@@ -4,7 +4,6 @@ heads, FFN channels or layers that shrinks shapes and rewrites the config to mat
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -12,16 +11,14 @@ from pydantic import Field, model_validator
 
 from compress.bundle import ModelBundle
 from compress.calibration import batch_rows, calibration_batches, input_norms
-from compress.calibration.sequential import fit_sequentially
 from compress.context import RunContext
 from compress.errors import StageError
 from compress.layers import bad_patterns, first_match, ignore_field, pattern_problems, targets_field
 from compress.methods import FamilyConfig, MethodFamily
 from compress.pruning import importance as imp
-from compress.pruning import owl, sparsegpt, verify
+from compress.pruning import owl, passes, verify
 from compress.pruning import structured as st
-from compress.pruning.masks import magnitude_score, nm_mask, unstructured_mask, wanda_score
-from compress.pruning.targets import in_features, is_conv1d, oriented, select_linears
+from compress.pruning.targets import in_features, is_conv1d, select_linears
 from compress.registry import StageResult, register_stage
 
 STRUCTURED = ("heads", "ffn", "layers")
@@ -303,48 +300,6 @@ def _sparsity(tensors: list[torch.Tensor]) -> float:
     return round(zeros / total, 6) if total else 0.0
 
 
-def _score_masks(config: Prune, linears: dict[str, torch.nn.Linear], norms: dict[str, torch.Tensor],
-                 sparsity: dict[str, float]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Magnitude or Wanda: a keep-mask per layer from a score, weights left as they are."""
-    for name, lin in linears.items():
-        weight = oriented(lin)  # (out, in) for Conv1D too, so rows are outputs and N:M runs along inputs
-        score = wanda_score(weight, norms[name]) if config.method == "wanda" else magnitude_score(weight)
-        if isinstance(config, PruneNM):
-            yield name, nm_mask(score, *config.nm())
-        else:
-            yield name, unstructured_mask(score, sparsity[name], per_row=config.method == "wanda")
-
-
-def _sparsegpt_masks(model: Any, config: Prune, linears: dict[str, torch.nn.Linear], batches: list,
-                     sparsity: dict[str, float]) -> Iterator[tuple[str, torch.Tensor]]:
-    """SparseGPT block by block; each layer's weights are pruned and updated in place."""
-    nm = config.nm() if isinstance(config, PruneNM) else None
-
-    def prune_layer(name: str, lin: torch.nn.Linear, hessian: torch.Tensor) -> torch.Tensor:
-        share = sparsity[name] if nm is None else 0.0
-        weight, mask = sparsegpt.sparsegpt_prune(oriented(lin), hessian, share, nm)
-        oriented(lin).copy_(weight)
-        return mask
-
-    return sparsegpt.prune_sequentially(model, linears, batches, prune_layer)
-
-
-def _wanda_sequential_masks(model: Any, config: Prune, linears: dict[str, torch.nn.Linear], batches: list,
-                            sparsity: dict[str, float]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Wanda block by block: each layer's input norms from the outputs of the blocks pruned before it
-    (the shared loop SparseGPT and GPTQ use, collecting only the Hessian's diagonal, ||X_j||² / n)."""
-
-    def prune_layer(name: str, lin: torch.nn.Linear, diagonal: torch.Tensor) -> torch.Tensor:
-        # The 1/n scale of the diagonal does not change a ranking within a row or an N:M group.
-        score = wanda_score(oriented(lin), diagonal.sqrt())
-        mask = (nm_mask(score, *config.nm()) if isinstance(config, PruneNM)
-                else unstructured_mask(score, sparsity[name], per_row=True))
-        oriented(lin).mul_(mask.to(lin.weight.dtype))  # now, so the next block's inputs see it pruned
-        return mask
-
-    return fit_sequentially(model, linears, batches, prune_layer, field="targets", diagonal=True)
-
-
 def _prune_masks(bundle: ModelBundle, config: Prune, ctx: RunContext) -> StageResult:
     model = bundle.model
     linears = select_linears(model, config.targets, config.ignore, conv1d=True)
@@ -368,11 +323,11 @@ def _prune_masks(bundle: ModelBundle, config: Prune, ctx: RunContext) -> StageRe
     per_layer = {}
     with torch.no_grad():
         if config.method == "sparsegpt":
-            chosen = _sparsegpt_masks(model, config, linears, batches, sparsity)
+            chosen = passes.sparsegpt_masks(model, linears, batches, sparsity, nm)
         elif config.method == "wanda" and config.sequential:
-            chosen = _wanda_sequential_masks(model, config, linears, batches, sparsity)
+            chosen = passes.wanda_sequential_masks(model, linears, batches, sparsity, nm)
         else:
-            chosen = _score_masks(config, linears, norms, sparsity)
+            chosen = passes.score_masks(config.method, linears, norms, sparsity, nm)
         for name, mask in chosen:
             weight = linears[name].weight
             if is_conv1d(linears[name]):  # masks are kept in the parameter's own (in, out) layout

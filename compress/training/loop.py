@@ -162,21 +162,21 @@ def sharding_problems(settings: TrainingFields, device: str, four_bit: bool = Fa
         # Measured on CPU with torch's fully_shard (what accelerate's FSDP2 applies): after training, a
         # rank-0 save_pretrained of the sharded weights fails ("invalid python storage"); compress's
         # mid-stage checkpoints and pruning masks also assume whole weights on every process.
-        return [f"{key or 'type'}: {sharded} (from {source}) shards the weights themselves, and compress cannot yet "
+        return [(f"{key or 'type'}: {sharded} (from {source}) shards the weights themselves, and compress cannot yet "
                 f"gather sharded weights back into a stage's Hugging Face folder (nor checkpoint or mask them) — "
                 f"{fix}; on several GPUs train with plain data parallelism (torchrun, or accelerate launch "
-                f"--multi_gpu) or DeepSpeed ZeRO-1/2, which keep whole weights on every GPU"]
+                f"--multi_gpu) or DeepSpeed ZeRO-1/2, which keep whole weights on every GPU")]
     if device != "cuda":
-        return [f"{key or 'type'}: {' and '.join(wanted)} (from {source}) shards training across GPUs, but this "
+        return [(f"{key or 'type'}: {' and '.join(wanted)} (from {source}) shards training across GPUs, but this "
                 f"run trains on {device}; processes launched with torchrun on CPU train with plain data "
-                f"parallelism (gloo) — {fix}, or run on GPUs"]
+                f"parallelism (gloo) — {fix}, or run on GPUs")]
     if four_bit:
         # Sharding bitsandbytes' packed uint8 weights needs bnb_4bit_quant_storage set to the training
         # dtype at load time (the FSDP-QLoRA recipe); compress loads NF4 with uint8 storage, which
         # FSDP would flatten with the float adapters and DeepSpeed ZeRO-3 would partition as bytes.
-        return [f"{key or 'type'}: {' and '.join(wanted)} (from {source}) cannot shard a 4-bit "
+        return [(f"{key or 'type'}: {' and '.join(wanted)} (from {source}) cannot shard a 4-bit "
                 f"(bitsandbytes) base as compress loads it; train QLoRA with plain data parallelism "
-                f"(torchrun, one copy of the 4-bit base per GPU) — {fix}"]
+                f"(torchrun, one copy of the 4-bit base per GPU) — {fix}")]
     return []
 
 
