@@ -355,3 +355,21 @@ def test_distillation_stops_at_the_stop_flag_and_resumes_where_it_stopped(tiny_l
                          show_progress=False, resume=True)
     out = run_distill(ModelBundle.load(tiny_llama_dir), config, resumed)
     assert out.facts["steps"] == 4 and out.facts["resumed_from_step"] is not None
+
+
+def test_sharding_a_4bit_teacher_is_refused_before_any_work(tiny_llama_dir, tmp_path):
+    """The check finetune makes, here too: DeepSpeed cannot shard bitsandbytes' packed 4-bit weights."""
+    import bitsandbytes as bnb
+
+    from compress.stages.distill import check_distill
+
+    bundle = ModelBundle.load(tiny_llama_dir)
+    ctx = RunContext(output_dir=tmp_path, seed=0, device="cuda", show_progress=False)
+    config = Distill(keep_every=2, deepspeed={"zero_optimization": {"stage": 2}})
+    assert not any("4-bit" in p for p in check_distill(bundle, config, ctx))
+    layer = bundle.model.model.layers[0].mlp.up_proj
+    bundle.model.model.layers[0].mlp.up_proj = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=False,
+                                                                 quant_type="nf4")
+    problems = check_distill(bundle, config, ctx)
+    assert any(p.startswith("deepspeed: DeepSpeed (from this stage) cannot shard a 4-bit (bitsandbytes) base")
+               for p in problems), problems

@@ -56,7 +56,10 @@ def layer_count(config: Any) -> int:
 def source_problems(bundle: ModelBundle, config: Distill, ctx: RunContext) -> list[str]:
     """Model-dependent mistakes of a distillation's teacher and student, from their configs and tokenizers
     only (before any weights load): sources, layers, vocabulary, task and labels."""
-    problems: list[str] = sharding_problems(config, ctx.device)
+    from compress.training.adapters import count_bnb
+
+    # A 4-bit (bitsandbytes) model here is the teacher, or the student derived from it: neither shards.
+    problems: list[str] = sharding_problems(config, ctx.device, four_bit=bool(count_bnb(bundle.model)))
     t_config, t_tok, t_task = bundle.model.config, bundle.tokenizer, bundle.task
     if config.teacher is not None and config.teacher.startswith(STAGE_REF):
         problems += [p for p in [stage_folder(config, ctx)[1]] if p]
