@@ -33,23 +33,23 @@ CALIBRATION = {"calibration_samples": 128}
 EVAL_TWEETS = 300  # held-out tweets for perplexity (~6k tokens): a 135M-parameter forward is slow on 2 cores
 
 
-def _variants(calibration: dict[str, Any] = CALIBRATION) -> dict[str, list[dict[str, Any]]]:
+def _variants(calibration: dict[str, Any] = CALIBRATION, group: int = GROUP) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {"dense": []}
     for bits in (3, 4):
-        base = {"type": "quantize", "bits": bits, "group_size": GROUP}
-        out[f"RTN W{bits} g{GROUP}"] = [{**base, "scheme": "int4-weight"}]
-        out[f"GPTQ W{bits} g{GROUP}"] = [{**base, "scheme": "gptq", **calibration}]
-        out[f"GPTQ act-order W{bits} g{GROUP}"] = [{**base, "scheme": "gptq", "act_order": True, **calibration}]
+        base = {"type": "quantize", "bits": bits, "group_size": group}
+        out[f"RTN W{bits} g{group}"] = [{**base, "scheme": "int4-weight"}]
+        out[f"GPTQ W{bits} g{group}"] = [{**base, "scheme": "gptq", **calibration}]
+        out[f"GPTQ act-order W{bits} g{group}"] = [{**base, "scheme": "gptq", "act_order": True, **calibration}]
         # Groups' scales from the original weights (llm-compressor 0.14's GPTQ computes them so, up front).
-        out[f"GPTQ static-groups W{bits} g{GROUP}"] = [{**base, "scheme": "gptq", "static_groups": True,
+        out[f"GPTQ static-groups W{bits} g{group}"] = [{**base, "scheme": "gptq", "static_groups": True,
                                                         **calibration}]
-        out[f"AWQ W{bits} g{GROUP}"] = [{**base, "scheme": "awq", **calibration}]
+        out[f"AWQ W{bits} g{group}"] = [{**base, "scheme": "awq", **calibration}]
     # Block by block and sub-layer by sub-layer on quantized inputs: where it could matter, at 3 bits.
-    out[f"GPTQ true-sequential W3 g{GROUP}"] = [{"type": "quantize", "bits": 3, "group_size": GROUP,
+    out[f"GPTQ true-sequential W3 g{group}"] = [{"type": "quantize", "bits": 3, "group_size": group,
                                                   "scheme": "gptq", "true_sequential": True, **calibration}]
     for avg, widths in ((3.5, [2, 3, 4, 8]), (4.5, [3, 4, 8])):
-        out[f"mixed avg {avg} g{GROUP}"] = [{"type": "quantize", "scheme": "mixed", "avg_bits": avg,
-                                             "candidate_bits": widths, "group_size": GROUP, **calibration}]
+        out[f"mixed avg {avg} g{group}"] = [{"type": "quantize", "scheme": "mixed", "avg_bits": avg,
+                                             "candidate_bits": widths, "group_size": group, **calibration}]
     return out
 
 
@@ -104,7 +104,7 @@ def render() -> None:
     rows = data["rows"]
     # Rows run on their own (`only=`) join the main file, in the order of the variants.
     for part in sorted(REPORTS.glob("frontier-*.json")):
-        if part.name == "frontier-sparsity.json":  # bench_sparsity_frontier's own report, not a row part
+        if part.name in ("frontier-sparsity.json", "frontier-tweets-lm.json"):  # other benchmarks' reports
             continue
         rows += [r for r in json.loads(part.read_text())["rows"] if r["variant"] not in {x["variant"] for x in rows}]
     order = list(_variants())
