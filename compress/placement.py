@@ -38,17 +38,11 @@ def plan_device_map(spec: ModelSpec, task: str, device: str) -> dict[str, int | 
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory, get_max_memory
 
-    from compress.bundle import auto_class
-    from compress.loading import compress_output, load_config, resolve_dtype
-    from compress.modelconfig import TORCH_DTYPES
+    from compress.loading import compress_output
 
     if compress_output(spec) is not None:
         return None  # refused by placement_problems: a stage output loads whole
-    config = load_config(spec)
-    dtype = TORCH_DTYPES[resolve_dtype(spec, config, device)]
-
-    with torch.device("meta"):
-        meta = auto_class(task).from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+    meta, dtype = _meta_model(spec, task, device)
     no_split = getattr(meta, "_no_split_modules", None) or []
     limits = (get_max_memory(max_memory(spec)) if spec.device_map == "sequential"
               else get_balanced_memory(meta, max_memory=max_memory(spec), no_split_module_classes=no_split,
@@ -57,13 +51,37 @@ def plan_device_map(spec: ModelSpec, task: str, device: str) -> dict[str, int | 
     return dict(placed)
 
 
+def _meta_model(spec: ModelSpec, task: str, device: str) -> tuple[torch.nn.Module, torch.dtype]:
+    """The model built from its config on the meta device (no memory, no weights), in its load dtype."""
+    from compress.bundle import auto_class
+    from compress.loading import load_config, resolve_dtype
+    from compress.modelconfig import TORCH_DTYPES
+
+    config = load_config(spec)
+    dtype = TORCH_DTYPES[resolve_dtype(spec, config, device)]
+    with torch.device("meta"):
+        return auto_class(task).from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code), dtype
+
+
+def held_bytes(spec: ModelSpec, task: str, device: str, device_map: dict[str, int | str]) -> tuple[int, int]:
+    """(bytes of the weights the map keeps in memory, bytes of the largest offloaded entry, which is read in
+    whole at its forward), from the config alone: what `compress plan` counts for an offloaded base."""
+    from accelerate.utils import compute_module_sizes
+
+    meta, dtype = _meta_model(spec, task, device)
+    sizes = compute_module_sizes(meta, dtype=dtype)
+    moved = set(offloaded(device_map, device))
+    kept = sum(sizes.get(name, 0) for name in device_map if name not in moved)
+    largest = max((sizes.get(name, 0) for name in moved), default=0)
+    return kept, largest
+
+
 def offloaded(device_map: dict[str, int | str] | None, device: str) -> list[str]:
     """Modules whose weights are not held on a device that computes: on disk, or on the CPU while the
     run computes on a GPU (accelerate then copies them in at every forward)."""
     if not device_map:
         return []
-    return [name or "(whole model)" for name, where in device_map.items()
-            if where == "disk" or (where == "cpu" and device != "cpu")]
+    return [name for name, where in device_map.items() if where == "disk" or (where == "cpu" and device != "cpu")]
 
 
 def devices_used(device_map: dict[str, int | str] | None) -> list[str]:
@@ -107,7 +125,8 @@ def placement_problems(spec: ModelSpec, device_map: dict[str, int | str] | None,
                 "whole on load); convert it to a safetensors folder first, or raise model.max_memory so nothing "
                 "goes to disk")]
     moved = offloaded(device_map, device)
-    where = (f"offloads {len(moved)} module(s) ({', '.join(moved[:3])}{', …' if len(moved) > 3 else ''})"
+    shown = [name or "the whole model" for name in moved[:3]]
+    where = (f"offloads {len(moved)} module(s) ({', '.join(shown)}{', …' if len(moved) > 3 else ''})"
              if moved else f"splits the model across {', '.join(devices_used(device_map))}")
     problems = []
     for index, stage in enumerate(stages):

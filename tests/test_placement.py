@@ -135,3 +135,18 @@ def test_a_gguf_base_is_not_offloaded_to_disk(assets: dict[str, Path], tmp_path:
     problems = placement_problems(spec, {"model": "cpu", "lm_head": "disk"}, "cpu", [], False, 1)
     assert problems and "a GGUF checkpoint cannot be offloaded to disk" in problems[0]
     assert placement_problems(spec, {"": "cpu"}, "cpu", [], False, 1) == []
+
+
+def test_plan_counts_only_the_weights_the_map_keeps(assets: dict[str, Path], tmp_path: Path) -> None:
+    from compress.plan.planner import plan_recipe
+
+    whole = plan_recipe(load_recipe(_recipe(assets, "llama", tmp_path / "r")), check_devices=False)
+    # Room for the embeddings, not for a decoder layer: those go to disk.
+    recipe = _recipe(assets, "llama", tmp_path / "r", device_map="auto", max_memory={"cpu": 200_000})
+    recipe["stages"] = [{"type": "prune", "method": "magnitude", "sparsity": 0.5}]
+    placed = plan_recipe(load_recipe(recipe), check_devices=False)
+    (row,) = placed.stages  # the stage is not planned: the run refuses it
+    everything = whole.stages[0].parts["weights"]
+    assert 0 < row.parts["weights held"] < everything / 2
+    assert 0 < row.parts["largest offloaded, read in"] < everything
+    assert any("stages are refused" in note for note in row.notes)

@@ -145,9 +145,15 @@ def plan_recipe(recipe: Recipe, *, device: str | None = None, world_size: int = 
     setting = Setting(target, recipe.data.max_length, recipe.data.calibration_samples)
     weights = Weights(shape, dtype, {}, {})
     rows: list[StagePlan] = []
-    if recipe.eval.baseline:
+    placed = _placement_row(recipe, task, target)
+    if placed is not None:  # model.device_map offloads: the run only evaluates (its stages are refused)
+        row = _eval_row("evaluate baseline", recipe, weights, shape)
+        row.parts = {**placed.parts, "activations": row.parts["activations"]}
+        row.notes += placed.notes
+        rows.append(row)
+    elif recipe.eval.baseline:
         rows.append(_eval_row("evaluate baseline", recipe, weights, shape))
-    for index, stage in enumerate(recipe.stages, start=1):
+    for index, stage in enumerate(recipe.stages if placed is None else [], start=1):
         kind = stage.stage_type()
         label = f"{index} {kind}"
         if kind == "finetune":
@@ -189,7 +195,7 @@ def plan_recipe(recipe: Recipe, *, device: str | None = None, world_size: int = 
             row = StagePlan(label, {"weights": weights.total()})
             row.notes.append(f"{kind}: planned as the model's weights only")
             rows.append(row)
-    if recipe.eval.after_each_stage and recipe.stages:
+    if recipe.eval.after_each_stage and recipe.stages and placed is None:
         rows.append(_eval_row("evaluate final", recipe, weights, shape))
     notes = []
     if any(s.stage_type() in ("prune", "quantize", "lowrank") for s in recipe.stages) and world_size > 1:
@@ -209,6 +215,20 @@ def accelerate_estimate(shape: Shape) -> dict[str, int]:
     return {"total_fp32": fp32, "total_16bit": fp32 // 2, "largest_layer_fp32": shape.accelerate_largest_layer_bytes,
             "adam_fp32": max(estimate_training_usage(fp32, "float32").values()),
             "adam_16bit": max(estimate_training_usage(fp32, "bfloat16").values())}
+
+
+def _placement_row(recipe: Recipe, task: str, target: str) -> StagePlan | None:
+    """The weights an offloading model.device_map keeps in memory, or None when it offloads nothing."""
+    from compress.placement import held_bytes, in_place, offloaded, plan_device_map
+
+    device_map = plan_device_map(recipe.model, task, target)
+    if device_map is None or in_place(device_map, target):
+        return None
+    kept, largest = held_bytes(recipe.model, task, target, device_map)
+    row = StagePlan("placement", {"weights held": kept, "largest offloaded, read in": largest})
+    row.notes.append(f"model.device_map offloads {len(offloaded(device_map, target))} of {len(device_map)} placed "
+                     f"modules; compress run evaluates such a model only (stages are refused), so none is planned")
+    return row
 
 
 def _eval_row(label: str, recipe: Recipe, weights: Weights, shape: Shape) -> StagePlan:
