@@ -265,9 +265,9 @@ def load_model(spec: ModelSpec, task: str, device: str, seed: int, *, label_name
 
 
 def _offload_folder() -> Any:
-    """A new temporary folder for the weights transformers writes out to offload them to disk (a
-    safetensors checkpoint is read in place; a dequantized GGUF is written here). compress creates it,
-    and it is deleted when the model is."""
+    """A new temporary folder for weights transformers must write out to offload them to disk (a
+    safetensors checkpoint is read in place; pickle weights, where allowed, are written here; a GGUF is
+    refused, see placement_problems). compress creates it, and it is deleted when the model is."""
     import tempfile
 
     return tempfile.TemporaryDirectory(prefix="compress-offload-")
