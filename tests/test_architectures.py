@@ -76,19 +76,19 @@ def test_a_broken_mask_fails_the_prune_stage(assets, tmp_path, monkeypatch):
 
 
 def test_a_missed_sparsity_target_fails_the_prune_stage(assets, tmp_path, monkeypatch):
-    from compress.stages import prune
+    from compress.pruning import passes
 
-    real = prune.unstructured_mask
-    monkeypatch.setattr(prune, "unstructured_mask", lambda score, s, per_row: real(score, s / 2, per_row))
+    real = passes.unstructured_mask
+    monkeypatch.setattr(passes, "unstructured_mask", lambda score, s, per_row: real(score, s / 2, per_row))
     with pytest.raises(StageError, match=r"layer \S+ reached sparsity 0\.2\d+, below its target 0\.5000"):
         run_stage(assets, "gpt2", "magnitude", tmp_path)
 
 
 def test_a_broken_two_four_pattern_fails_the_prune_stage(assets, tmp_path, monkeypatch):
-    from compress.stages import prune
+    from compress.pruning import passes
 
-    real = prune.nm_mask
-    monkeypatch.setattr(prune, "nm_mask", lambda score, n, m: real(score, 3, m))
+    real = passes.nm_mask
+    monkeypatch.setattr(passes, "nm_mask", lambda score, n, m: real(score, 3, m))
     with pytest.raises(StageError, match=r"breaks the 2:4 pattern: a group of 4 inputs keeps 3"):
         run_stage(assets, "falcon", "magnitude-2:4", tmp_path)
 
