@@ -222,7 +222,7 @@ def test_a_distributed_section_without_settings_or_with_both_is_refused(cls_reci
 
 def test_sharding_a_4bit_base_on_gpus_is_refused_with_the_reason():
     from compress.stages.finetune import Finetune
-    from compress.training.loop import sharding_problems
+    from compress.training.sharding import sharding_problems
 
     config = Finetune(method="qlora", deepspeed={"zero_optimization": {"stage": 2}})
     assert sharding_problems(config, "cuda") == []
@@ -243,7 +243,7 @@ def test_sharding_a_4bit_base_on_gpus_is_refused_with_the_reason():
 ])
 def test_sharding_the_weights_themselves_is_refused_on_gpus_too(monkeypatch, fields, env, refused):
     from compress.stages.finetune import Finetune
-    from compress.training.loop import sharding_problems
+    from compress.training.sharding import sharding_problems
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -261,7 +261,7 @@ def test_weights_left_in_shards_after_training_are_caught(tmp_path):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    from compress.training.loop import sharded_weights
+    from compress.training.sharding import sharded_weights
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     assert sharded_weights(model) is None

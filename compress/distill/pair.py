@@ -19,7 +19,7 @@ from compress.errors import CompressError, StageError
 from compress.modelconfig import derived_config
 from compress.paths import looks_like_local_path, resolve_path
 from compress.training import adapters as ad
-from compress.training.loop import sharding_problems
+from compress.training.sharding import sharding_problems
 
 if TYPE_CHECKING:
     from compress.context import RunContext

@@ -28,7 +28,8 @@ from compress.registry import StageResult, register_stage
 from compress.training import TrainingFields
 from compress.training import adapters as ad
 from compress.training.entry import held_out_evaluator, train_in_stage
-from compress.training.loop import apply_masks, sharding_problems
+from compress.training.loop import apply_masks
+from compress.training.sharding import sharding_problems
 
 MergePolicy = Literal["none", "merge", "dequantize-merge-requantize"]
 
