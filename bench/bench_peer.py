@@ -67,10 +67,23 @@ METHODS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "SparseGPT 2:4": ({"type": "prune", "structure": "n:m", "pattern": "2:4", "method": "sparsegpt", **_CAL},
                       {"modifier": "sparsegpt", "sparsity": 0.5, "mask_structure": "2:4"}),
     # compress's groups are asymmetric (a zero point per group), so the peer's are too.
-    "GPTQ W4 g64": ({"type": "quantize", "scheme": "gptq", "bits": 4, "group_size": GROUP, **_CAL},
+    # Groups fitted on the updated weights (the GPTQ reference code's order), as these rows were measured;
+    # the peer fits them on the original weights, up front (compress: static_groups: true).
+    "GPTQ W4 g64": ({"type": "quantize", "scheme": "gptq", "bits": 4, "group_size": GROUP, "static_groups": False,
+                     **_CAL},
                     {"modifier": "gptq", "bits": 4, "group_size": GROUP, "symmetric": False}),
     "RTN W4 g64": ({"type": "quantize", "scheme": "int4-weight", "bits": 4, "group_size": GROUP},
                    {"modifier": "rtn", "bits": 4, "group_size": GROUP, "symmetric": False}),
+    # Where the methods separate (issue #19): high sparsity and 3 bits.
+    "Wanda 70%": ({"type": "prune", "method": "wanda", "sparsity": 0.7, **_CAL},
+                  {"modifier": "wanda", "sparsity": 0.7, "mask_structure": "0:0"}),
+    "SparseGPT 70%": ({"type": "prune", "method": "sparsegpt", "sparsity": 0.7, **_CAL},
+                      {"modifier": "sparsegpt", "sparsity": 0.7, "mask_structure": "0:0"}),
+    "GPTQ W3 g64": ({"type": "quantize", "scheme": "gptq", "bits": 3, "group_size": GROUP, "static_groups": False,
+                     **_CAL},
+                    {"modifier": "gptq", "bits": 3, "group_size": GROUP, "symmetric": False}),
+    "RTN W3 g64": ({"type": "quantize", "scheme": "int4-weight", "bits": 3, "group_size": GROUP},
+                   {"modifier": "rtn", "bits": 3, "group_size": GROUP, "symmetric": False}),
 }
 
 
