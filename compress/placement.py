@@ -34,7 +34,9 @@ def plan_device_map(spec: ModelSpec, task: str, device: str) -> dict[str, int | 
     if spec.device_map is None:
         return None
     if isinstance(spec.device_map, dict):
-        return {k: int(v) if isinstance(v, str) and v.isdigit() else v for k, v in spec.device_map.items()}
+        named = {k: int(v) if isinstance(v, str) and v.isdigit() else v for k, v in spec.device_map.items()}
+        _check_names(named, spec, task, device)
+        return named
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory, get_max_memory
 
@@ -49,6 +51,30 @@ def plan_device_map(spec: ModelSpec, task: str, device: str) -> dict[str, int | 
                                        dtype=dtype))
     placed = infer_auto_device_map(meta, max_memory=limits, no_split_module_classes=no_split, dtype=dtype)
     return dict(placed)
+
+
+def _check_names(device_map: dict[str, int | str], spec: ModelSpec, task: str, device: str) -> None:
+    """A named map must name real modules and place every weight: refused here, before loading."""
+    from compress.errors import RecipeError
+    from compress.loading import compress_output
+
+    if compress_output(spec) is not None:
+        return  # refused by placement_problems
+    meta, _ = _meta_model(spec, task, device)
+    modules = dict(meta.named_modules())
+    problems = []
+    unknown = [k for k in device_map if k and k not in modules]
+    if unknown:
+        top = ", ".join(name for name, _ in meta.named_children())
+        problems.append(f"model.device_map: no module named {', '.join(map(repr, unknown))} in this model (its "
+                        f"top-level modules: {top}); `compress plan` or `device_map: auto` shows a valid placement")
+    if "" not in device_map:
+        left = [t for t in meta.state_dict() if not any(t == k or t.startswith(k + ".") for k in device_map)]
+        if left:
+            problems.append(f"model.device_map: nothing places {', '.join(left[:4])}{', …' if len(left) > 4 else ''} "
+                            f"({len(left)} tensors); map their modules too, or add \"\": DEVICE for the rest")
+    if problems:
+        raise RecipeError(problems)
 
 
 def _meta_model(spec: ModelSpec, task: str, device: str) -> tuple[torch.nn.Module, torch.dtype]:

@@ -150,3 +150,14 @@ def test_plan_counts_only_the_weights_the_map_keeps(assets: dict[str, Path], tmp
     assert 0 < row.parts["weights held"] < everything / 2
     assert 0 < row.parts["largest offloaded, read in"] < everything
     assert any("stages are refused" in note for note in row.notes)
+
+
+def test_a_named_map_must_name_real_modules_and_place_every_weight(assets: dict[str, Path], tmp_path: Path) -> None:
+    typo = _recipe(assets, "llama", tmp_path / "a", device_map={"model.layer.1": "disk", "": "cpu"})
+    with pytest.raises(RecipeError, match=r"no module named 'model.layer.1' in this model \(its top-level modules: "
+                                          r"model, lm_head\)"):
+        run(typo, show_progress=False)
+    partial = _recipe(assets, "llama", tmp_path / "b", device_map={"model": "cpu"})
+    with pytest.raises(RecipeError, match=r"nothing places lm_head.weight \(1 tensors\)"):
+        run(partial, show_progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
