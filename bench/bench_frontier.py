@@ -38,15 +38,18 @@ def _variants(calibration: dict[str, Any] = CALIBRATION, group: int = GROUP) -> 
     for bits in (3, 4):
         base = {"type": "quantize", "bits": bits, "group_size": group}
         out[f"RTN W{bits} g{group}"] = [{**base, "scheme": "int4-weight"}]
-        out[f"GPTQ W{bits} g{group}"] = [{**base, "scheme": "gptq", **calibration}]
-        out[f"GPTQ act-order W{bits} g{group}"] = [{**base, "scheme": "gptq", "act_order": True, **calibration}]
+        # Every GPTQ row names its column order and group mode, so it means the same whatever the defaults.
+        plain = {**base, "scheme": "gptq", "act_order": False}
+        out[f"GPTQ W{bits} g{group}"] = [{**plain, "static_groups": False, **calibration}]
+        out[f"GPTQ act-order W{bits} g{group}"] = [{**base, "scheme": "gptq", "act_order": True,
+                                                     "static_groups": True, **calibration}]
         # Groups' scales from the original weights (llm-compressor 0.14's GPTQ computes them so, up front).
-        out[f"GPTQ static-groups W{bits} g{group}"] = [{**base, "scheme": "gptq", "static_groups": True,
-                                                        **calibration}]
+        out[f"GPTQ static-groups W{bits} g{group}"] = [{**plain, "static_groups": True, **calibration}]
         out[f"AWQ W{bits} g{group}"] = [{**base, "scheme": "awq", **calibration}]
     # Block by block and sub-layer by sub-layer on quantized inputs: where it could matter, at 3 bits.
     out[f"GPTQ true-sequential W3 g{group}"] = [{"type": "quantize", "bits": 3, "group_size": group,
-                                                  "scheme": "gptq", "true_sequential": True, **calibration}]
+                                                  "scheme": "gptq", "act_order": False, "static_groups": False,
+                                                  "true_sequential": True, **calibration}]
     for avg, widths in ((3.5, [2, 3, 4, 8]), (4.5, [3, 4, 8])):
         out[f"mixed avg {avg} g{group}"] = [{"type": "quantize", "scheme": "mixed", "avg_bits": avg,
                                              "candidate_bits": widths, "group_size": group, **calibration}]
