@@ -67,9 +67,11 @@ METHODS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "SparseGPT 2:4": ({"type": "prune", "structure": "n:m", "pattern": "2:4", "method": "sparsegpt", **_CAL},
                       {"modifier": "sparsegpt", "sparsity": 0.5, "mask_structure": "2:4"}),
     # compress's groups are asymmetric (a zero point per group), so the peer's are too.
-    # Groups fitted on the updated weights (the GPTQ reference code's order), as these rows were measured;
-    # the peer fits them on the original weights, up front (compress: static_groups: true).
-    "GPTQ W4 g64": ({"type": "quantize", "scheme": "gptq", "bits": 4, "group_size": GROUP, "static_groups": False,
+    # Columns in their own order, groups fitted on the updated weights (the GPTQ paper's; compress's default
+    # until 2026-12-03), as these rows were measured; the peer runs with actorder=None, which fits the
+    # groups on the original weights, up front (compress: act_order: false, static_groups: true).
+    "GPTQ W4 g64": ({"type": "quantize", "scheme": "gptq", "bits": 4, "group_size": GROUP, "act_order": False,
+                     "static_groups": False,
                      **_CAL},
                     {"modifier": "gptq", "bits": 4, "group_size": GROUP, "symmetric": False}),
     "RTN W4 g64": ({"type": "quantize", "scheme": "int4-weight", "bits": 4, "group_size": GROUP},
@@ -79,7 +81,8 @@ METHODS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                   {"modifier": "wanda", "sparsity": 0.7, "mask_structure": "0:0"}),
     "SparseGPT 70%": ({"type": "prune", "method": "sparsegpt", "sparsity": 0.7, **_CAL},
                       {"modifier": "sparsegpt", "sparsity": 0.7, "mask_structure": "0:0"}),
-    "GPTQ W3 g64": ({"type": "quantize", "scheme": "gptq", "bits": 3, "group_size": GROUP, "static_groups": False,
+    "GPTQ W3 g64": ({"type": "quantize", "scheme": "gptq", "bits": 3, "group_size": GROUP, "act_order": False,
+                     "static_groups": False,
                      **_CAL},
                     {"modifier": "gptq", "bits": 3, "group_size": GROUP, "symmetric": False}),
     "RTN W3 g64": ({"type": "quantize", "scheme": "int4-weight", "bits": 3, "group_size": GROUP},

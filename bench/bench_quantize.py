@@ -53,9 +53,9 @@ LM_VARIANTS: dict[str, dict[str, Any]] = {
     "nf4 (bitsandbytes, double quant)": {"scheme": "nf4"},
     "fp4 (bitsandbytes, double quant)": {"scheme": "fp4"},
     "int4-weight RTN g128": {"scheme": "int4-weight", "group_size": 128},
-    "gptq g128": {"scheme": "gptq", "group_size": 128, "calibration_samples": CALIB},
+    "gptq g128": {"scheme": "gptq", "group_size": 128, "act_order": False, "calibration_samples": CALIB},
     "int4-weight RTN g32": {"scheme": "int4-weight", "group_size": 32},
-    "gptq g32": {"scheme": "gptq", "group_size": 32, "calibration_samples": CALIB},
+    "gptq g32": {"scheme": "gptq", "group_size": 32, "act_order": False, "calibration_samples": CALIB},
 }
 SENSITIVITY_TYPES = {
     "query": ["query"], "key": ["key"], "value": ["value"], "attention.output.dense": [r"attention\.output\.dense"],

@@ -182,6 +182,14 @@ def test_mse_scale_lowers_the_weight_error_of_heavy_tailed_groups():
     assert errs["mse"] < 0.93 * errs["minmax"], errs
 
 
+def test_gptq_orders_columns_by_activation_by_default():
+    """llm-compressor's default too; the measured case for it is in the field's help (reports/frontier.md)."""
+    default = Quantize(scheme="gptq")
+    assert default.act_order is True and default.resolved_static_groups() is True
+    paper = Quantize(scheme="gptq", act_order=False)
+    assert paper.resolved_static_groups() is False
+
+
 def test_gptq_act_order_three_bits_runs_through_the_stage_and_reloads(tiny_llama_dir, lm_recipe, tmp_path):
     config = Quantize(scheme="gptq", bits=3, group_size=32, act_order=True, mse_scale=True,
                       calibration_samples=16)
@@ -235,7 +243,8 @@ def test_the_low_bit_bound_fails_a_broken_three_bit_layer():
     ({"scheme": "gptq", "zero_point": False}, "zero_point: applies to scheme awq only (this stage's scheme is gptq)"),
     ({"scheme": "int4-weight", "act_order": True}, "act_order: applies to scheme gptq only"),
     ({"scheme": "gptq", "act_order": True, "static_groups": False},
-     "static_groups: act_order with groups (group_size > 0) needs static groups"),
+     "static_groups: act_order (on by default) with groups (group_size > 0) needs static groups"),
+    ({"scheme": "gptq", "static_groups": False}, "set act_order: false as well for groups fitted on the updated"),
     ({"scheme": "awq", "scale_grid": 0}, "stages[0].scale_grid: must be >= 1"),
     ({"scheme": "nf4", "bits": 3}, "bits: applies to scheme int4-weight / gptq / awq only (this stage's scheme is nf4)"),
 ])

@@ -69,7 +69,7 @@ def test_true_sequential_matches_plain_gptq_on_the_first_group(tiny_llama_dir, l
         reference = dense(input_ids=ids).logits
     models, errors = {}, {}
     for sequential in (False, True):
-        out = run_quantize(_bundle(tiny_llama_dir), Quantize(scheme="gptq", bits=3, group_size=32,
+        out = run_quantize(_bundle(tiny_llama_dir), Quantize(scheme="gptq", bits=3, group_size=32, act_order=False,
                                                              calibration_samples=16, true_sequential=sequential),
                            ctx)
         assert out.facts["true_sequential"] is sequential
