@@ -50,6 +50,12 @@ def _variants(calibration: dict[str, Any] = CALIBRATION, group: int = GROUP) -> 
     out[f"GPTQ true-sequential W3 g{group}"] = [{"type": "quantize", "bits": 3, "group_size": group,
                                                   "scheme": "gptq", "act_order": False, "static_groups": False,
                                                   "true_sequential": True, **calibration}]
+    # llm-compressor's GPTQ as bench_peer runs it (actorder=None): groups from the original weights, each decoder
+    # layer calibrated on the outputs of the layers already quantized.
+    out[f"GPTQ true-sequential static-groups W3 g{group}"] = [{"type": "quantize", "bits": 3, "group_size": group,
+                                                                "scheme": "gptq", "act_order": False,
+                                                                "static_groups": True, "true_sequential": True,
+                                                                **calibration}]
     for avg, widths in ((3.5, [2, 3, 4, 8]), (4.5, [3, 4, 8])):
         out[f"mixed avg {avg} g{group}"] = [{"type": "quantize", "scheme": "mixed", "avg_bits": avg,
                                              "candidate_bits": widths, "group_size": group, **calibration}]

@@ -1,6 +1,6 @@
-"""The quantization and sparsity frontiers of issue #19 on the tweets Llama (`bench.common.text_lm()`:
-4 layers, hidden 256, ~5M parameters, trained here on tweets' text), at groups of 128 weights, which
-its widths (256, 768) allow and SmolLM2's (576) do not.
+"""The quantization and sparsity frontiers of issue #19 on the tweets Llama (`bench.common.text_lm(LM_STEPS)`:
+4 layers, hidden 256, ~5M parameters, trained here on tweets' text for 1,000 steps, the LM bench_prune and
+bench_distill use), at groups of 128 weights, which its widths (256, 768) allow and SmolLM2's (576) do not.
 
 The same variants as `bench.bench_frontier` (RTN / GPTQ / act-order / static groups / AWQ at 4 and 3
 bits, true-sequential at 3, mixed precision at 4.5 and 3.5 average bits) and as
@@ -24,7 +24,7 @@ from bench.bench_frontier import _variants as quant_variants
 from bench.bench_prune import run_variants
 from bench.bench_sparsity_frontier import OWL
 from bench.bench_sparsity_frontier import VARIANTS as SPARSITY_VARIANTS
-from bench.common import REPORTS, lm_data, machine_line, text_lm
+from bench.common import LM_STEPS, REPORTS, lm_data, machine_line, text_lm
 
 GROUP = 128
 JSON, MD = REPORTS / "frontier-tweets-lm.json", REPORTS / "frontier-tweets-lm.md"
@@ -37,7 +37,7 @@ def variants() -> dict[str, list[dict[str, Any]]]:
 
 def main() -> None:
     result = json.loads(JSON.read_text()) if JSON.exists() else {"rows": []}
-    model = text_lm()
+    model = text_lm(LM_STEPS)
     for label, stages in variants().items():
         new = run_variants("tweets-lm-frontier", model, "causal-lm", lm_data(train=3000, eval_size=2000),
                            {label: stages})
@@ -53,7 +53,7 @@ def main() -> None:
 def render(result: dict[str, Any]) -> str:
     rows = {r["variant"]: r for r in result["rows"]}
     dense = rows.get("dense", {}).get("perplexity")
-    lines = ["# Frontier on the tweets Llama (4 layers, hidden 256, ~5M parameters)", "",
+    lines = [f"# Frontier on the tweets Llama (4 layers, hidden 256, ~5M parameters, {LM_STEPS} training steps)", "",
              (f"`python -m bench.bench_frontier_lm`. Machine: {result['machine']}; load average when written "
              f"{result.get('load_average')}. Each row one `compress run`; perplexity on the 2,000 held-out tweets "
              f"the LM was not trained on (64-token blocks); 128 calibration blocks of 64 tokens; quantization "
