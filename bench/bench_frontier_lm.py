@@ -68,6 +68,7 @@ def render(result: dict[str, Any]) -> str:
     missing = [k for k in variants() if k not in rows]
     if missing:
         lines += ["", f"Not measured yet: {', '.join(missing)}."]
+    lines += [line for note in result.get("notes", []) for line in ("", f"- {note}")]
     return "\n".join(lines) + "\n"
 
 
