@@ -216,6 +216,20 @@ def test_low_bit_codes_pack_to_their_width_and_round_trip(bits):
     assert row["bits_per_weight"] == pytest.approx(bits + 40 / 64)  # codes + fp32 scale + uint8 zero per 64
 
 
+@pytest.mark.parametrize("bits", [2, 3])
+def test_the_int3_and_int2_layouts_of_saved_models_are_unchanged(bits):
+    """The byte-wise packing writes the layout the first int3/int2 folders hold: each run of codes read as
+    one little-endian integer, code i at bits [i*bits, (i+1)*bits)."""
+    count = {2: 4, 3: 8}[bits]
+    codes = torch.randint(0, 2**bits, (4, 8 * count), generator=torch.Generator().manual_seed(bits))
+    runs = codes.reshape(4, -1, count).to(torch.int64)
+    value = (runs << (torch.arange(count) * bits)).sum(-1)
+    expected = torch.stack([(value >> (8 * i)) & 0xFF for i in range(count * bits // 8)], -1).reshape(4, -1)
+    assert torch.equal(pack_codes(codes, bits), expected.to(torch.uint8))
+    every = torch.arange(2**bits).repeat(count)  # every code in every position
+    assert torch.equal(unpack_codes(pack_codes(every[None], bits), bits)[0], every.to(torch.uint8))
+
+
 def test_the_int4_layout_of_saved_models_is_unchanged():
     """Folders saved before 3/2 bits existed hold int4 as two nibbles per byte, low nibble first."""
     codes = torch.randint(0, 16, (3, 16))

@@ -89,29 +89,35 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack codes (0..2^bits-1) along the last dimension into uint8: int4 as `pack_int4`, int3 and int2
-    as little-endian runs of PACK_COUNT[bits] codes (hand-written: torch has no sub-byte dtypes to save)."""
+    as little-endian runs of PACK_COUNT[bits] codes (hand-written: torch has no sub-byte dtypes to save).
+    Byte arithmetic throughout: uint8 shifts drop the bits that move past a byte, which is what puts a
+    code's low bits in one byte and its high bits in the next."""
     if bits == 4:
         return pack_int4(codes)
-    count = PACK_COUNT[bits]
-    runs = codes.to(torch.int32).reshape(*codes.shape[:-1], -1, count)
-    shifts = torch.arange(count, device=codes.device, dtype=torch.int32) * bits
-    value = (runs << shifts).sum(-1)  # count * bits = 8 * nbytes bits per run
-    nbytes = count * bits // 8
-    parts = [(value >> (8 * i)) & 0xFF for i in range(nbytes)]
-    return torch.stack(parts, -1).reshape(*codes.shape[:-1], -1).to(torch.uint8)
+    c = codes.to(torch.uint8)
+    if bits == 2:
+        return c[..., 0::4] | (c[..., 1::4] << 2) | (c[..., 2::4] << 4) | (c[..., 3::4] << 6)
+    # int3: c0..c7 fill 24 bits, c0 in bits 0-2 of the first byte ... c7 in bits 5-7 of the third.
+    c = c.reshape(*codes.shape[:-1], -1, 8)
+    b0 = c[..., 0] | (c[..., 1] << 3) | (c[..., 2] << 6)
+    b1 = (c[..., 2] >> 2) | (c[..., 3] << 1) | (c[..., 4] << 4) | (c[..., 5] << 7)
+    b2 = (c[..., 5] >> 1) | (c[..., 6] << 2) | (c[..., 7] << 5)
+    return torch.stack((b0, b1, b2), -1).reshape(*codes.shape[:-1], -1)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """The inverse of `pack_codes`: uint8 codes along the last dimension."""
     if bits == 4:
         return unpack_int4(packed)
-    count = PACK_COUNT[bits]
-    nbytes = count * bits // 8
-    runs = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, nbytes)
-    value = (runs << (torch.arange(nbytes, device=packed.device, dtype=torch.int32) * 8)).sum(-1)
-    shifts = torch.arange(count, device=packed.device, dtype=torch.int32) * bits
-    codes = (value.unsqueeze(-1) >> shifts) & (2**bits - 1)
-    return codes.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+    p = packed.to(torch.uint8)
+    if bits == 2:
+        parts = [(p >> shift) & 3 for shift in (0, 2, 4, 6)]
+    else:
+        p = p.reshape(*packed.shape[:-1], -1, 3)
+        b0, b1, b2 = p[..., 0], p[..., 1], p[..., 2]
+        parts = [b0 & 7, (b0 >> 3) & 7, (b0 >> 6) | ((b1 & 1) << 2), (b1 >> 1) & 7, (b1 >> 4) & 7,
+                 (b1 >> 7) | ((b2 & 3) << 1), (b2 >> 2) & 7, b2 >> 5]
+    return torch.stack(parts, -1).reshape(*packed.shape[:-1], -1)
 
 
 def group_limit_bits(bits: int, group: int) -> float:
