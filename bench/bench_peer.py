@@ -85,6 +85,15 @@ METHODS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                      "static_groups": False,
                      **_CAL},
                     {"modifier": "gptq", "bits": 3, "group_size": GROUP, "symmetric": False}),
+    # Both tools' defaults: activation order with groups fitted up front.
+    "GPTQ act-order W4 g64": ({"type": "quantize", "scheme": "gptq", "bits": 4, "group_size": GROUP,
+                               "act_order": True, "static_groups": True, **_CAL},
+                              {"modifier": "gptq", "bits": 4, "group_size": GROUP, "symmetric": False,
+                               "actorder": "static"}),
+    "GPTQ act-order W3 g64": ({"type": "quantize", "scheme": "gptq", "bits": 3, "group_size": GROUP,
+                               "act_order": True, "static_groups": True, **_CAL},
+                              {"modifier": "gptq", "bits": 3, "group_size": GROUP, "symmetric": False,
+                               "actorder": "static"}),
     "RTN W3 g64": ({"type": "quantize", "scheme": "int4-weight", "bits": 3, "group_size": GROUP},
                    {"modifier": "rtn", "bits": 3, "group_size": GROUP, "symmetric": False}),
 }

@@ -34,9 +34,11 @@ def modifier(spec: dict[str, Any]) -> Any:
                "group_size": spec["group_size"]}
     groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
     if spec["modifier"] == "gptq":
-        # compress's GPTQ: no activation order, damping 0.01 of the mean diagonal, blocks of 128 columns.
-        return GPTQModifier(config_groups=groups, ignore=["lm_head"], actorder=None, dampening_frac=0.01,
-                            block_size=128)
+        # compress's GPTQ settings: damping 0.01 of the mean diagonal, blocks of 128 columns; activation
+        # order as the row asks (None: the paper's column order; "static": llm-compressor's default, groups
+        # fitted up front in the original order, like compress's act_order with static groups).
+        return GPTQModifier(config_groups=groups, ignore=["lm_head"], actorder=spec.get("actorder"),
+                            dampening_frac=0.01, block_size=128)
     return QuantizationModifier(config_groups=groups, ignore=["lm_head"])
 
 
