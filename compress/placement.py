@@ -9,15 +9,12 @@ is read.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from compress.specs import ModelSpec
-
-OFFLOAD_DIR = "offload"  # under the run folder: weights transformers must write out to offload them
 
 
 def max_memory(spec: ModelSpec) -> dict[int | str, int | str] | None:
@@ -173,17 +170,11 @@ def has_offloaded_weights(model: torch.nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
-@contextlib.contextmanager
-def _onloaded(module: torch.nn.Module) -> Iterator[None]:
-    from accelerate.utils import align_module_device
-
-    with align_module_device(module):
-        yield
-
-
 def modules_onloaded(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
     """(name, module) for every module, its own weights read in from the offload store while the caller
     holds it: an offloaded model can be measured one module at a time, never whole in memory."""
+    from accelerate.utils import align_module_device
+
     for name, module in model.named_modules():
-        with _onloaded(module):
+        with align_module_device(module):
             yield name, module

@@ -46,7 +46,7 @@ class ModelSpec(StrictModel):
         "weight in memory on the run's device and are refused. Default: the whole model on the run's device.")
     max_memory: dict[str, str | int] | None = Field(
         None, description="With model.device_map: the most each device may hold, e.g. {cpu: 8GiB, '0': 70GiB}; "
-        "what does not fit goes to the next device, then to disk (under the run folder's offload/).")
+        "what does not fit goes to the next device, then to disk (a safetensors checkpoint is read in place).")
 
     @field_validator("device_map")
     @classmethod

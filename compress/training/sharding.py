@@ -13,15 +13,20 @@ if TYPE_CHECKING:
     from compress.training.loop import TrainingFields
 
 
+def _env_on(name: str) -> bool:
+    """An accelerate config's flag in the environment (`accelerate launch --config_file` sets them)."""
+    import os
+
+    return os.environ.get(name, "").lower() in ("1", "true")
+
+
 def sharding_problems(settings: TrainingFields, device: str, four_bit: bool = False) -> list[str]:
     """FSDP / DeepSpeed asked for where they cannot run: refused before any work, never silently
     replaced by plain data parallelism. They come from the stage's fields, the recipe's `distributed`
     section, or the accelerate config that `accelerate launch --config_file` passes on in the environment."""
-    import os
-
     wanted = [name for name, field, env in (("FSDP", settings.fsdp, "ACCELERATE_USE_FSDP"),
                                             ("DeepSpeed", settings.deepspeed, "ACCELERATE_USE_DEEPSPEED"))
-              if field is not None or os.environ.get(env, "").lower() in ("1", "true")]
+              if field is not None or _env_on(env)]
     if not wanted:
         return []
     key = "fsdp" if settings.fsdp is not None else "deepspeed" if settings.deepspeed is not None else None
@@ -59,7 +64,7 @@ def weight_sharding(settings: TrainingFields) -> str | None:
     import os
 
     env = os.environ
-    if settings.fsdp is not None or env.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+    if settings.fsdp is not None or _env_on("ACCELERATE_USE_FSDP"):
         strategy = str((settings.fsdp or {}).get("sharding_strategy") or env.get("FSDP_SHARDING_STRATEGY", ""))
         version = str((settings.fsdp or {}).get("fsdp_version") or env.get("FSDP_VERSION", "1"))
         if not (version == "1" and strategy.upper() in ("NO_SHARD", "3")):  # FSDP2 always shards
@@ -67,7 +72,7 @@ def weight_sharding(settings: TrainingFields) -> str | None:
     stage = None
     if settings.deepspeed is not None:
         stage = (settings.deepspeed.get("zero_optimization") or {}).get("stage")
-    elif env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+    elif _env_on("ACCELERATE_USE_DEEPSPEED"):
         stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
         config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
         if stage is None and config_file and os.path.isfile(config_file):
