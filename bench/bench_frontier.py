@@ -33,7 +33,7 @@ CALIBRATION = {"calibration_samples": 128}
 EVAL_TWEETS = 300  # held-out tweets for perplexity (~6k tokens): a 135M-parameter forward is slow on 2 cores
 
 
-def _variants(calibration: dict[str, Any] = CALIBRATION, group: int = GROUP) -> dict[str, list[dict[str, Any]]]:
+def variants(calibration: dict[str, Any] = CALIBRATION, group: int = GROUP) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {"dense": []}
     for bits in (3, 4):
         base = {"type": "quantize", "bits": bits, "group_size": group}
@@ -75,7 +75,7 @@ def run_all(only: str | None = None, smoke: bool = False) -> list[dict[str, Any]
 
         model, data = str(make_tiny_llama(CACHE / "frontier-smoke-llama")), lm_data(train=200, eval_size=20)
     rows: list[dict[str, Any]] = []
-    for label, stages in _variants({"calibration_samples": 8} if smoke else CALIBRATION).items():
+    for label, stages in variants({"calibration_samples": 8} if smoke else CALIBRATION).items():
         if only is not None and label != only:
             continue
         started = time.perf_counter()
@@ -116,7 +116,7 @@ def render() -> None:
         if part.name in ("frontier-sparsity.json", "frontier-tweets-lm.json"):  # other benchmarks' reports
             continue
         rows += [r for r in json.loads(part.read_text())["rows"] if r["variant"] not in {x["variant"] for x in rows}]
-    order = list(_variants())
+    order = list(variants())
     rows.sort(key=lambda r: order.index(r["variant"]))
     dense = next((r["perplexity"] for r in rows if r["variant"] == "dense"), None)
     lines = ["# Weight-only quantization frontier: SmolLM2-135M-Instruct", "",
@@ -143,7 +143,7 @@ def render() -> None:
         if "weight_error_max" in info:
             notes.append(f"worst layer weight error {info['weight_error_max']}")
         lines.append(f"| {r['variant']} | {ppl:.3f} | {rel} | {r['stage_seconds'] or '–'} | {'; '.join(notes)} |")
-    missing = [v for v in _variants() if v not in {r["variant"] for r in rows}]
+    missing = [v for v in variants() if v not in {r["variant"] for r in rows}]
     if missing:
         lines += ["", f"Not measured yet (the run was stopped before them): {', '.join(missing)}."]
     (REPORTS / "frontier.md").write_text("\n".join(lines) + "\n")

@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Any
 
-from bench.bench_frontier import _variants as quant_variants
+from bench.bench_frontier import variants as quant_variants
 from bench.bench_prune import run_variants
 from bench.bench_sparsity_frontier import OWL
 from bench.bench_sparsity_frontier import VARIANTS as SPARSITY_VARIANTS
@@ -37,13 +37,12 @@ def variants() -> dict[str, list[dict[str, Any]]]:
 
 def main() -> None:
     result = json.loads(JSON.read_text()) if JSON.exists() else {"rows": []}
-    model = text_lm(LM_STEPS)
-    for label, stages in variants().items():
-        new = run_variants("tweets-lm-frontier", model, "causal-lm", lm_data(train=3000, eval_size=2000),
-                           {label: stages})
+    model, data, chosen = text_lm(LM_STEPS), lm_data(train=3000, eval_size=2000), variants()
+    for label, stages in chosen.items():
+        new = run_variants("tweets-lm-frontier", model, "causal-lm", data, {label: stages})
         rows = {r["variant"]: r for r in result["rows"]} | {r["variant"]: r for r in new}
         result.update(machine=machine_line(), load_average=[round(x, 1) for x in os.getloadavg()], model=str(model),
-                      rows=[rows[k] for k in variants() if k in rows])
+                      rows=[rows[k] for k in chosen if k in rows])
         REPORTS.mkdir(exist_ok=True)
         JSON.write_text(json.dumps(result, indent=1))
         MD.write_text(render(result))
