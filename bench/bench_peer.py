@@ -26,6 +26,7 @@ own scales and zero points), and every output is checked to be what it claims (s
     nice -n 19 python -m bench.bench_peer               # 2 rounds of every method, then perplexity
     nice -n 19 python -m bench.bench_peer 3 "GPTQ W4 g64"   # 3 rounds of the named methods only
     python -m bench.bench_peer render                  # rewrite reports/peer.md from reports/peer.json
+    python -m bench.bench_peer evaluate "OWL-Wanda 70%"  # re-check / re-evaluate kept outputs (same ppl)
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.bench_sparsity_frontier import OWL
 from bench.common import CACHE, REPORTS, ROOT, lm_data, machine_line
 from bench.peer_io import (
     peer_python,
@@ -96,7 +98,31 @@ METHODS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                                "actorder": "static"}),
     "RTN W3 g64": ({"type": "quantize", "scheme": "int4-weight", "bits": 3, "group_size": GROUP},
                    {"modifier": "rtn", "bits": 3, "group_size": GROUP, "symmetric": False}),
+    # The rest of the sparsity frontier (reports/frontier-sparsity.md) where the peer has the method.
+    "Wanda 60%": ({"type": "prune", "method": "wanda", "sparsity": 0.6, **_CAL},
+                  {"modifier": "wanda", "sparsity": 0.6, "mask_structure": "0:0"}),
+    "SparseGPT 60%": ({"type": "prune", "method": "sparsegpt", "sparsity": 0.6, **_CAL},
+                      {"modifier": "sparsegpt", "sparsity": 0.6, "mask_structure": "0:0"}),
+    "Wanda 2:4": ({"type": "prune", "structure": "n:m", "pattern": "2:4", "method": "wanda", **_CAL},
+                  {"modifier": "wanda", "sparsity": 0.5, "mask_structure": "2:4"}),
 }
+# OWL with the frontier's setting (M = 10, lambda = 0.15) in both tools: the peer's owl_m / owl_lmbda are
+# the same two numbers (outliers above M x the block's mean score; block sparsities over a span of 2 lambda
+# centred on the target).
+for _level in (50, 60, 70):
+    for _method, _name in (("wanda", "Wanda"), ("sparsegpt", "SparseGPT")):
+        METHODS[f"OWL-{_name} {_level}%"] = (
+            {"type": "prune", "method": _method, "sparsity": _level / 100, **OWL, **_CAL},
+            {"modifier": _method, "sparsity": _level / 100, "mask_structure": "0:0",
+             "owl_m": int(OWL["owl_threshold"]), "owl_lmbda": OWL["owl_spread"]})
+# AWQ as each tool ships it: compress searches per-group clipping and scales by activations alone
+# (duo_scaling off); llm-compressor 0.14's AWQModifier has no clipping search and divides by the weights'
+# magnitude too (duo_scaling on). The "matched" rows run compress with the peer's choices.
+for _bits in (4, 3):
+    _awq = {"type": "quantize", "scheme": "awq", "bits": _bits, "group_size": GROUP, **_CAL}
+    _peer_awq = {"modifier": "awq", "bits": _bits, "group_size": GROUP, "symmetric": False}
+    METHODS[f"AWQ W{_bits} g64"] = (_awq, _peer_awq)
+    METHODS[f"AWQ W{_bits} g64 matched"] = ({**_awq, "clip": False, "duo_scaling": True}, _peer_awq)
 
 
 def _recipe(stages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -314,6 +340,24 @@ def main(rounds: int, labels: list[str]) -> None:
         render()
 
 
+def reevaluate(labels: list[str]) -> None:
+    """Check and evaluate the kept round-1 outputs of `labels` again (no stage runs), replacing their
+    quality entries: for facts added to the checks after a run; the perplexities must come out the same."""
+    path = REPORTS / "peer.json"
+    data = json.loads(path.read_text())
+    evaluator = Evaluator()
+    for label in labels:
+        before = data["quality"]["methods"].get(label, {})
+        after = evaluator.method(label)
+        for key in ("compress_ppl", "llmcompressor_ppl"):
+            if key in before and before[key] != after[key]:
+                raise SystemExit(f"{label}: {key} {after[key]} now, {before[key]} when it ran; the saved output or "
+                                 f"the evaluation changed, so rerun the method instead")
+        data["quality"]["methods"][label] = after
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    render()
+
+
 def render() -> None:
     from bench.peer_report import render_markdown
 
@@ -327,6 +371,8 @@ if __name__ == "__main__":
         compress_worker(args[1], Path(args[2]), save=args[3:] == ["save"])
     elif args == ["render"]:
         render()
+    elif args[:1] == ["evaluate"]:
+        reevaluate(args[1:])
     else:
         n = int(args[0]) if args else 2
         main(n, args[1:] or list(METHODS))

@@ -26,6 +26,12 @@ def modifier(spec: dict[str, Any]) -> Any:
         from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
         cls = WandaPruningModifier if spec["modifier"] == "wanda" else SparseGPTModifier
+        if "owl_m" in spec:
+            patch_owl()
+            # OWL hands one sparsity to each decoder layer, so the targets are the layers, not the Linears
+            # (with ["Linear"] the peer refuses: 30 sparsities for 210 targets).
+            return cls(sparsity=spec["sparsity"], mask_structure=spec["mask_structure"], targets=["LlamaDecoderLayer"],
+                       ignore=["lm_head"], sparsity_profile="owl", owl_m=spec["owl_m"], owl_lmbda=spec["owl_lmbda"])
         return cls(sparsity=spec["sparsity"], mask_structure=spec["mask_structure"], targets=["Linear"],
                    ignore=["lm_head"])
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
@@ -33,6 +39,13 @@ def modifier(spec: dict[str, Any]) -> Any:
     weights = {"num_bits": spec["bits"], "type": "int", "symmetric": spec["symmetric"], "strategy": "group",
                "group_size": spec["group_size"]}
     groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
+    if spec["modifier"] == "awq":
+        # 0.14's AWQ only scales (a transform); the quantization modifier after it rounds, with the scheme
+        # the scales were searched for. Mappings are its defaults for Llama; duo_scaling its default (on).
+        from llmcompressor.modifiers.transform import AWQModifier
+
+        patch_cpu_pinning()
+        return [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
     if spec["modifier"] == "gptq":
         # compress's GPTQ settings: damping 0.01 of the mean diagonal, blocks of 128 columns; activation
         # order as the row asks (None: the paper's column order; "static": llm-compressor's default, groups
@@ -42,15 +55,76 @@ def modifier(spec: dict[str, Any]) -> Any:
     return QuantizationModifier(config_groups=groups, ignore=["lm_head"])
 
 
+def patch_cpu_pinning() -> None:
+    """llm-compressor 0.14's AWQ pins its cached activations before each grid search (for faster
+    host-to-GPU copies); on a machine without an accelerator torch refuses ("Cannot access accelerator
+    device when none is available"). Pinning changes no value, so here it is skipped when there is no
+    accelerator to copy to."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.accelerator.is_available():
+        return
+    IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+
+
+def patch_owl() -> None:
+    """Two bugs stop llm-compressor 0.14's OWL inside `oneshot`; both are patched here, the OWL arithmetic
+    that turns activation norms into layer sparsities stays the peer's own:
+    - `_get_activations` collects the norms through the basic calibration pipeline, which fires lifecycle
+      events while the modifier is still initializing ("Cannot invoke event before initializing"). The
+      patch runs the same forward passes over the same dataloader under the same hooks.
+    - `_infer_owl_layer_sparsity` returns a dict by layer name, but the hooks index a list (a dict falls
+      through to "one sparsity for all" and the pruning then multiplies by the dict). The patch hands
+      the same values over as a list, in the layers' order (the order both are built in)."""
+    from collections import defaultdict
+    from functools import partial
+
+    import torch
+    from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifierBase
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+    from llmcompressor.utils.helpers import calibration_forward_context
+
+    def get_activations(self: Any, model: Any, dataloader: Any, nsamples: int = 128) -> dict[str, Any]:
+        acts: dict[str, Any] = defaultdict(int)
+
+        def save_acts(_module: Any, args: Any, name: str) -> None:  # the peer's hook, verbatim in effect
+            x = args[0] if isinstance(args, tuple) else args
+            acts[name] += 1.0 / nsamples * x.pow(2).sum(dim=(0, 1)).sqrt()
+
+        hooks = {self.register_hook(mod, partial(save_acts, name=name), "forward_pre")
+                 for name, mod in model.named_modules()
+                 if isinstance(mod, torch.nn.Linear) and "lm_head" not in name}
+        with HooksMixin.disable_hooks(keep=hooks), calibration_forward_context(model):
+            for batch in dataloader:
+                model(**{k: v.to(model.device) for k, v in batch.items()})
+        self.remove_hooks(hooks)
+        return acts
+
+    infer = SparsityModifierBase._infer_owl_layer_sparsity
+
+    def layer_sparsities(self: Any, model: Any, layers: dict[str, Any], dataloader: Any) -> list[float]:
+        by_name = infer(self, model, layers, dataloader)
+        return [float(by_name[name]) for name in layers]
+
+    SparsityModifierBase._get_activations = get_activations
+    SparsityModifierBase._infer_owl_layer_sparsity = layer_sparsities
+
+
 def float_weights(model: Any) -> dict[str, Any]:
-    """Every decoder-layer linear weight as the model computes with it (fake-quantized where quantized)."""
+    """Every decoder-layer linear weight as the model computes with it (fake-quantized where quantized),
+    and the layers' norm weights (AWQ folds its input scales into them)."""
     import torch
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
     out = {}
     with torch.no_grad():
         for name, module in model.named_modules():
-            if not isinstance(module, torch.nn.Linear) or ".layers." not in name:
+            if ".layers." not in name:
+                continue
+            if not isinstance(module, torch.nn.Linear):
+                if name.endswith("norm") and isinstance(getattr(module, "weight", None), torch.Tensor):
+                    out[f"{name}.weight"] = module.weight.detach().float().contiguous().clone()
                 continue
             weight = module.weight.detach()
             scheme = getattr(module, "quantization_scheme", None)

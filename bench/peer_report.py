@@ -56,6 +56,46 @@ def _conditions(data: dict[str, Any]) -> str:
             "scheduled beside it.")
 
 
+def owl_lines(data: dict[str, Any]) -> list[str]:
+    """OWL's per-block sparsities as each tool decided them (read back from both outputs), side by side."""
+    rows = []
+    for label, qual in data["quality"]["methods"].items():
+        mine, theirs = (qual["checks"].get(t, {}).get("block_sparsity") for t in ("compress", "llmcompressor"))
+        if not (mine and theirs and len(mine) == len(theirs)):
+            continue
+        diffs = [abs(a - b) for a, b in zip(mine, theirs)]
+        rows.append(f"| {label} | {min(mine):.3f} – {max(mine):.3f} | {min(theirs):.3f} – {max(theirs):.3f} | "
+                    f"{max(diffs):.4f} | {sum(diffs) / len(diffs):.4f} |")
+    if not rows:
+        return []
+    return ["", ("OWL's allocation, read back from both outputs (share of zeros in each decoder block's linear "
+                 "layers): both tools give the same blocks the same sparsity, so the perplexity gap between "
+                 "their OWL rows comes from the pruning that follows, not from the allocation:"), "",
+            "| method | block sparsity compress (min – max) | llm-compressor | max per-block difference | mean |",
+            "|---|---|---|---:|---:|", *rows]
+
+
+def _method_notes(data: dict[str, Any]) -> list[str]:
+    """What differs between the tools' versions of a method, stated where those rows are shown."""
+    labels = set(data["methods"])
+    notes = []
+    if any(label.startswith("OWL-") for label in labels):
+        notes.append("OWL on the peer: llm-compressor 0.14's `sparsity_profile=\"owl\"` (on its Wanda and SparseGPT "
+                     "modifiers) fails inside `oneshot` on two bugs: its activation pass runs the calibration "
+                     "pipeline while the modifier is still initializing (\"Cannot invoke event before "
+                     "initializing\"), and its per-layer sparsities come back as a dict the pruning hooks do not "
+                     "index (the pruning then multiplies by the dict). bench/peer_llmc.py `patch_owl` works around "
+                     "both and leaves the peer's OWL arithmetic as it is; the targets are the decoder layers "
+                     "(`LlamaDecoderLayer`), one sparsity each, as OWL defines it.")
+    if any(label.startswith("AWQ") for label in labels):
+        notes.append("AWQ as each tool ships it: compress searches a clipping ratio per group after scaling and "
+                     "scales by the activations alone (`clip: true`, `duo_scaling: false`); llm-compressor 0.14's "
+                     "AWQModifier (a transform, rounded by the QuantizationModifier after it) has no clipping "
+                     "search and divides by the weights' magnitude too (duo_scaling on). The \"matched\" rows run "
+                     "compress with the peer's choices (`clip: false`, `duo_scaling: true`).")
+    return [line for note in notes for line in ("", note)]
+
+
 def render_markdown(data: dict[str, Any]) -> str:
     peer = data["peer"]
     q = data["quality"]
@@ -104,7 +144,10 @@ def render_markdown(data: dict[str, Any]) -> str:
     lines += ["", ("Checked before perplexity (bench/peer_checks.py), both outputs: every decoder linear layer "
               "changed, sparsity / N:M pattern kept, at most 2^bits values per group of 64:"), ""]
     for label, qual in q["methods"].items():
-        lines.append(f"- {label}: " + "; ".join(f"{tool} {facts}" for tool, facts in qual["checks"].items()))
+        lines.append(f"- {label}: " + "; ".join(
+            f"{tool} { {k: v for k, v in facts.items() if k != 'block_sparsity'} }"
+            for tool, facts in qual["checks"].items()))
+    lines += owl_lines(data) + _method_notes(data)
     lines += ["", "Settings matched per method (compress stage / llm-compressor modifier):", ""]
     for label, (stage, spec) in data["methods"].items():
         lines.append(f"- {label}: `{stage}` / `{spec}`")

@@ -122,6 +122,70 @@ def test_check_output_accepts_a_kept_promise_and_names_the_broken_layer():
         check_output(model, "RTN", {"type": "quantize", "bits": 8, "group_size": 4}, dense)
 
 
+def test_check_output_takes_owl_sparsity_overall_not_per_layer():
+    model = _tiny()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    owl = {"type": "prune", "sparsity": 0.5, "allocation": "owl"}
+    with torch.no_grad():  # 12 of 32 zeros: 0.375 overall, under a uniform 0.5 and under OWL's overall 0.5
+        model.model.layers[0].proj.weight.view(-1)[:12] = 0.0
+    with pytest.raises(ValueError, match="0.3750 sparse overall, not 0.5"):
+        check_output(model, "OWL-Wanda 50%", owl, dense)
+    with torch.no_grad():
+        model.model.layers[0].proj.weight.view(-1)[:16] = 0.0
+    facts = check_output(model, "OWL-Wanda 50%", owl, dense)
+    assert facts["sparsity"] == 0.5 and facts["block_sparsity"] == [0.5]  # what OWL gave each block
+
+
+def test_owl_allocations_are_shown_side_by_side_with_their_largest_difference():
+    data = _report_data()
+    data["methods"]["OWL-Wanda 70%"] = [{"type": "prune", "allocation": "owl"}, {"modifier": "wanda"}]
+    data["quality"]["methods"]["OWL-Wanda 70%"] = {"compress_ppl": 5.0, "llmcompressor_ppl": 6.0, "checks": {
+        "compress": {"sparsity": 0.7, "block_sparsity": [0.6, 0.8]},
+        "llmcompressor": {"sparsity": 0.7, "block_sparsity": [0.61, 0.79]}}}
+    md = render_markdown(data)
+    assert "| OWL-Wanda 70% | 0.600 – 0.800 | 0.610 – 0.790 | 0.0100 | 0.0100 |" in md
+    assert "'block_sparsity'" not in md  # the per-block lists stay out of the checks' one-line summaries
+    assert "patch_owl" in md  # the peer's OWL needed patching: said where its rows are
+
+
+def test_re_evaluating_kept_outputs_must_give_the_same_perplexity(tmp_path, monkeypatch):
+    import bench.bench_peer as bp
+
+    data = _report_data()
+    (tmp_path / "peer.json").write_text(json.dumps(data))
+    monkeypatch.setattr(bp, "REPORTS", tmp_path)
+
+    class Same:
+        def method(self, label):
+            return {**data["quality"]["methods"][label], "checks": {"compress": {"sparsity": 0.5, "new": 1}}}
+
+    monkeypatch.setattr(bp, "Evaluator", Same)
+    bp.reevaluate(["Wanda 50%"])
+    assert json.loads((tmp_path / "peer.json").read_text())["quality"]["methods"]["Wanda 50%"]["checks"]["compress"][
+        "new"] == 1
+    assert (tmp_path / "peer.md").exists()
+
+    class Moved(Same):
+        def method(self, label):
+            return {**super().method(label), "compress_ppl": 12.5}
+
+    monkeypatch.setattr(bp, "Evaluator", Moved)
+    with pytest.raises(SystemExit, match="compress_ppl 12.5 now, 12.0 when it ran"):
+        bp.reevaluate(["Wanda 50%"])
+
+
+def test_every_peer_row_names_a_modifier_its_worker_builds():
+    """The peer worker's modifier() branches on these names; a row with another would fail only in the
+    peer's venv, after the compress side of its pair had run."""
+    from bench.bench_peer import METHODS
+
+    for label, (stage, peer) in METHODS.items():
+        assert peer["modifier"] in {"wanda", "sparsegpt", "gptq", "rtn", "awq"}, label
+        assert ("owl_m" in peer) == (stage.get("allocation") == "owl"), label
+        if stage["type"] == "quantize":
+            assert (stage["bits"], stage["group_size"]) == (peer["bits"], peer["group_size"]), label
+
+
 def _report_data():
     rows = []
     for r, (mine, theirs) in enumerate([(2.0, 1.0), (3.0, 1.5)], start=1):

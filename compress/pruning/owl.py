@@ -9,7 +9,8 @@ centred on the mean, not on the target: a lone outlier block sits almost 2λ bel
 others a little above it.
 
 Written here (about 40 lines) because no maintained library exposes it: the authors' code is a
-research script tied to its own LLaMA loop, and llm-compressor 0.14 has no layer-wise allocation.
+research script tied to its own LLaMA loop, and llm-compressor 0.14's (`sparsity_profile="owl"`) fails
+inside its own `oneshot` on two bugs (bench/peer_llmc.py patches them to run it side by side).
 It follows the authors' `prune_wanda_outlier` (ratios from the dense model's Wanda scores, one per
 decoder block, min-max scaled to [0, 2λ], re-centred on the target).
 """
