@@ -141,9 +141,12 @@ def test_owl_allocations_are_shown_side_by_side_with_their_largest_difference():
     data["methods"]["OWL-Wanda 70%"] = [{"type": "prune", "allocation": "owl"}, {"modifier": "wanda"}]
     data["quality"]["methods"]["OWL-Wanda 70%"] = {"compress_ppl": 5.0, "llmcompressor_ppl": 6.0, "checks": {
         "compress": {"sparsity": 0.7, "block_sparsity": [0.6, 0.8]},
-        "llmcompressor": {"sparsity": 0.7, "block_sparsity": [0.61, 0.79]}}}
+        "llmcompressor": {"sparsity": 0.7, "block_sparsity": [0.605, 0.795]}}}
     md = render_markdown(data)
-    assert "| OWL-Wanda 70% | 0.600 – 0.800 | 0.610 – 0.790 | 0.0100 | 0.0100 |" in md
+    assert "| OWL-Wanda 70% | 0.600 – 0.800 | 0.605 – 0.795 | 0.0050 | 0.0050 |" in md
+    assert "agree on every block within 0.0050" in md
+    data["quality"]["methods"]["OWL-Wanda 70%"]["checks"]["llmcompressor"]["block_sparsity"] = [0.65, 0.75]
+    assert "allocations differ by up to 0.0500 on a block" in render_markdown(data)
     assert "'block_sparsity'" not in md  # the per-block lists stay out of the checks' one-line summaries
     assert "patch_owl" in md  # the peer's OWL needed patching: said where its rows are
 
