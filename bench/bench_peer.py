@@ -335,16 +335,13 @@ def main(rounds: int, labels: list[str]) -> None:
         data["methods"] = {k: METHODS[k] for k in METHODS if any(r["method"] == k for r in data["rows"])}
         run["methods"].append(label)
         run["load_at_end"] = os.getloadavg()
-        REPORTS.mkdir(exist_ok=True)
-        path.write_text(json.dumps(data, indent=1) + "\n")
-        render()
+        _save(data)
 
 
 def reevaluate(labels: list[str]) -> None:
     """Check and evaluate the kept round-1 outputs of `labels` again (no stage runs), replacing their
     quality entries: for facts added to the checks after a run; the perplexities must come out the same."""
-    path = REPORTS / "peer.json"
-    data = json.loads(path.read_text())
+    data = json.loads((REPORTS / "peer.json").read_text())
     evaluator = Evaluator()
     for label in labels:
         before = data["quality"]["methods"].get(label, {})
@@ -354,7 +351,13 @@ def reevaluate(labels: list[str]) -> None:
                 raise SystemExit(f"{label}: {key} {after[key]} now, {before[key]} when it ran; the saved output or "
                                  f"the evaluation changed, so rerun the method instead")
         data["quality"]["methods"][label] = after
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    _save(data)
+
+
+def _save(data: dict[str, Any]) -> None:
+    """reports/peer.json, and peer.md rendered from it."""
+    REPORTS.mkdir(exist_ok=True)
+    (REPORTS / "peer.json").write_text(json.dumps(data, indent=1) + "\n")
     render()
 
 

@@ -28,19 +28,6 @@ def max_levels(weight: torch.Tensor, group: int) -> int:
     return int(((ordered[:, 1:] != ordered[:, :-1]).sum(1) + 1).max())
 
 
-def block_sparsity(model: Any, names: list[str]) -> list[float]:
-    """The share of zeros over each decoder block's target layers, block by block (`.layers.N.`)."""
-    zeros: dict[int, int] = {}
-    total: dict[int, int] = {}
-    with torch.no_grad():
-        for name in names:
-            block = int(name.split(".layers.")[1].split(".")[0])
-            weight = model.get_submodule(name).weight
-            zeros[block] = zeros.get(block, 0) + int((weight == 0).sum())
-            total[block] = total.get(block, 0) + weight.numel()
-    return [round(zeros[b] / total[b], 4) for b in sorted(total)]
-
-
 def check_output(model: Any, label: str, stage: dict[str, Any], dense_state: dict[str, torch.Tensor],
                  changed: set[str] | None = None) -> dict[str, Any]:
     """Facts about `model`'s target layers; ValueError naming the layer when one breaks the method's promise.
@@ -50,15 +37,17 @@ def check_output(model: Any, label: str, stage: dict[str, Any], dense_state: dic
     names = target_linears(dense_state)
     if changed is not None and (missing := [n for n in names if f"{n}.weight" not in changed]):
         raise ValueError(f"{label}: llm-compressor's output lacks {len(missing)} target layers, e.g. {missing[0]}")
-    zeros = total = touched = 0
-    worst_levels = 0
+    touched = worst_levels = 0
+    zeros: dict[int, int] = {}  # by decoder block (`.layers.N.`): OWL's allocation is read back from these
+    total: dict[int, int] = {}
     with torch.no_grad():
         for name in names:
             weight = model.get_submodule(name).weight.detach().float()
             dense = dense_state[f"{name}.weight"].float()
             touched += int(not torch.equal(weight, dense))
-            zeros += int((weight == 0).sum())
-            total += weight.numel()
+            block = int(name.split(".layers.")[1].split(".")[0])
+            zeros[block] = zeros.get(block, 0) + int((weight == 0).sum())
+            total[block] = total.get(block, 0) + weight.numel()
             if stage["type"] == "prune":
                 if stage.get("structure") == "n:m":
                     n, m = (int(x) for x in stage["pattern"].split(":"))
@@ -74,13 +63,14 @@ def check_output(model: Any, label: str, stage: dict[str, Any], dense_state: dic
                 if levels > 2 ** stage["bits"]:
                     raise ValueError(f"{label}: {name} has a group with {levels} distinct values, more than "
                                      f"2^{stage['bits']}")
-    if stage.get("allocation") == "owl" and abs(zeros / total - stage["sparsity"]) > 0.01:
-        raise ValueError(f"{label}: the target layers are {zeros / total:.4f} sparse overall, not {stage['sparsity']}")
+    overall = sum(zeros.values()) / sum(total.values())
+    if stage.get("allocation") == "owl" and abs(overall - stage["sparsity"]) > 0.01:
+        raise ValueError(f"{label}: the target layers are {overall:.4f} sparse overall, not {stage['sparsity']}")
     if touched != len(names):
         raise ValueError(f"{label}: {len(names) - touched} of {len(names)} target layers are unchanged")
-    facts: dict[str, Any] = {"target_layers": len(names), "sparsity": round(zeros / total, 6)}
+    facts: dict[str, Any] = {"target_layers": len(names), "sparsity": round(overall, 6)}
     if stage.get("allocation") == "owl":  # what OWL decided: each decoder block's sparsity
-        facts["block_sparsity"] = block_sparsity(model, names)
+        facts["block_sparsity"] = [round(zeros[b] / total[b], 4) for b in sorted(total)]
     if stage["type"] != "prune":
         facts["max_levels_per_group"] = worst_levels
     return facts
